@@ -1,0 +1,83 @@
+"""The ``semrecon`` command line.
+
+Each subcommand lives in the module that owns the concept; this file only knows their names and
+one-line help, so ``semrecon --help`` imports nothing heavy. A subcommand module provides
+``add_arguments(parser)`` and ``run(args) -> int``. Errors that name a problem (bad input file,
+bad property) are printed as ``semrecon: error: ...`` with exit status 2; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module providing add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("semrecon_core.data.simulate", "write a simulated multicoil ISMRMRD raw file (with ground truth)"),
+    "recon": ("semrecon_core.commands.recon", "reconstruct a raw file (ISMRMRD, fastMRI .h5, .npy, .cfl)"),
+    "demo": ("semrecon_core.commands.demo", "CG-SENSE, TV and the semantic prior side by side on a built-in scan"),
+    "pretrain": ("semrecon_core.backbones.pretrain", "warm-start a U-Net / unrolled network on auxiliary images"),
+    "bank": ("semrecon_core.priors.bank_cli", "build or inspect an embedding bank for the semantic prior"),
+    "encoder": ("semrecon_core.encoders.tiny", "create a tiny random Janus checkpoint for tests and smoke runs"),
+    "replay": ("semrecon_core.gadgetron.replay", "run a Gadgetron chain offline on an ISMRMRD file"),
+    "serve": ("semrecon_core.gadgetron.serve", "serve <connect> Gadgetron chains with the model kept loaded"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; reported without a traceback."""
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semrecon",
+        description="Vision-language semantic priors for MRI reconstruction (offline and as a Gadgetron gadget).",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    from semrecon_core import __version__
+
+    return f"semrecon {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``semrecon`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    options, rest = top.parse_known_args(argv)
+    if options.command is None:
+        top.print_help()
+        return 0 if not rest else 2
+    module_name, help_text = COMMANDS[options.command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"semrecon {options.command}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    logging.basicConfig(
+        level=logging.INFO if options.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("semrecon: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, OSError, ImportError) as exc:
+        if options.debug:
+            raise
+        print(f"semrecon {options.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The one reconstruction configuration shared by the CLI, the gadget's XML properties and the tests.
+
+``ReconConfig`` is a keyword-only, frozen dataclass. Fields left at ``None`` take the value of the
+chosen preset (``paper``, the default, or ``public-code``; REFERENCE.md §1) through :meth:`ReconConfig.resolved`.
+``ReconConfig.from_properties`` parses string properties (Gadgetron ``<property>`` elements, ``--set name=value``)
+and rejects unknown names and malformed values with a message that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from typing import Literal
+
+BACKBONES = ("zero-filled", "sense", "unet", "unrolled", "inr")
+PRIORS = ("none", "tv", "semantic")
+PRESETS = ("paper", "public-code")
+
+Backbone = Literal["zero-filled", "sense", "unet", "unrolled", "inr"]
+Prior = Literal["none", "tv", "semantic"]
+Preset = Literal["paper", "public-code"]
+
+
+class ConfigError(ValueError):
+    """A configuration property is unknown or has a value that does not parse or validate."""
+
+
+# Defaults per preset. Keys: (field, backbone) or (field, None) for all backbones.
+_PRESET_DEFAULTS: dict[str, dict[tuple[str, str | None], object]] = {
+    "paper": {
+        ("data_term", None): "l2",
+        ("level_weights", None): (0.005, 0.5, 1.0),
+        ("similarity", None): "pooled",
+        ("sigma", None): 0.03,
+        ("lr", None): 1e-3,
+        ("lr", "inr"): 1e-4,
+        ("iterations", None): 1500,
+        ("iterations", "inr"): 1600,
+        ("lam", None): 0.1,
+        ("lam", "unrolled"): 1.0,
+        ("lam", "inr"): 5.0,
+    },
+    "public-code": {
+        ("data_term", None): "l1",
+        ("level_weights", None): (0.01, 0.5, 1.0),
+        ("similarity", None): "token-pca",
+        ("sigma", None): 0.02,
+        ("lr", None): 1e-3,
+        ("lr", "inr"): 1e-4,
+        ("iterations", None): 1500,
+        ("iterations", "inr"): 1600,
+        ("lam", None): 0.1,
+        ("lam", "unrolled"): 1.0,
+        ("lam", "inr"): 5.0,
+    },
+}
+
+# Classical solvers have their own defaults whatever the preset.
+_CLASSICAL_DEFAULTS: dict[str, object] = {"iterations": 100, "lam": 0.0, "lr": 0.0, "data_term": "l2"}
+_CLASSICAL_TV_LAM = 0.005
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconConfig:
+    """How to reconstruct one scan.
+
+    Attributes:
+        backbone: ``zero-filled`` (coil-combined adjoint), ``sense`` (classical iterative solver:
+            CG-SENSE with prior ``none``, primal-dual compressed-sensing TV with prior ``tv``), or a deep
+            backbone ``unet`` / ``unrolled`` / ``inr`` fitted scan-specifically with Eq. (7).
+        prior: regulariser ``none``, ``tv`` or ``semantic`` (contrastive loss in a frozen encoder's space).
+        preset: ``paper`` (default) or ``public-code``; fills fields left at ``None``.
+        lam: regularisation weight λ; for ``sense`` + ``none`` the Tikhonov weight of CG-SENSE.
+        iterations: optimiser iterations (CG / primal-dual iterations for ``sense``).
+        lr: Adam learning rate of the deep backbones.
+        data_term: ``l2`` (paper, 0.5·‖·‖²) or ``l1`` (public code).
+        level_weights: weights of the encoder levels (vision layers ``layers``).
+        layers: vision-tower hidden-state indices used by the image-only encoder.
+        similarity: ``pooled`` cosine (paper) or ``token-pca`` per-token cosine after PCA (public code).
+        tau: InfoNCE temperature.
+        sigma: std of the Gaussian perturbation of text embeddings (image-language banks).
+        encoder: HuggingFace id or local directory of the Janus checkpoint.
+        bank: path of an embedding bank (``.safetensors``) for the semantic prior.
+        allow_download: allow fetching encoder weights from the hub (off by default).
+        checkpoint: warm-start checkpoint of the backbone (``semrecon pretrain`` output).
+        lora_rank: LoRA rank for scan-specific fine-tuning of a warm-started backbone (0: train all weights).
+        final_dc: apply a final hard data-consistency step to the output.
+        slice_batch: slices optimised together (0: all).
+        calib_width: calibration (ACS) width used for ESPIRiT when the data do not say.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        autocast: ``bfloat16`` autocast of encoder and backbone on CUDA, or ``none``.
+        seed: random seed; same seed and settings give the same output on CPU.
+    """
+
+    backbone: Backbone = "sense"
+    prior: Prior = "none"
+    preset: Preset = "paper"
+    lam: float | None = None
+    iterations: int | None = None
+    lr: float | None = None
+    data_term: Literal["l2", "l1"] | None = None
+    level_weights: tuple[float, ...] | None = None
+    layers: tuple[int, ...] = (1, 13, 24)
+    similarity: Literal["pooled", "token-pca"] | None = None
+    tau: float = 0.07
+    sigma: float | None = None
+    encoder: str = "deepseek-community/Janus-Pro-1B"
+    bank: str | None = None
+    allow_download: bool = False
+    checkpoint: str | None = None
+    lora_rank: int = 4
+    final_dc: bool = False
+    slice_batch: int = 0
+    calib_width: int = 24
+    device: str = "auto"
+    autocast: Literal["bfloat16", "none"] = "bfloat16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("backbone", self.backbone, BACKBONES)
+        _check_choice("prior", self.prior, PRIORS)
+        _check_choice("preset", self.preset, PRESETS)
+        _check_choice("data_term", self.data_term, ("l2", "l1", None))
+        _check_choice("similarity", self.similarity, ("pooled", "token-pca", None))
+        _check_choice("autocast", self.autocast, ("bfloat16", "none"))
+        for name in ("lam", "lr", "sigma"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"property '{name}': expected a non-negative number, found {value!r}")
+        if self.tau <= 0:
+            raise ConfigError(f"property 'tau': expected a positive number, found {self.tau!r}")
+        for name in ("iterations", "slice_batch", "lora_rank", "calib_width"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"property '{name}': expected a non-negative integer, found {value!r}")
+        if self.level_weights is not None and len(self.level_weights) != len(self.layers):
+            raise ConfigError(
+                f"property 'level_weights': expected {len(self.layers)} weights (one per layer in "
+                f"'layers' {self.layers}), found {len(self.level_weights)}"
+            )
+        if self.prior == "semantic" and self.backbone in ("zero-filled", "sense"):
+            raise ConfigError(
+                f"property 'prior': 'semantic' needs a deep backbone (unet, unrolled, inr), "
+                f"found backbone '{self.backbone}'"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"property 'device': expected auto, cpu, cuda or cuda:N, found {self.device!r}")
+
+    @property
+    def is_classical(self) -> bool:
+        """True for the solvers without a network (zero-filled, CG-SENSE, compressed-sensing TV)."""
+        return self.backbone in ("zero-filled", "sense")
+
+    def resolved(self) -> ReconConfig:
+        """Return a copy with every ``None`` field filled from the preset (or the classical defaults)."""
+        updates: dict[str, object] = {}
+        for f in fields(self):
+            if getattr(self, f.name) is not None:
+                continue
+            if self.is_classical and f.name in _CLASSICAL_DEFAULTS:
+                value = _CLASSICAL_DEFAULTS[f.name]
+                if f.name == "lam" and self.prior == "tv":
+                    value = _CLASSICAL_TV_LAM
+                updates[f.name] = value
+                continue
+            table = _PRESET_DEFAULTS[self.preset]
+            if (f.name, self.backbone) in table:
+                updates[f.name] = table[(f.name, self.backbone)]
+            elif (f.name, None) in table:
+                updates[f.name] = table[(f.name, None)]
+        return dataclasses.replace(self, **updates)
+
+    def replace(self, **changes: object) -> ReconConfig:
+        """Return a validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_properties(cls, properties: dict[str, str], base: ReconConfig | None = None) -> ReconConfig:
+        """Build a config from string properties (``name -> value``), on top of ``base``.
+
+        Names may use ``-`` or ``_``. Raises :class:`ConfigError` naming an unknown property or a
+        value that does not parse as the field's type.
+        """
+        base = base or cls()
+        known = {f.name: f for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
+        changes: dict[str, object] = {}
+        unknown: dict[str, str] = {}
+        for raw_name, raw_value in properties.items():
+            name = raw_name.strip().replace("-", "_")
+            if name not in known:
+                unknown[raw_name] = raw_value
+                continue
+            changes[name] = _parse_value(name, raw_value, hints[name])
+        if unknown:
+            raise ConfigError(
+                f"unknown configuration properties: {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        return dataclasses.replace(base, **changes)
+
+    def to_properties(self) -> dict[str, str]:
+        """Inverse of :meth:`from_properties` for the fields that are set."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                out[f.name] = ",".join(str(v) for v in value)
+            elif isinstance(value, bool):
+                out[f.name] = "true" if value else "false"
+            else:
+                out[f.name] = str(value)
+        return out
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        shown = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(f"property '{name}': expected one of {shown}, found {value!r}")
+
+
+def _parse_value(name: str, raw: str, hint: object) -> object:
+    text = raw.strip()
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional and text.lower() in ("", "none", "null"):
+        return None
+    inner = [a for a in args if a is not type(None)] if args else [hint]
+    target = inner[0] if len(inner) == 1 else hint
+    origin = typing.get_origin(target)
+    try:
+        if target is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if target is int:
+            return int(text)
+        if target is float:
+            return float(text)
+        if origin is tuple:
+            item_type = typing.get_args(target)[0]
+            return tuple(item_type(v) for v in text.replace(" ", "").split(",") if v)
+        return text
+    except ValueError as exc:
+        raise ConfigError(f"property '{name}': cannot parse {raw!r} ({exc})") from None

@@ -1,0 +1,75 @@
+"""The one k-space container of semrecon.
+
+``KSpace`` holds a scan ready for reconstruction: complex64 k-space ``(slices, coils, ky, kx)``
+(``kx`` = readout, ``ky`` = phase encoding), its sampling mask, the fully sampled calibration block
+used for coil maps, and the geometry and acquisition headers needed to build image headers later.
+Each "slice" is one 2-D image to reconstruct (a slice, repetition, average, ... of the scan).
+Named constructors live with their readers (``semrecon_core.data.readers``) and are attached here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Encoding and reconstruction geometry (ISMRMRD encodedSpace / reconSpace), ``(x, y, z)`` order."""
+
+    encoded_matrix: tuple[int, int, int]
+    recon_matrix: tuple[int, int, int]
+    encoded_fov_mm: tuple[float, float, float]
+    recon_fov_mm: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class KSpace:
+    """A multicoil Cartesian scan.
+
+    Attributes:
+        data: complex64 k-space ``(slices, coils, ky, kx)``, zero where not sampled.
+        mask: bool sampling mask ``(slices, ky, kx)``.
+        calibration: complex64 fully sampled centre block ``(slices, coils, cy, cx)`` for coil maps
+            (from separate reference lines or the embedded ACS region).
+        geometry: encoded and recon matrix and field of view.
+        headers: one representative ``ismrmrd.AcquisitionHeader`` per slice (or ``None``) whose
+            position, orientation and indices are copied into image headers.
+        ground_truth: optional reference image ``(slices, y, x)`` (simulations, phantoms) for metrics.
+        xml_header: the ISMRMRD XML header text, when known.
+        source: where the data came from (a path or a description), for messages.
+    """
+
+    data: torch.Tensor
+    mask: torch.Tensor
+    calibration: torch.Tensor
+    geometry: Geometry
+    headers: tuple[Any, ...] = ()
+    ground_truth: torch.Tensor | None = None
+    xml_header: str | None = None
+    source: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(slices, coils, ky, kx)``."""
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def acceleration(self) -> float:
+        """Nominal acceleration: samples on the grid divided by samples acquired."""
+        return float(self.mask.numel() / max(int(self.mask.sum()), 1))
+
+    def to(self, device: torch.device | str) -> KSpace:
+        """A copy with the tensors on ``device``."""
+        from dataclasses import replace
+
+        return replace(
+            self,
+            data=self.data.to(device),
+            mask=self.mask.to(device),
+            calibration=self.calibration.to(device),
+            ground_truth=None if self.ground_truth is None else self.ground_truth.to(device),
+        )

@@ -1,0 +1,37 @@
+"""Shared fixtures: the optional ../shared/data folder, tools on PATH, and the cuda marker."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real MRI data beside the repository; tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (it is not part of the repository)")
+    return SHARED_DATA
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool, or skip the test naming the missing Debian package."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"'{name}' is not on PATH (install the Debian package: bart / ismrmrd-tools)")
+    return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is available here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
