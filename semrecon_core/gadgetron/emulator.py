@@ -1,0 +1,395 @@
+"""The Gadgetron side of an ``<external>`` / ``<connect>`` node, for offline runs and tests.
+
+:func:`run_external` does what Gadgetron does for ``<execute name="MODULE" target="FUNC" type="python"/>``:
+it opens a port on 127.0.0.1, starts ``python -m gadgetron PORT MODULE FUNC`` with the gadget directory
+appended to ``PYTHONPATH``, waits for the child to connect back, sends CONFIG (the ``<configuration>``
+element text), HEADER, the data messages (ReconData buffers, acquisitions, ...) and CLOSE over the real
+wire format (:mod:`~semrecon_core.gadgetron.protocol`), and reads Images / ImageArrays back until the
+child's CLOSE. :func:`run_connect` does the same against a running ``<connect>`` server
+(``semrecon serve``). Every wait has a timeout, and the child is killed if it outlives the session.
+
+:func:`run_chain_over_protocol` takes an :class:`ExternalNode` (the ``<external>`` element of a chain,
+:meth:`ExternalNode.from_chain`) and picks the right one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from semrecon_core.gadgetron import protocol
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+# Lines of the child's log kept for error messages.
+_LOG_LINES = 200
+
+
+class EmulatorError(RuntimeError):
+    """The gadget did not complete the session (did not connect, crashed, sent ERROR, timed out)."""
+
+
+@dataclass
+class ProtocolRun:
+    """What came back from the gadget during one session.
+
+    Attributes:
+        items: every data message the gadget sent, in order (``ismrmrd.Image``, ``ImageArray``, ...).
+        errors: texts of ERROR messages.
+        returncode: exit status of the launched child (``None`` for ``<connect>`` servers).
+        log: the last lines the child wrote to stdout/stderr.
+        seconds: wall time from connection to the gadget's CLOSE.
+    """
+
+    items: list[Any] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    returncode: int | None = None
+    log: str = ""
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> list[Any]:
+        """The ``ismrmrd.Image`` messages among :attr:`items`."""
+        import ismrmrd
+
+        return [item for item in self.items if isinstance(item, ismrmrd.Image)]
+
+
+@dataclass(frozen=True)
+class ExternalNode:
+    """An ``<external>`` node of a Gadgetron chain.
+
+    Attributes:
+        configuration: the ``<configuration>`` element as text (sent verbatim as CONFIG).
+        module, target: ``<execute name=... target=...>`` (launch mode).
+        address, port: ``<connect address=... port=...>`` (connect mode).
+    """
+
+    configuration: str = "<configuration/>"
+    module: str | None = None
+    target: str | None = None
+    address: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def from_element(cls, element: ET.Element, *, source: str = "chain") -> ExternalNode:
+        """Read an ``<external>`` element; an element without ``<execute>`` or ``<connect>`` is an error."""
+        config = element.find("configuration")
+        configuration = (
+            ET.tostring(config, encoding="unicode").strip() if config is not None else "<configuration/>"
+        )
+        execute = element.find("execute")
+        connect = element.find("connect")
+        if execute is not None:
+            module, target = execute.get("name"), execute.get("target")
+            kind = execute.get("type", "python")
+            if not module or not target:
+                raise ValueError(f"{source}: <execute> needs name= (module) and target= (function)")
+            if kind != "python":
+                raise ValueError(f'{source}: <execute type={kind!r}>: only type="python" is supported')
+            return cls(configuration=configuration, module=module, target=target)
+        if connect is not None:
+            port = connect.get("port")
+            if port is None or not port.strip().isdigit():
+                raise ValueError(f"{source}: <connect> needs a numeric port=, found {port!r}")
+            return cls(
+                configuration=configuration, address=connect.get("address") or LOOPBACK, port=int(port)
+            )
+        raise ValueError(f"{source}: <external> has neither <execute> nor <connect>")
+
+    @classmethod
+    def from_chain(cls, chain: str | Path) -> ExternalNode:
+        """The (single) ``<external>`` node of a chain file or chain XML text."""
+        text = (
+            Path(chain).read_text()
+            if isinstance(chain, Path) or not str(chain).lstrip().startswith("<")
+            else chain
+        )
+        source = str(chain) if isinstance(chain, Path) else "chain XML"
+        try:
+            root = ET.fromstring(text)
+        except ET.ParseError as exc:
+            raise ValueError(f"{source}: the chain XML does not parse ({exc})") from None
+        nodes = [el for el in root.iter() if _local(el.tag) == "external"]
+        if len(nodes) != 1:
+            raise ValueError(f"{source}: expected exactly one <external> node, found {len(nodes)}")
+        return cls.from_element(_strip_namespaces(nodes[0]), source=source)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _strip_namespaces(element: ET.Element) -> ET.Element:
+    for el in element.iter():
+        el.tag = _local(el.tag)
+    return element
+
+
+def default_gadget_path() -> list[str]:
+    """Directories Gadgetron would append to ``PYTHONPATH``: this checkout's ``gadgets/`` and/or
+    ``$GADGETRON_HOME/share/gadgetron/python``, whichever exist."""
+    paths = []
+    checkout = Path(__file__).resolve().parents[2] / "gadgets"
+    if checkout.is_dir():
+        paths.append(str(checkout))
+    home = os.environ.get("GADGETRON_HOME")
+    if home and (Path(home) / "share" / "gadgetron" / "python").is_dir():
+        paths.append(str(Path(home) / "share" / "gadgetron" / "python"))
+    return paths
+
+
+def child_environment(gadget_path: Sequence[str | os.PathLike[str]]) -> dict[str, str]:
+    """The environment Gadgetron gives the child: ``PYTHONPATH=$PYTHONPATH:<gadget dirs>``."""
+    env = dict(os.environ)
+    parts = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+    parts.extend(str(p) for p in gadget_path)
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env.setdefault("GADGETRON_EXTERNAL_LOG_LEVEL", "INFO")
+    return env
+
+
+class _LogTail:
+    """Reads a child's output in a thread, logs it at DEBUG and keeps the last lines."""
+
+    def __init__(self, stream: Any, name: str) -> None:
+        self.lines: deque[str] = deque(maxlen=_LOG_LINES)
+        self._thread = threading.Thread(target=self._pump, args=(stream, name), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any, name: str) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.lines.append(line)
+            log.debug("[%s] %s", name, line)
+        stream.close()
+
+    def text(self, timeout: float = 2.0) -> str:
+        self._thread.join(timeout)
+        return "\n".join(self.lines)
+
+
+def exchange(
+    sock: socket.socket,
+    configuration: str,
+    header_xml: str,
+    messages: Iterable[Any],
+    *,
+    timeout: float = 300.0,
+) -> ProtocolRun:
+    """Run one session on a connected socket, as Gadgetron: send everything, collect the replies.
+
+    A thread reads the gadget's messages while this one sends, so neither side can block the other.
+    ``timeout`` bounds every wait for the peer (seconds without progress). Raises
+    :class:`EmulatorError` when the gadget closes without CLOSE or goes silent.
+    """
+    stream = protocol.SocketStream(sock, timeout=timeout)
+    run = ProtocolRun()
+    failure: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            while True:
+                mid, item = protocol.read_message(stream)
+                if mid is protocol.MessageId.CLOSE:
+                    return
+                if mid is protocol.MessageId.ERROR:
+                    log.error("gadget reported: %s", item)
+                    run.errors.append(item)
+                else:
+                    run.items.append(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            failure.append(exc)
+
+    start = time.perf_counter()
+    reader = threading.Thread(target=receive, name="gadgetron-emulator-receive", daemon=True)
+    reader.start()
+    try:
+        protocol.write_config(stream, configuration)
+        protocol.write_header(stream, header_xml)
+        for item in messages:
+            if not reader.is_alive():
+                break
+            protocol.write_item(stream, item)
+        if reader.is_alive():
+            protocol.write_close(stream)
+    except OSError as exc:
+        if reader.is_alive() or not failure:
+            failure.append(exc)
+    reader.join(timeout)
+    run.seconds = time.perf_counter() - start
+    if reader.is_alive():
+        sock.close()
+        reader.join(5.0)
+        raise EmulatorError(f"the gadget sent no CLOSE within {timeout:.0f} s")
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, TimeoutError):
+            raise EmulatorError(f"the gadget was silent for more than {timeout:.0f} s") from exc
+        raise EmulatorError(f"the session ended abnormally: {type(exc).__name__}: {exc}") from exc
+    return run
+
+
+def run_external(
+    configuration: str,
+    header_xml: str,
+    messages: Iterable[Any],
+    *,
+    module: str,
+    target: str,
+    gadget_path: Sequence[str | os.PathLike[str]] | None = None,
+    timeout: float = 300.0,
+    connect_timeout: float = 60.0,
+    python: str = sys.executable,
+) -> ProtocolRun:
+    """Launch ``python -m gadgetron PORT MODULE TARGET`` as Gadgetron does and run one session with it.
+
+    Args:
+        configuration: the ``<configuration>`` element text sent as CONFIG.
+        header_xml: the ISMRMRD XML header sent as HEADER.
+        messages: data messages to send (``gadgetron.types.ReconData``, ``ismrmrd.Acquisition``, ...).
+        module, target: the ``<execute>`` node's ``name`` and ``target``.
+        gadget_path: directories appended to ``PYTHONPATH`` (default :func:`default_gadget_path`).
+        timeout: longest silence of the gadget during the session, seconds.
+        connect_timeout: longest wait for the child to connect back (imports included), seconds.
+        python: interpreter to launch.
+
+    Raises :class:`EmulatorError` naming the failure and quoting the child's log when the child does
+    not connect, ends abnormally or exits with a non-zero status.
+    """
+    paths = default_gadget_path() if gadget_path is None else list(gadget_path)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    command = [python, "-m", "gadgetron", str(port), module, target]
+    log.info("launching %s", " ".join(command))
+    child = subprocess.Popen(
+        command,
+        env=child_environment(paths),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    tail = _LogTail(child.stdout, f"{module}.{target}")
+    try:
+        sock = _accept(listener, child, connect_timeout)
+        try:
+            try:
+                run = exchange(sock, configuration, header_xml, messages, timeout=timeout)
+            except EmulatorError as exc:
+                _stop(child, grace=5.0)
+                raise EmulatorError(f"{exc}\n--- gadget log ---\n{tail.text()}") from exc
+        finally:
+            sock.close()
+        run.returncode = _stop(child, grace=timeout)
+        run.log = tail.text()
+        if run.returncode != 0:
+            raise EmulatorError(
+                f"the gadget process exited with status {run.returncode}\n--- gadget log ---\n{run.log}"
+            )
+        return run
+    finally:
+        listener.close()
+        _stop(child, grace=0.0)
+
+
+def _accept(listener: socket.socket, child: subprocess.Popen, timeout: float) -> socket.socket:
+    """Wait for the child to connect back, noticing early when it has died instead."""
+    deadline = time.monotonic() + timeout
+    listener.settimeout(0.2)
+    while True:
+        try:
+            sock, _ = listener.accept()
+            sock.settimeout(None)
+            return sock
+        except TimeoutError:
+            pass
+        if child.poll() is not None:
+            raise EmulatorError(f"the gadget process exited with status {child.returncode} before connecting")
+        if time.monotonic() > deadline:
+            raise EmulatorError(f"the gadget process did not connect within {timeout:.0f} s")
+
+
+def _stop(child: subprocess.Popen, *, grace: float) -> int:
+    """Wait up to ``grace`` seconds for the child to exit, then terminate / kill it; its exit status."""
+    try:
+        return child.wait(timeout=grace) if grace > 0 else _poll_or_kill(child)
+    except subprocess.TimeoutExpired:
+        return _poll_or_kill(child)
+
+
+def _poll_or_kill(child: subprocess.Popen) -> int:
+    if child.poll() is not None:
+        return child.returncode
+    child.terminate()
+    try:
+        return child.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait(timeout=5.0)
+
+
+def run_connect(
+    configuration: str,
+    header_xml: str,
+    messages: Iterable[Any],
+    *,
+    port: int,
+    address: str = LOOPBACK,
+    timeout: float = 300.0,
+    connect_timeout: float = 30.0,
+) -> ProtocolRun:
+    """Connect to a ``<connect>`` server (``semrecon serve``) and run one session with it."""
+    try:
+        sock = socket.create_connection((address, port), timeout=connect_timeout)
+    except OSError as exc:
+        raise EmulatorError(f"cannot connect to the gadget server at {address}:{port}: {exc}") from exc
+    try:
+        return exchange(sock, configuration, header_xml, messages, timeout=timeout)
+    finally:
+        sock.close()
+
+
+def run_chain_over_protocol(
+    node: ExternalNode,
+    header_xml: str,
+    messages: Iterable[Any],
+    *,
+    gadget_path: Sequence[str | os.PathLike[str]] | None = None,
+    timeout: float = 300.0,
+) -> ProtocolRun:
+    """One session of an ``<external>`` node: launch its ``<execute>`` module or reach its server."""
+    if node.module is not None and node.target is not None:
+        return run_external(
+            node.configuration,
+            header_xml,
+            messages,
+            module=node.module,
+            target=node.target,
+            gadget_path=gadget_path,
+            timeout=timeout,
+        )
+    if node.port is None:
+        raise ValueError("external node has neither a module/target nor a port")
+    return run_connect(
+        node.configuration,
+        header_xml,
+        messages,
+        port=node.port,
+        address=node.address or LOOPBACK,
+        timeout=timeout,
+    )
