@@ -1,0 +1,115 @@
+"""Gadgetron ``<configuration>`` properties → the gadget's settings (one validated ``ReconConfig``).
+
+Gadgetron sends the ``<configuration>`` element of an ``<external>`` node verbatim as the CONFIG
+message. Both property spellings Gadgetron accepts are read::
+
+    <property name="backbone" value="unet"/>
+    <property><name>backbone</name><value>unet</value></property>
+
+Every property is either a :class:`~semrecon_core.config.ReconConfig` field (``-`` or ``_``) or one of
+:data:`GADGET_PROPERTIES`; anything else is a :class:`~semrecon_core.config.ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from semrecon_core.config import ConfigError, ReconConfig
+
+# Properties of the gadget itself (not of the reconstruction), with their help text.
+GADGET_PROPERTIES: dict[str, str] = {
+    "series_index": "image_series_index of the images the gadget sends (positive integer, default 1)",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GadgetSettings:
+    """What the gadget needs before the first buffer: the reconstruction config and image series."""
+
+    config: ReconConfig = field(default_factory=ReconConfig)
+    series_index: int = 1
+
+
+def parse_properties(configuration: str | bytes | ET.Element | None, *, source: str = "configuration") -> dict[str, str]:
+    """Read ``name -> value`` pairs from a ``<configuration>`` element (or its XML text).
+
+    ``None`` or empty text gives no properties. A property without a name, a repeated name or
+    XML that does not parse is a :class:`ConfigError` naming ``source``.
+    """
+    if configuration is None:
+        return {}
+    if isinstance(configuration, ET.Element):
+        root = configuration
+    else:
+        text = configuration.decode("utf-8") if isinstance(configuration, bytes) else configuration
+        if not text.strip():
+            return {}
+        try:
+            root = ET.fromstring(text)
+        except ET.ParseError as exc:
+            raise ConfigError(f"{source}: the configuration XML does not parse ({exc})") from None
+    properties: dict[str, str] = {}
+    for element in root.iter("property"):
+        name = element.get("name")
+        value = element.get("value")
+        if name is None:
+            name = (element.findtext("name") or "").strip()
+            value = element.findtext("value")
+        if not name:
+            raise ConfigError(f"{source}: a <property> has no name (expected name=\"...\" or <name>...</name>)")
+        if name in properties:
+            raise ConfigError(f"{source}: property '{name}' is given twice")
+        properties[name] = "" if value is None else value
+    return properties
+
+
+def settings_from_properties(
+    properties: dict[str, str], *, base: ReconConfig | None = None, source: str = "configuration"
+) -> GadgetSettings:
+    """Validate ``properties`` into :class:`GadgetSettings` (recon fields on top of ``base``).
+
+    Raises :class:`ConfigError` naming an unknown property or a malformed value.
+    """
+    recon: dict[str, str] = {}
+    series_index = 1
+    for name, value in properties.items():
+        key = name.strip().replace("-", "_")
+        if key == "series_index":
+            try:
+                series_index = int(value)
+            except ValueError:
+                raise ConfigError(f"{source}: property 'series_index': cannot parse {value!r} as an integer") from None
+            if series_index < 0:
+                raise ConfigError(f"{source}: property 'series_index': expected >= 0, found {series_index}")
+        else:
+            recon[name] = value
+    try:
+        config = ReconConfig.from_properties(recon, base=base)
+    except ConfigError as exc:
+        extra = ", ".join(sorted(GADGET_PROPERTIES))
+        raise ConfigError(f"{source}: {exc} (gadget properties: {extra})") from None
+    return GadgetSettings(config=config, series_index=series_index)
+
+
+def settings_from_configuration(
+    configuration: str | bytes | ET.Element | None,
+    *,
+    overrides: dict[str, str] | None = None,
+    source: str = "configuration",
+) -> GadgetSettings:
+    """Parse a ``<configuration>`` element and validate it, ``overrides`` (e.g. ``--set``) winning."""
+    properties = parse_properties(configuration, source=source)
+    properties.update(overrides or {})
+    return settings_from_properties(properties, source=source)
+
+
+def parse_assignments(assignments: list[str] | None) -> dict[str, str]:
+    """``["name=value", ...]`` (from ``--set``) → dict; a missing ``=`` is a ConfigError naming the item."""
+    out: dict[str, str] = {}
+    for item in assignments or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set {item!r}: expected name=value")
+        out[name.strip()] = value.strip()
+    return out
