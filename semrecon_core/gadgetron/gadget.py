@@ -2,7 +2,7 @@
 
 Input: Gadgetron ``ReconData`` messages, one ``ReconBit`` per encoding space, each with ``data`` (and
 optionally ``ref``) buffers of dims ``[E0, E1, E2, CHA, N, S, LOC]``. For every bit the gadget builds the
-core ``KSpace`` (:meth:`KSpace.from_recon_buffer`), estimates ESPIRiT coil maps from the reference or the
+core ``KSpace`` (``KSpace.from_recon_buffer``), estimates ESPIRiT coil maps from the reference or the
 embedded ACS lines, calls :func:`semrecon_core.recon.reconstruct` and sends one float magnitude
 ``ismrmrd.Image`` per 2-D image (N × S × LOC) with the recon matrix and FOV, the acquisitions' geometry
 and indices and meta (data role, comment naming backbone / prior / encoder, window, quality answer).
@@ -96,12 +96,12 @@ class SemreconGadget:
     def _reconstruct_bit(
         self, bit: Any, config: ReconConfig, *, name: str, comment: str | None = None, prior: Any = ...
     ) -> list[Any]:
-        from semrecon_core.data.kspace import KSpace
+        from semrecon_core.data.readers import from_recon_buffer
         from semrecon_core.physics.coils import espirit_maps
         from semrecon_core.recon import reconstruct as run_reconstruction
         from semrecon_core.recon import resolve_device
 
-        kspace = KSpace.from_recon_buffer(bit.data, bit.ref, self.header)
+        kspace = from_recon_buffer(bit.data, bit.ref, self.header, source=name)
         device = resolve_device(config.device)
         maps = espirit_maps(kspace, device=str(device))
         result = run_reconstruction(kspace, maps, config, prior=self.prior if prior is ... else prior)

@@ -206,12 +206,18 @@ def _is_image(item: Any) -> bool:
 
 
 def _protocol_stage(header_xml: str) -> Callable[[Node, str], Stage]:
-    """Stages that run ``<external>`` nodes through the Gadgetron-side emulator."""
+    """Stages that run ``<external>`` nodes through the Gadgetron-side emulator (child process / server)."""
     from semrecon_core.gadgetron import emulator
 
     def make(node: Node, configuration: str) -> Stage:
+        external = emulator.ExternalNode(configuration=configuration, module=node.module, target=node.target,
+                                         address=node.address, port=node.port)
+
         def stage(items: Iterator[Any]) -> Iterator[Any]:
-            yield from emulator.run_external(node, configuration, header_xml, items)
+            run = emulator.run_chain_over_protocol(external, header_xml, items)
+            for text in run.errors:
+                log.error("replay: the gadget reported an error: %s", text)
+            yield from run.items
 
         return stage
 
