@@ -1,0 +1,413 @@
+"""Python equivalents of the Gadgetron gadgets that turn acquisitions into ``ReconData`` buffers.
+
+The offline readers and the emulator use the same steps as a Gadgetron chain
+``NoiseAdjust → RemoveROOversampling → AcquisitionAccumulateTrigger → BucketToBuffer``:
+
+- :func:`noise_adjust`: noise scans (``ACQ_IS_NOISE_MEASUREMENT``) give the coil noise covariance;
+  every later acquisition is prewhitened with the inverse Cholesky factor, scaled by the
+  dwell-time / receiver-bandwidth ratio as Gadgetron's NoiseAdjustGadget does. Noise scans are dropped.
+- :func:`remove_ro_oversampling`: when the encoded readout FOV exceeds the recon FOV, FFT along the
+  readout, keep the centre, inverse FFT (RemoveROOversamplingGadget).
+- :func:`accumulate_trigger`: collect acquisitions into buckets until a trigger dimension changes
+  (AcquisitionAccumulateTriggerGadget); calibration lines go to ``bucket.ref``.
+- :func:`bucket_to_buffer`: place the lines of a bucket into ``gadgetron.types.ReconData`` with the
+  wire layout (data ``[E0, E1, E2, CHA, N, S, LOC]``, headers ``[E1, E2, N, S, LOC]``, a
+  ``SamplingDescription``), ``ref`` holding the PARALLEL_CALIBRATION(_AND_IMAGING) lines and ``data``
+  everything but pure calibration lines (BucketToBufferGadget).
+
+:func:`recon_data_from_acquisitions` runs the whole chain.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FLAG_NOISE = 19
+FLAG_PARALLEL_CALIBRATION = 20
+FLAG_PARALLEL_CALIBRATION_AND_IMAGING = 21
+# navigation, phase correction, HP/RT feedback, dummy scans, surface-coil correction, phase stabilisation
+_SKIPPED_FLAGS = (23, 24, 26, 27, 28, 29, 30, 31)
+DEFAULT_RECEIVER_NOISE_BANDWIDTH = 0.793
+_DIMENSIONS = ("average", "slice", "contrast", "phase", "repetition", "set", "segment")
+
+
+def _gadgetron_types() -> Any:
+    try:
+        from gadgetron.types import recon_data
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading ISMRMRD raw data needs the Gadgetron Python types: pip install 'semrecon[gadgetron]'"
+        ) from exc
+    return recon_data
+
+
+def parse_header(header: Any) -> Any:
+    """An ``ismrmrd.xsd.ismrmrdHeader`` from XML text/bytes (an already parsed header passes through)."""
+    import ismrmrd
+
+    if isinstance(header, bytes):
+        header = header.decode("utf-8")
+    if isinstance(header, str):
+        try:
+            return ismrmrd.xsd.CreateFromDocument(header)
+        except Exception as exc:  # pyxb raises many exception types for bad XML
+            raise ValueError(f"ISMRMRD XML header does not parse: {exc}") from None
+    return header
+
+
+def _encoding(header: Any) -> Any:
+    if not header.encoding:
+        raise ValueError("ISMRMRD header: no <encoding> element")
+    return header.encoding[0]
+
+
+def _is(acq: Any, flag: int) -> bool:
+    return bool(acq.flags & (1 << (flag - 1)))
+
+
+def _describe(acq: Any, number: int | None = None) -> str:
+    where = f"acquisition #{number}" if number is not None else f"acquisition (scan counter {acq.scan_counter})"
+    return f"{where} (line {acq.idx.kspace_encode_step_1}, slice {acq.idx.slice}, repetition {acq.idx.repetition})"
+
+
+def _with_data(acq: Any, data: np.ndarray, **changes: int) -> Any:
+    """A new acquisition with ``acq``'s header (plus ``changes``) and ``data`` (channels, samples)."""
+    import ismrmrd
+
+    head = copy.deepcopy(acq.getHead())
+    head.number_of_samples = data.shape[1]
+    head.active_channels = data.shape[0]
+    for name, value in changes.items():
+        setattr(head, name, value)
+    traj = acq.traj
+    if traj.size and traj.shape[0] != data.shape[1]:
+        head.trajectory_dimensions = 0
+        traj = None
+    return ismrmrd.Acquisition(head, np.ascontiguousarray(data, dtype=np.complex64), traj)
+
+
+# --------------------------------------------------------------------------------------------- noise
+def noise_prewhitener(
+    noise: Sequence[Any],
+    *,
+    acquisition_dwell_time_us: float,
+    receiver_noise_bandwidth: float = DEFAULT_RECEIVER_NOISE_BANDWIDTH,
+) -> np.ndarray:
+    """The ``(coils, coils)`` prewhitening matrix ``W`` from noise acquisitions.
+
+    ``W = s · L⁻¹`` with ``L Lᴴ`` the sample noise covariance and
+    ``s = sqrt(2 · dwell_data / dwell_noise · receiver_noise_bandwidth)`` (Gadgetron's NoiseAdjustGadget),
+    so whitened data have uncorrelated coils of equal noise level.
+    """
+    if not noise:
+        raise ValueError("noise prewhitening: no noise acquisitions")
+    channels = noise[0].active_channels
+    for acq in noise:
+        if acq.active_channels != channels:
+            raise ValueError(
+                f"noise scan: inconsistent channel counts ({acq.active_channels} vs {channels}) in {_describe(acq)}"
+            )
+    samples = np.concatenate([np.asarray(acq.data, dtype=np.complex128) for acq in noise], axis=1)
+    if not np.isfinite(samples).all():
+        raise ValueError("noise scan: contains NaN or Inf samples")
+    covariance = samples @ samples.conj().T / max(samples.shape[1] - 1, 1)
+    try:
+        lower = np.linalg.cholesky(covariance)
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            f"noise scan: the {channels}×{channels} noise covariance is not positive definite "
+            "(a dead or duplicated channel?)"
+        ) from None
+    noise_dwell = float(noise[0].sample_time_us) or acquisition_dwell_time_us
+    scale = np.sqrt(2.0 * acquisition_dwell_time_us / noise_dwell * receiver_noise_bandwidth)
+    return (scale * np.linalg.inv(lower)).astype(np.complex64)
+
+
+def noise_adjust(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
+    """NoiseAdjustGadget: drop noise scans and prewhiten every following acquisition with them.
+
+    Without noise scans the acquisitions pass through unchanged. Inputs are never modified.
+    """
+    header = parse_header(header)
+    system = header.acquisitionSystemInformation
+    bandwidth = getattr(system, "relativeReceiverNoiseBandwidth", None) if system is not None else None
+    bandwidth = float(bandwidth) if bandwidth else DEFAULT_RECEIVER_NOISE_BANDWIDTH
+    noise: list[Any] = []
+    whitener: np.ndarray | None = None
+    for acq in acquisitions:
+        if _is(acq, FLAG_NOISE):
+            if whitener is not None:
+                raise ValueError(f"noise scan after imaging data ({_describe(acq)}); expected noise scans first")
+            noise.append(acq)
+            continue
+        if noise and whitener is None:
+            whitener = noise_prewhitener(
+                noise, acquisition_dwell_time_us=float(acq.sample_time_us), receiver_noise_bandwidth=bandwidth
+            )
+        if whitener is None:
+            yield acq
+            continue
+        if acq.active_channels != whitener.shape[0]:
+            raise ValueError(
+                f"inconsistent channel counts: {_describe(acq)} has {acq.active_channels} channels, "
+                f"the noise scan {whitener.shape[0]}"
+            )
+        yield _with_data(acq, whitener @ acq.data)
+
+
+# ---------------------------------------------------------------------------- readout oversampling
+def readout_oversampling(header: Any) -> float:
+    """Encoded / recon readout FOV ratio (> 1 when the readout is oversampled)."""
+    encoding = _encoding(parse_header(header))
+    encoded = float(encoding.encodedSpace.fieldOfView_mm.x)
+    recon = float(encoding.reconSpace.fieldOfView_mm.x)
+    if recon <= 0 or encoded <= recon * 1.01 or encoding.encodedSpace.matrixSize.x <= encoding.reconSpace.matrixSize.x:
+        return 1.0
+    return encoded / recon
+
+
+def crop_readout(data: np.ndarray, keep: int) -> np.ndarray:
+    """Keep the central ``keep`` readout frequencies of ``(..., samples)`` data (centred FFT, crop, iFFT)."""
+    samples = data.shape[-1]
+    if keep >= samples:
+        return data
+    spectrum = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(data, axes=-1), axis=-1), axes=-1)
+    start = samples // 2 - keep // 2
+    cropped = spectrum[..., start : start + keep]
+    out = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(cropped, axes=-1), axis=-1), axes=-1)
+    return (out * (keep / samples)).astype(np.complex64)
+
+
+def remove_ro_oversampling(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
+    """RemoveROOversamplingGadget: crop the oversampled readout FOV to the recon FOV.
+
+    Sample positions (``center_sample``, ``discard_pre/post``) are scaled with the readout length.
+    """
+    ratio = readout_oversampling(header)
+    for acq in acquisitions:
+        if ratio == 1.0 or _is(acq, FLAG_NOISE):
+            yield acq
+            continue
+        samples = acq.number_of_samples
+        keep = int(round(samples / ratio))
+        yield _with_data(
+            acq,
+            crop_readout(np.asarray(acq.data), keep),
+            center_sample=int(round(acq.center_sample * keep / samples)),
+            discard_pre=int(round(acq.discard_pre * keep / samples)),
+            discard_post=int(round(acq.discard_post * keep / samples)),
+        )
+
+
+# ----------------------------------------------------------------------------------- accumulation
+@dataclass
+class Bucket:
+    """Acquisitions collected between two triggers: imaging lines and calibration lines."""
+
+    data: list[Any] = field(default_factory=list)
+    ref: list[Any] = field(default_factory=list)
+
+
+def accumulate_trigger(acquisitions: Iterable[Any], trigger: str = "repetition") -> Iterator[Bucket]:
+    """AcquisitionAccumulateTriggerGadget: emit a bucket whenever the ``trigger`` index changes.
+
+    ``trigger`` is an encoding counter name (``repetition``, ``slice``, ...) or ``none`` (one bucket at
+    the end). PARALLEL_CALIBRATION lines go to ``ref``; CALIBRATION_AND_IMAGING lines to both;
+    navigator, phase-correction, feedback and dummy lines are dropped.
+    """
+    if trigger != "none" and trigger not in _DIMENSIONS:
+        raise ValueError(f"trigger dimension: expected none or one of {', '.join(_DIMENSIONS)}, found {trigger!r}")
+    bucket = Bucket()
+    current: int | None = None
+    for acq in acquisitions:
+        if _is(acq, FLAG_NOISE) or any(_is(acq, flag) for flag in _SKIPPED_FLAGS):
+            continue
+        if trigger != "none":
+            value = getattr(acq.idx, trigger)
+            if current is not None and value != current and (bucket.data or bucket.ref):
+                yield bucket
+                bucket = Bucket()
+            current = value
+        if _is(acq, FLAG_PARALLEL_CALIBRATION):
+            bucket.ref.append(acq)
+        elif _is(acq, FLAG_PARALLEL_CALIBRATION_AND_IMAGING):
+            bucket.ref.append(acq)
+            bucket.data.append(acq)
+        else:
+            bucket.data.append(acq)
+    if bucket.data or bucket.ref:
+        yield bucket
+
+
+# ------------------------------------------------------------------------------------- buffering
+def _key(acq: Any, n_dimension: str, s_dimension: str, split_slices: bool) -> tuple[int, ...]:
+    values = {name: getattr(acq.idx, name) for name in _DIMENSIONS}
+    for name in (n_dimension, s_dimension):
+        if name:
+            values[name] = 0
+    if not split_slices:
+        values["slice"] = 0
+    return tuple(values[name] for name in _DIMENSIONS)
+
+
+def _limit(limits: Any, name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    limit = getattr(limits, name, None) if limits is not None else None
+    if limit is None:
+        return default
+    return int(limit.minimum), int(limit.center), int(limit.maximum)
+
+
+def _make_buffer(
+    acqs: Sequence[Any],
+    header: Any,
+    *,
+    n_dimension: str,
+    s_dimension: str,
+    split_slices: bool,
+    what: str,
+) -> Any:
+    """Place ``acqs`` (one key) into a ``ReconBuffer`` with the full encoded E1/E2 grid."""
+    import ismrmrd
+
+    types = _gadgetron_types()
+    encoding = _encoding(header)
+    encoded = encoding.encodedSpace
+    recon = encoding.reconSpace
+    limits = encoding.encodingLimits
+
+    first = acqs[0]
+    samples, channels = first.number_of_samples, first.active_channels
+    for acq in acqs:
+        if acq.active_channels != channels:
+            raise ValueError(
+                f"inconsistent channel counts: {_describe(acq)} has {acq.active_channels} channels, "
+                f"expected {channels} like the first {what} line"
+            )
+        if acq.number_of_samples != samples:
+            raise ValueError(
+                f"inconsistent readout lengths: {_describe(acq)} has {acq.number_of_samples} samples, "
+                f"expected {samples}"
+            )
+    ratio = readout_oversampling(header)
+    e0 = max(int(round(encoded.matrixSize.x / ratio)), samples)
+    e1 = int(encoded.matrixSize.y)
+    e2 = max(int(encoded.matrixSize.z), 1)
+    _, e1_center, _ = _limit(limits, "kspace_encoding_step_1", (0, e1 // 2, e1 - 1))
+    e2_min, e2_center, _ = _limit(limits, "kspace_encoding_step_2", (0, e2 // 2, e2 - 1))
+    e1_offset = e1 // 2 - e1_center
+    e2_offset = e2 // 2 - e2_center if e2 > 1 else -e2_min
+
+    def index(acq: Any, name: str) -> int:
+        return getattr(acq.idx, name) if name else 0
+
+    n_size = max(index(a, n_dimension) for a in acqs) + 1
+    s_size = max(index(a, s_dimension) for a in acqs) + 1
+    loc_size = 1 if split_slices else max(a.idx.slice for a in acqs) + 1
+    data = np.zeros((e0, e1, e2, channels, n_size, s_size, loc_size), dtype=np.complex64)
+    headers = np.empty((e1, e2, n_size, s_size, loc_size), dtype=object)
+    for position in np.ndindex(headers.shape):
+        headers[position] = ismrmrd.AcquisitionHeader()
+
+    for acq in acqs:
+        line = acq.idx.kspace_encode_step_1 + e1_offset
+        partition = acq.idx.kspace_encode_step_2 + e2_offset
+        if not (0 <= line < e1 and 0 <= partition < e2):
+            raise ValueError(
+                f"{_describe(acq)} lies outside the encoded matrix {e1}×{e2} (encoding limits centre {e1_center})"
+            )
+        start = e0 // 2 - acq.center_sample if samples < e0 else 0
+        start = min(max(start, 0), e0 - samples)
+        n, s = index(acq, n_dimension), index(acq, s_dimension)
+        loc = 0 if split_slices else acq.idx.slice
+        data[start : start + samples, line, partition, :, n, s, loc] = np.asarray(acq.data).T
+        headers[line, partition, n, s, loc] = acq.getHead()
+
+    lines = [a.idx.kspace_encode_step_1 + e1_offset for a in acqs]
+    partitions = [a.idx.kspace_encode_step_2 + e2_offset for a in acqs]
+    sampling = types.SamplingDescription()
+    sampling.encoded_FOV[:] = (
+        float(recon.fieldOfView_mm.x) if ratio > 1 else float(encoded.fieldOfView_mm.x),
+        float(encoded.fieldOfView_mm.y),
+        float(encoded.fieldOfView_mm.z),
+    )
+    sampling.recon_FOV[:] = (float(recon.fieldOfView_mm.x), float(recon.fieldOfView_mm.y), float(recon.fieldOfView_mm.z))
+    sampling.encoded_matrix[:] = (e0, e1, e2)
+    sampling.recon_matrix[:] = (int(recon.matrixSize.x), int(recon.matrixSize.y), max(int(recon.matrixSize.z), 1))
+    center_sample = min(first.center_sample, e0 - 1) if samples == e0 else e0 // 2
+    for axis, (low, centre, high) in enumerate(
+        (
+            (0, center_sample, e0 - 1),
+            (min(lines), e1_center + e1_offset, max(lines)),
+            (min(partitions), e2_center + e2_offset if e2 > 1 else 0, max(partitions)),
+        )
+    ):
+        sampling.sampling_limits[axis].min = low
+        sampling.sampling_limits[axis].center = centre
+        sampling.sampling_limits[axis].max = high
+    return types.ReconBuffer(data, None, None, headers, sampling)
+
+
+def bucket_to_buffer(
+    bucket: Bucket,
+    header: Any,
+    *,
+    n_dimension: str = "",
+    s_dimension: str = "",
+    split_slices: bool = True,
+) -> Any:
+    """BucketToBufferGadget: one ``ReconBit`` per key (average, slice, contrast, phase, repetition, set,
+    segment — minus the dimensions mapped to N and S, and slice unless ``split_slices``).
+
+    Returns a ``gadgetron.types.ReconData``; ``bit.ref`` is ``None`` when the key has no calibration lines.
+    """
+    types = _gadgetron_types()
+    header = parse_header(header)
+    for name in (n_dimension, s_dimension):
+        if name and name not in _DIMENSIONS:
+            raise ValueError(f"buffer dimension: expected one of {', '.join(_DIMENSIONS)}, found {name!r}")
+    options = {"n_dimension": n_dimension, "s_dimension": s_dimension, "split_slices": split_slices}
+    data_groups: dict[tuple[int, ...], list[Any]] = {}
+    ref_groups: dict[tuple[int, ...], list[Any]] = {}
+    for acq in bucket.data:
+        data_groups.setdefault(_key(acq, **options), []).append(acq)
+    for acq in bucket.ref:
+        ref_groups.setdefault(_key(acq, **options), []).append(acq)
+    bits = []
+    for key, acqs in data_groups.items():
+        ref = ref_groups.get(key)
+        if ref is None and ref_groups and not split_slices:
+            ref = next(iter(ref_groups.values()))
+        bits.append(
+            types.ReconBit(
+                _make_buffer(acqs, header, what="imaging", **options),
+                None if ref is None else _make_buffer(ref, header, what="calibration", **options),
+            )
+        )
+    return types.ReconData(bits)
+
+
+def recon_data_from_acquisitions(
+    acquisitions: Iterable[Any],
+    header: Any,
+    *,
+    trigger: str = "repetition",
+    n_dimension: str = "",
+    s_dimension: str = "",
+    split_slices: bool = True,
+) -> list[Any]:
+    """The whole chain NoiseAdjust → RemoveROOversampling → AccumulateTrigger → BucketToBuffer.
+
+    Returns one ``ReconData`` per trigger.
+    """
+    header = parse_header(header)
+    stream = remove_ro_oversampling(noise_adjust(acquisitions, header), header)
+    return [
+        bucket_to_buffer(bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices)
+        for bucket in accumulate_trigger(stream, trigger)
+        if bucket.data
+    ]
