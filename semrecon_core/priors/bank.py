@@ -1,0 +1,311 @@
+"""Embedding banks: the positive and negative embeddings P / N of the semantic prior.
+
+A bank is one ``.safetensors`` file: tensors ``positives/<level>``, ``negatives/<level>`` and, for
+token-PCA banks, ``pca_mean/<level>`` and ``pca_components/<level>``, plus JSON metadata under the
+``semrecon_bank`` key (encoder identity — model, revision fingerprint, kind, layers, preprocessing,
+instruction —, similarity, level weights, PCA dims, σ, K, sources with sha256, creation time).
+:func:`load_bank` refuses a bank whose encoder identity differs from the encoder in use, naming the field.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semrecon_core.priors.contrastive import DEFAULT_PCA_DIMS, PCA
+
+FORMAT = "semrecon-embedding-bank/1"
+_META_KEY = "semrecon_bank"
+# Identity fields that must match between a bank and the encoder that uses it.
+IDENTITY_FIELDS = ("family", "kind", "revision", "layers", "preprocessing", "instruction")
+
+
+class BankError(ValueError):
+    """An embedding bank is unreadable, malformed, or does not match the encoder in use."""
+
+
+@dataclass
+class EmbeddingBank:
+    """Positive / negative embeddings per level, with the metadata that says how they were made.
+
+    Attributes:
+        positives: per level ``(M, D)`` vectors or ``(M, T, d)`` PCA-projected tokens.
+        negatives: same layout.
+        metadata: JSON-serialisable description; ``metadata["encoder"]`` is the encoder identity.
+        pca: per-level projections of a ``token-pca`` bank, else ``None``.
+    """
+
+    positives: list[torch.Tensor]
+    negatives: list[torch.Tensor]
+    metadata: dict[str, Any]
+    pca: list[PCA] | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def similarity(self) -> str:
+        """``pooled``, ``vector`` (image-language) or ``token-pca``."""
+        return str(self.metadata["similarity"])
+
+    @property
+    def kind(self) -> str:
+        """``image`` or ``language``."""
+        return str(self.metadata["encoder"]["kind"])
+
+    def to(self, device: torch.device | str) -> EmbeddingBank:
+        """A copy with every tensor on ``device``."""
+        return EmbeddingBank(
+            positives=[p.to(device) for p in self.positives],
+            negatives=[n.to(device) for n in self.negatives],
+            metadata=self.metadata,
+            pca=None if self.pca is None else [p.to(device) for p in self.pca],
+            path=self.path,
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bank atomically (temporary file in the same directory, then ``os.replace``)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for level, (p, n) in enumerate(zip(self.positives, self.negatives, strict=True)):
+            tensors[f"positives/{level}"] = p.detach().float().cpu().contiguous()
+            tensors[f"negatives/{level}"] = n.detach().float().cpu().contiguous()
+        for level, pca in enumerate(self.pca or []):
+            tensors[f"pca_mean/{level}"] = pca.mean.cpu().contiguous()
+            tensors[f"pca_components/{level}"] = pca.components.cpu().contiguous()
+        metadata = {_META_KEY: json.dumps({**self.metadata, "format": FORMAT}, sort_keys=True)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        self.path = path
+        return path
+
+    def describe(self) -> str:
+        """Multi-line human-readable summary (``semrecon bank info``)."""
+        meta = self.metadata
+        encoder = meta["encoder"]
+        lines = [
+            f"bank: {self.path or '(in memory)'}",
+            f"encoder: {encoder.get('model')} (revision {encoder.get('revision')}, kind {encoder.get('kind')})"
+            + ("  RANDOM WEIGHTS" if encoder.get("random_weights") else ""),
+            f"layers: {encoder.get('layers')}  weights: {meta.get('weights')}  similarity: {self.similarity}",
+            f"preprocessing: {encoder.get('preprocessing')}",
+        ]
+        if encoder.get("instruction"):
+            lines.append(
+                f"instruction: {encoder['instruction']!r}  sigma: {meta.get('sigma')}  K: {meta.get('perturbations')}"
+            )
+        if self.pca is not None:
+            lines.append(f"PCA dims: {[p.components.shape[1] for p in self.pca]}")
+        for level, (p, n) in enumerate(zip(self.positives, self.negatives, strict=True)):
+            lines.append(f"level {level}: positives {tuple(p.shape)}  negatives {tuple(n.shape)}")
+        sources = meta.get("sources", [])
+        lines.append(f"sources: {len(sources)}  created: {meta.get('created')}")
+        for source in sources:
+            lines.append(
+                f"  {source.get('role', '?'):9s} {source.get('path')}  sha256 {str(source.get('sha256'))[:16]}"
+            )
+        return "\n".join(lines)
+
+
+def check_compatible(metadata: dict[str, Any], identity: dict[str, Any], *, source: str = "bank") -> None:
+    """Raise :class:`BankError` naming the first identity field where bank and encoder differ."""
+    built = metadata.get("encoder", {})
+    for name in IDENTITY_FIELDS:
+        if built.get(name) != identity.get(name):
+            raise BankError(
+                f"{source}: built with encoder {name}={built.get(name)!r}, but the encoder in use has "
+                f"{name}={identity.get(name)!r} (model {identity.get('model')!r}); rebuild the bank with "
+                f"`semrecon bank build` for this encoder"
+            )
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a bank file without loading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: embedding bank not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(_META_KEY)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several unrelated types for bad files
+        raise BankError(f"{path}: not a readable embedding bank (safetensors: {exc})") from None
+    if raw is None:
+        raise BankError(
+            f"{path}: safetensors file has no '{_META_KEY}' metadata (not a semrecon embedding bank)"
+        )
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BankError(f"{path}: bank metadata is not valid JSON ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise BankError(f"{path}: bank format {metadata.get('format')!r}, expected {FORMAT!r}")
+    for key in ("encoder", "similarity", "levels"):
+        if key not in metadata:
+            raise BankError(f"{path}: bank metadata lacks the field '{key}'")
+    return metadata
+
+
+def load_bank(
+    path: str | os.PathLike, encoder: Any | None = None, *, device: str | torch.device = "cpu"
+) -> EmbeddingBank:
+    """Load a bank; with ``encoder``, refuse it unless it was built with the same encoder identity.
+
+    Raises:
+        FileNotFoundError: no such file.
+        BankError: corrupt or incomplete file, or an identity mismatch (naming the field).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    if encoder is not None:
+        check_compatible(metadata, encoder.identity, source=f"bank {path}")
+    levels = int(metadata["levels"])
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            names = set(handle.keys())
+            needed = [f"{role}/{level}" for role in ("positives", "negatives") for level in range(levels)]
+            if metadata["similarity"] == "token-pca":
+                needed += [
+                    f"{role}/{level}" for role in ("pca_mean", "pca_components") for level in range(levels)
+                ]
+            missing = [name for name in needed if name not in names]
+            if missing:
+                raise BankError(f"{path}: bank lacks tensors {', '.join(missing)}")
+            tensors = {name: handle.get_tensor(name) for name in needed}
+    except BankError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated data surfaces as various safetensors errors
+        raise BankError(f"{path}: bank tensors are unreadable ({exc})") from None
+    pca = None
+    if metadata["similarity"] == "token-pca":
+        pca = [PCA(tensors[f"pca_mean/{k}"], tensors[f"pca_components/{k}"]) for k in range(levels)]
+    bank = EmbeddingBank(
+        positives=[tensors[f"positives/{k}"] for k in range(levels)],
+        negatives=[tensors[f"negatives/{k}"] for k in range(levels)],
+        metadata=metadata,
+        pca=pca,
+        path=path,
+    )
+    for level, (p, n) in enumerate(zip(bank.positives, bank.negatives, strict=True)):
+        if p.shape[1:] != n.shape[1:] or not (torch.isfinite(p).all() and torch.isfinite(n).all()):
+            raise BankError(
+                f"{path}: level {level} positives {tuple(p.shape)} / negatives {tuple(n.shape)} malformed"
+            )
+    return bank
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bank_from_features(
+    positives: Sequence[torch.Tensor],
+    negatives: Sequence[torch.Tensor],
+    *,
+    identity: dict[str, Any],
+    similarity: str,
+    weights: Sequence[float],
+    pca_dims: Sequence[int] = DEFAULT_PCA_DIMS,
+    extra: dict[str, Any] | None = None,
+) -> EmbeddingBank:
+    """Assemble a bank from stacked encoder features per level.
+
+    ``positives[level]`` is ``(M, T, D)`` token states (image-only) or ``(M, D)`` vectors. ``pooled``
+    stores token means ``(M, D)``; ``token-pca`` fits a PCA per level on P ∪ N tokens and stores the
+    projected tokens ``(M, T, d)``; ``vector`` stores the vectors as given.
+    """
+    if similarity not in ("pooled", "vector", "token-pca"):
+        raise ValueError(f"similarity: expected pooled, vector or token-pca, found {similarity!r}")
+    if len(positives) != len(negatives) or len(weights) != len(positives):
+        raise ValueError(
+            f"{len(positives)} positive levels, {len(negatives)} negative levels, {len(weights)} weights"
+        )
+    pca: list[PCA] | None = None
+    if similarity == "token-pca":
+        if len(pca_dims) != len(positives):
+            raise ValueError(
+                f"pca_dims: expected {len(positives)} dims (one per level), found {tuple(pca_dims)}"
+            )
+        pca = [
+            PCA.fit(torch.cat([p.reshape(-1, p.shape[-1]), n.reshape(-1, n.shape[-1])]), min(d, p.shape[-1]))
+            for p, n, d in zip(positives, negatives, pca_dims, strict=True)
+        ]
+        positives = [projection(p.float()) for projection, p in zip(pca, positives, strict=True)]
+        negatives = [projection(n.float()) for projection, n in zip(pca, negatives, strict=True)]
+    elif similarity == "pooled":
+        positives = [p.mean(dim=1) if p.dim() == 3 else p for p in positives]
+        negatives = [n.mean(dim=1) if n.dim() == 3 else n for n in negatives]
+    metadata = {
+        "encoder": dict(identity),
+        "similarity": similarity,
+        "levels": len(positives),
+        "weights": [float(w) for w in weights],
+        "pca_dims": None if pca is None else [int(p.components.shape[1]) for p in pca],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    return EmbeddingBank(
+        positives=[p.float().cpu() for p in positives],
+        negatives=[n.float().cpu() for n in negatives],
+        metadata=metadata,
+        pca=pca,
+    )
+
+
+def embed_images(
+    encoder: Any,
+    images: Iterable[torch.Tensor],
+    *,
+    perturbations: int = 0,
+    sigma: float = 0.0,
+    seed: int = 0,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> list[torch.Tensor]:
+    """Encode ``(slices, y, x)`` images one at a time without gradients; stacked features per level.
+
+    With ``perturbations > 0`` (image-language encoders) each slice contributes ``perturbations``
+    embeddings with N(0, σ²) noise on the text-token embeddings (paper Eq. 10).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    levels: list[list[torch.Tensor]] | None = None
+    iterator = progress(images) if progress is not None else images
+    for image in iterator:
+        with torch.no_grad():
+            if perturbations > 0:
+                states = encoder.encode_perturbed(
+                    image, count=perturbations, sigma=sigma, generator=generator
+                )
+                features = [states.reshape(-1, states.shape[-1])]
+            else:
+                features = encoder.encode(image)
+        if levels is None:
+            levels = [[] for _ in features]
+        for level, feature in enumerate(features):
+            levels[level].append(feature.float().cpu())
+    if levels is None:
+        raise ValueError("no images to embed")
+    return [torch.cat(level) for level in levels]

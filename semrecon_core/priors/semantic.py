@@ -1,0 +1,108 @@
+"""The semantic prior: contrastive loss of a reconstruction's embedding against an embedding bank."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from semrecon_core.priors.bank import EmbeddingBank, check_compatible
+from semrecon_core.priors.contrastive import ContrastiveLoss
+
+# Public code's image-language temperatures (REFERENCE.md §1).
+PUBLIC_CODE_TAU_POSITIVE = 0.1
+PUBLIC_CODE_TAU_NEGATIVE = 0.7
+
+
+class SemanticPrior:
+    """``loss(image)`` = contrastive loss (Eq. 3) of ``encoder(image)`` against ``bank``'s P and N.
+
+    Args:
+        encoder: a :class:`~semrecon_core.encoders.protocol.SemanticEncoder` (frozen).
+        bank: an embedding bank built with the same encoder identity (checked).
+        weights: level weights (image-only banks; one per level); ``None`` uses the bank's.
+        tau: temperature of Eq. (3).
+        variant: ``paper`` (Eq. 3, mean over slices) or ``public-code`` (image-language banks:
+            τ_pos 0.1, τ_neg 0.7, summed over slices; image-only banks: Eq. 3 as in the paper).
+
+    Attributes:
+        last_embedding: detached ``(slices, D)`` embedding of the last :meth:`loss` call (for trajectories
+            without a second encoder pass).
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        bank: EmbeddingBank,
+        *,
+        weights: Sequence[float] | None = None,
+        tau: float = 0.07,
+        variant: str = "paper",
+    ) -> None:
+        if variant not in ("paper", "public-code"):
+            raise ValueError(f"semantic prior variant: expected paper or public-code, found {variant!r}")
+        check_compatible(bank.metadata, encoder.identity, source=f"bank {bank.path or '(in memory)'}")
+        self.encoder = encoder
+        self.bank = bank
+        levels = len(bank.positives)
+        weights = list(bank.metadata.get("weights") or [1.0] * levels) if weights is None else list(weights)
+        if bank.kind == "language":
+            weights = [1.0]
+        if len(weights) != levels:
+            raise ValueError(
+                f"property 'level_weights': expected {levels} weights for this bank, found {len(weights)}"
+            )
+        options: dict[str, Any] = {"tau": tau}
+        if variant == "public-code" and bank.kind == "language":
+            options = {
+                "tau": PUBLIC_CODE_TAU_POSITIVE,
+                "tau_negative": PUBLIC_CODE_TAU_NEGATIVE,
+                "reduction": "sum",
+            }
+        self.variant = variant
+        self.contrastive = ContrastiveLoss(
+            bank.positives,
+            bank.negatives,
+            weights=weights,
+            similarity=bank.similarity,
+            pca=bank.pca,
+            **options,
+        ).to(encoder.device)
+        self.last_embedding: torch.Tensor | None = None
+
+    @property
+    def label(self) -> str:
+        """Names the prior and its encoder; random-weight encoders say "RANDOM WEIGHTS"."""
+        kind = "image-language" if self.bank.kind == "language" else "image-only"
+        text = f"semantic {kind} prior ({self.bank.similarity}, {self.variant}) with {self.encoder.label}"
+        if self.encoder.is_random and "RANDOM WEIGHTS" not in text:
+            text += " RANDOM WEIGHTS"
+        return text
+
+    def _summary(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        top = features[-1]
+        return (top.mean(dim=1) if top.dim() == 3 else top).detach()
+
+    def loss(self, image: torch.Tensor) -> torch.Tensor:
+        """Differentiable scalar loss of a complex ``(slices, y, x)`` image (max |zero-filled| ≈ 1)."""
+        features = self.encoder.encode(image)
+        self.last_embedding = self._summary(features)
+        return self.contrastive(features)
+
+    def terms(self, image: torch.Tensor) -> dict[str, float]:
+        """Unweighted loss per level, for logging (no gradient)."""
+        with torch.no_grad():
+            values = self.contrastive.per_level(self.encoder.encode(image))
+        return {f"semantic_level{k}": float(v) for k, v in enumerate(values)}
+
+    @torch.no_grad()
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """``(slices, D)`` embedding for trajectories: token-mean of the top level, or the LLM state."""
+        return self._summary(self.encoder.encode(image))
+
+    def answer(self, image: torch.Tensor) -> list[dict[str, Any]] | None:
+        """The model's answer per slice (image-language banks), else ``None``."""
+        if self.bank.kind != "language" or not hasattr(self.encoder, "answer"):
+            return None
+        return self.encoder.answer(image)
