@@ -90,6 +90,8 @@ class ReconConfig:
         calib_width: calibration (ACS) width used for ESPIRiT when the data do not say.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         autocast: ``bfloat16`` autocast of encoder and backbone on CUDA, or ``none``.
+        encoder_checkpointing: recompute the semantic encoder's block activations in the backward pass
+            (less memory, more compute).
         seed: random seed; same seed and settings give the same output on CPU.
     """
 
@@ -115,6 +117,7 @@ class ReconConfig:
     calib_width: int = 24
     device: str = "auto"
     autocast: Literal["bfloat16", "none"] = "bfloat16"
+    encoder_checkpointing: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
