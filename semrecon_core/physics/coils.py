@@ -1,0 +1,108 @@
+"""Coil sensitivities: ESPIRiT maps (through ``sigpy.mri.app.EspiritCalib``) and root-sum-of-squares.
+
+Maps are estimated per slice from the fully sampled calibration block ``KSpace.calibration``
+``(slices, coils, cy, cx)``, which is zero-padded to the k-space grid around its centre and handed to
+sigpy with a square calibration width ``min(cy, cx)`` (or ``calib_width``). On a CUDA device the
+calibration runs through CuPy when it is installed, else on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from semrecon_core.data.kspace import KSpace
+
+log = logging.getLogger(__name__)
+
+
+def espirit_maps(
+    kspace: KSpace,
+    *,
+    calib_width: int | None = None,
+    kernel_width: int = 6,
+    threshold: float = 0.02,
+    crop: float = 0.95,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """ESPIRiT coil sensitivities (one set of maps) for every slice of ``kspace``.
+
+    Args:
+        kspace: the scan; its ``calibration`` block ``(slices, coils, cy, cx)`` is used.
+        calib_width: side of the square calibration region; default ``min(cy, cx)``.
+        kernel_width: ESPIRiT kernel size (sigpy default 6).
+        threshold: singular-value threshold of the calibration matrix (sigpy default 0.02).
+        crop: eigenvalue threshold below which maps are set to zero (sigpy default 0.95).
+        device: ``cpu``, or a CUDA device to run through CuPy when CuPy is installed.
+
+    Returns:
+        complex64 maps ``(slices, coils, ky, kx)`` on the CPU, the size of the k-space grid.
+
+    Raises:
+        ValueError: when the calibration block is smaller than the kernel, or its shape does not
+            match the k-space (slices, coils) or is larger than the grid.
+    """
+    from sigpy.mri.app import EspiritCalib
+
+    slices, coils, ny, nx = kspace.shape
+    calib = kspace.calibration
+    name = kspace.source or "k-space"
+    if calib.ndim != 4 or tuple(calib.shape[:2]) != (slices, coils):
+        raise ValueError(
+            f"{name}: calibration expected shape ({slices}, {coils}, cy, cx), found {tuple(calib.shape)}"
+        )
+    cy, cx = int(calib.shape[-2]), int(calib.shape[-1])
+    if cy > ny or cx > nx:
+        raise ValueError(f"{name}: calibration block {cy}×{cx} is larger than the k-space grid {ny}×{nx}")
+    width = min(cy, cx) if calib_width is None else int(calib_width)
+    if width > min(cy, cx):
+        raise ValueError(f"{name}: calib_width {width} exceeds the calibration block {cy}×{cx}")
+    if width < kernel_width:
+        raise ValueError(
+            f"{name}: calibration region {cy}×{cx} (width {width}) is smaller than the ESPIRiT kernel "
+            f"{kernel_width}×{kernel_width}; at least {kernel_width} fully sampled lines are needed"
+        )
+    if not torch.isfinite(torch.view_as_real(calib)).all():
+        raise ValueError(f"{name}: calibration data contain NaN or Inf samples")
+    sp_device, xp = _sigpy_device(device)
+    maps = np.zeros((slices, coils, ny, nx), dtype=np.complex64)
+    start_y, start_x = ny // 2 - cy // 2, nx // 2 - cx // 2
+    for s in range(slices):
+        grid = np.zeros((coils, ny, nx), dtype=np.complex64)
+        grid[:, start_y : start_y + cy, start_x : start_x + cx] = calib[s].numpy()
+        if not np.any(grid):
+            raise ValueError(f"{name}: calibration data of slice {s} are all zero")
+        app = EspiritCalib(
+            xp.asarray(grid),
+            calib_width=width,
+            thresh=threshold,
+            kernel_width=kernel_width,
+            crop=crop,
+            device=sp_device,
+            show_pbar=False,
+        )
+        result = app.run()
+        maps[s] = result.get() if hasattr(result, "get") else result
+    return torch.from_numpy(maps)
+
+
+def rss(coil_images: torch.Tensor, dim: int = -3) -> torch.Tensor:
+    """Root-sum-of-squares over the coil axis (default ``-3`` of ``(slices, coils, y, x)``)."""
+    return coil_images.abs().square().sum(dim=dim).sqrt()
+
+
+def _sigpy_device(device: str | torch.device) -> tuple[object, object]:
+    """sigpy device and array module: CuPy on CUDA when installed, else NumPy on the CPU."""
+    import sigpy as sp
+
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        try:
+            import cupy
+        except ImportError:
+            log.info("CuPy is not installed: ESPIRiT calibration runs on the CPU")
+        else:
+            return sp.Device(torch_device.index or 0), cupy
+    return sp.cpu_device, np

@@ -1,0 +1,95 @@
+"""Isotropic total variation of complex ``(slices, y, x)`` images.
+
+``TV(x) = Σ_pixels sqrt(|∂y x|² + |∂x x|²)`` with forward differences and a zero difference at the last
+row/column (Neumann boundary), summed over pixels and slices (the same sum convention as the data term
+``0.5·‖Ax − y‖²``). :func:`gradient` and :func:`gradient_adjoint` are an adjoint pair (‖∇‖² ≤ 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRADIENT_NORM_SQUARED = 8.0
+
+
+def gradient(image: torch.Tensor) -> torch.Tensor:
+    """Forward differences of ``(slices, y, x)`` → ``(slices, 2, y, x)`` (``∂y``, ``∂x``)."""
+    dy = torch.zeros_like(image)
+    dx = torch.zeros_like(image)
+    dy[..., :-1, :] = image[..., 1:, :] - image[..., :-1, :]
+    dx[..., :, :-1] = image[..., :, 1:] - image[..., :, :-1]
+    return torch.stack((dy, dx), dim=-3)
+
+
+def gradient_adjoint(field: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`gradient` (minus the divergence): ``(slices, 2, y, x)`` → ``(slices, y, x)``."""
+    py, px = field[..., 0, :, :], field[..., 1, :, :]
+    out = torch.zeros_like(py)
+    out[..., 1:, :] += py[..., :-1, :]
+    out[..., :-1, :] -= py[..., :-1, :]
+    out[..., :, 1:] += px[..., :, :-1]
+    out[..., :, :-1] -= px[..., :, :-1]
+    return out
+
+
+def _magnitude(field: torch.Tensor) -> torch.Tensor:
+    """Pointwise Euclidean norm over the direction axis (and real/imaginary parts): ``(slices, 1, y, x)``."""
+    return field.abs().square().sum(dim=-3, keepdim=True).sqrt()
+
+
+class TVPrior:
+    """Isotropic total variation as a prior: differentiable ``loss``, exact ``prox``, dual projection.
+
+    Args:
+        weight: multiplies the TV value in :meth:`loss` and the step in :meth:`prox`.
+        eps: smoothing inside the square root of :meth:`loss` so its gradient is finite at flat regions.
+    """
+
+    def __init__(self, weight: float = 1.0, *, eps: float = 1e-12) -> None:
+        if not weight >= 0:
+            raise ValueError(f"TV weight: expected a non-negative number, found {weight!r}")
+        self.weight = float(weight)
+        self.eps = float(eps)
+
+    @property
+    def label(self) -> str:
+        """Human-readable name for image comments and logs."""
+        return f"TV (weight {self.weight:g})"
+
+    def loss(self, image: torch.Tensor) -> torch.Tensor:
+        """``weight · TV(image)`` as a differentiable scalar for a complex ``(slices, y, x)`` image."""
+        field = gradient(image)
+        return self.weight * (field.abs().square().sum(dim=-3) + self.eps).sqrt().sum()
+
+    def project_dual(self, field: torch.Tensor, radius: float | None = None) -> torch.Tensor:
+        """Project a dual field ``(slices, 2, y, x)`` pointwise onto the ball of ``radius`` (default ``weight``).
+
+        This is the proximal map of the convex conjugate of ``radius·‖·‖₂,₁`` (for any step size).
+        """
+        radius = self.weight if radius is None else radius
+        if radius == 0:
+            return torch.zeros_like(field)
+        return field / (_magnitude(field) / radius).clamp_min(1.0)
+
+    @torch.no_grad()
+    def prox(self, image: torch.Tensor, step: float, *, iterations: int = 50) -> torch.Tensor:
+        """``argmin_x 0.5‖x − image‖² + step·weight·TV(x)`` by fast dual projected gradient (Beck–Teboulle).
+
+        Args:
+            image: complex or real ``(slices, y, x)`` image.
+            step: proximal step size (≥ 0).
+            iterations: dual iterations.
+        """
+        radius = step * self.weight
+        if radius == 0:
+            return image.clone()
+        dual = torch.zeros_like(gradient(image))
+        momentum = dual
+        t = 1.0
+        for _ in range(iterations):
+            primal = image - gradient_adjoint(momentum)
+            new_dual = self.project_dual(momentum + gradient(primal) / GRADIENT_NORM_SQUARED, radius)
+            t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+            momentum = new_dual + ((t - 1) / t_next) * (new_dual - dual)
+            dual, t = new_dual, t_next
+        return image - gradient_adjoint(dual)
