@@ -473,24 +473,6 @@ def test_emulator_names_a_module_that_does_not_import(gadget_dir: Path) -> None:
         )
 
 
-def test_external_node_from_chain_xml() -> None:
-    chain = """<configuration xmlns="http://gadgetron.sf.net/gadgetron">
-      <external><execute name="semrecon_gadget" target="reconstruct" type="python"/>
-        <configuration><property name="backbone" value="sense"/></configuration></external>
-    </configuration>"""
-    node = emulator.ExternalNode.from_chain(chain)
-    assert (node.module, node.target, node.port) == ("semrecon_gadget", "reconstruct", None)
-    assert node.configuration.startswith("<configuration") and 'value="sense"' in node.configuration
-    connect = emulator.ExternalNode.from_chain(
-        chain.replace(
-            '<execute name="semrecon_gadget" target="reconstruct" type="python"/>', '<connect port="18000"/>'
-        )
-    )
-    assert (connect.module, connect.address, connect.port) == (None, "127.0.0.1", 18000)
-    with pytest.raises(ValueError, match="expected exactly one <external> node, found 0"):
-        emulator.ExternalNode.from_chain("<configuration/>")
-
-
 # ------------------------------------------------------------------------------ Gadgetron dies mid-stream
 
 

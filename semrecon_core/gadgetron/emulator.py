@@ -8,8 +8,8 @@ wire format (:mod:`~semrecon_core.gadgetron.protocol`), and reads Images / Image
 child's CLOSE. :func:`run_connect` does the same against a running ``<connect>`` server
 (``semrecon serve``). Every wait has a timeout, and the child is killed if it outlives the session.
 
-:func:`run_chain_over_protocol` takes an :class:`ExternalNode` (the ``<external>`` element of a chain,
-:meth:`ExternalNode.from_chain`) and picks the right one.
+:func:`run_chain_over_protocol` takes an :class:`ExternalNode` (built from a chain's ``<external>``
+element, :mod:`semrecon_core.gadgetron.chain`) and picks the right one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -82,60 +81,6 @@ class ExternalNode:
     target: str | None = None
     address: str | None = None
     port: int | None = None
-
-    @classmethod
-    def from_element(cls, element: ET.Element, *, source: str = "chain") -> ExternalNode:
-        """Read an ``<external>`` element; an element without ``<execute>`` or ``<connect>`` is an error."""
-        config = element.find("configuration")
-        configuration = (
-            ET.tostring(config, encoding="unicode").strip() if config is not None else "<configuration/>"
-        )
-        execute = element.find("execute")
-        connect = element.find("connect")
-        if execute is not None:
-            module, target = execute.get("name"), execute.get("target")
-            kind = execute.get("type", "python")
-            if not module or not target:
-                raise ValueError(f"{source}: <execute> needs name= (module) and target= (function)")
-            if kind != "python":
-                raise ValueError(f'{source}: <execute type={kind!r}>: only type="python" is supported')
-            return cls(configuration=configuration, module=module, target=target)
-        if connect is not None:
-            port = connect.get("port")
-            if port is None or not port.strip().isdigit():
-                raise ValueError(f"{source}: <connect> needs a numeric port=, found {port!r}")
-            return cls(
-                configuration=configuration, address=connect.get("address") or LOOPBACK, port=int(port)
-            )
-        raise ValueError(f"{source}: <external> has neither <execute> nor <connect>")
-
-    @classmethod
-    def from_chain(cls, chain: str | Path) -> ExternalNode:
-        """The (single) ``<external>`` node of a chain file or chain XML text."""
-        text = (
-            Path(chain).read_text()
-            if isinstance(chain, Path) or not str(chain).lstrip().startswith("<")
-            else chain
-        )
-        source = str(chain) if isinstance(chain, Path) else "chain XML"
-        try:
-            root = ET.fromstring(text)
-        except ET.ParseError as exc:
-            raise ValueError(f"{source}: the chain XML does not parse ({exc})") from None
-        nodes = [el for el in root.iter() if _local(el.tag) == "external"]
-        if len(nodes) != 1:
-            raise ValueError(f"{source}: expected exactly one <external> node, found {len(nodes)}")
-        return cls.from_element(_strip_namespaces(nodes[0]), source=source)
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def _strip_namespaces(element: ET.Element) -> ET.Element:
-    for el in element.iter():
-        el.tag = _local(el.tag)
-    return element
 
 
 def default_gadget_path() -> list[str]:
@@ -242,6 +187,93 @@ def exchange(
     return run
 
 
+class GadgetProcess:
+    """A gadget launched exactly as Gadgetron launches an ``<execute>`` node.
+
+    Opens a listening socket on 127.0.0.1 (an ephemeral port), starts ``python -m gadgetron PORT MODULE
+    TARGET`` with ``PYTHONPATH=$PYTHONPATH:<gadget dirs>`` and collects the child's output. Use as a
+    context manager: on exit the child is given ``grace`` seconds, then terminated / killed, and the
+    listener is closed.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        target: str,
+        *,
+        gadget_path: Sequence[str | os.PathLike[str]] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        paths = default_gadget_path() if gadget_path is None else list(gadget_path)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(1)
+        self.port: int = self.listener.getsockname()[1]
+        command = [python, "-m", "gadgetron", str(self.port), module, target]
+        log.info("launching %s", " ".join(command))
+        self.process = subprocess.Popen(
+            command,
+            env=child_environment(paths),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self._tail = _LogTail(self.process.stdout, f"{module}.{target}")
+
+    @property
+    def pid(self) -> int:
+        """Process id of the child."""
+        return self.process.pid
+
+    def accept(self, timeout: float = 60.0) -> socket.socket:
+        """The child's connection; :class:`EmulatorError` if it dies or does not connect in ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        self.listener.settimeout(0.2)
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+                sock.settimeout(None)
+                return sock
+            except TimeoutError:
+                pass
+            if self.process.poll() is not None:
+                raise EmulatorError(
+                    f"the gadget process exited with status {self.process.returncode} before connecting\n"
+                    f"--- gadget log ---\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise EmulatorError(f"the gadget process did not connect within {timeout:.0f} s")
+
+    def stop(self, grace: float = 0.0) -> int:
+        """Wait up to ``grace`` s for the child to exit, then terminate (and kill) it; its exit status."""
+        if grace > 0:
+            try:
+                return self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("gadget process %d still running after %.0f s; terminating it", self.pid, grace)
+        if self.process.poll() is not None:
+            return self.process.returncode
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=5.0)
+
+    def log(self) -> str:
+        """The last lines the child wrote (complete once it has exited)."""
+        return self._tail.text(timeout=2.0 if self.process.poll() is not None else 0.0)
+
+    def __enter__(self) -> GadgetProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.stop()
+        finally:
+            self.listener.close()
+
+
 def run_external(
     configuration: str,
     header_xml: str,
@@ -269,78 +301,22 @@ def run_external(
     Raises :class:`EmulatorError` naming the failure and quoting the child's log when the child does
     not connect, ends abnormally or exits with a non-zero status.
     """
-    paths = default_gadget_path() if gadget_path is None else list(gadget_path)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((LOOPBACK, 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-    command = [python, "-m", "gadgetron", str(port), module, target]
-    log.info("launching %s", " ".join(command))
-    child = subprocess.Popen(
-        command,
-        env=child_environment(paths),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    tail = _LogTail(child.stdout, f"{module}.{target}")
-    try:
-        sock = _accept(listener, child, connect_timeout)
+    with GadgetProcess(module, target, gadget_path=gadget_path, python=python) as gadget:
+        sock = gadget.accept(connect_timeout)
         try:
-            try:
-                run = exchange(sock, configuration, header_xml, messages, timeout=timeout)
-            except EmulatorError as exc:
-                _stop(child, grace=5.0)
-                raise EmulatorError(f"{exc}\n--- gadget log ---\n{tail.text()}") from exc
-        finally:
+            run = exchange(sock, configuration, header_xml, messages, timeout=timeout)
+        except EmulatorError as exc:
             sock.close()
-        run.returncode = _stop(child, grace=timeout)
-        run.log = tail.text()
+            gadget.stop(grace=5.0)
+            raise EmulatorError(f"{exc}\n--- gadget log ---\n{gadget.log()}") from exc
+        sock.close()
+        run.returncode = gadget.stop(grace=timeout)
+        run.log = gadget.log()
         if run.returncode != 0:
             raise EmulatorError(
                 f"the gadget process exited with status {run.returncode}\n--- gadget log ---\n{run.log}"
             )
         return run
-    finally:
-        listener.close()
-        _stop(child, grace=0.0)
-
-
-def _accept(listener: socket.socket, child: subprocess.Popen, timeout: float) -> socket.socket:
-    """Wait for the child to connect back, noticing early when it has died instead."""
-    deadline = time.monotonic() + timeout
-    listener.settimeout(0.2)
-    while True:
-        try:
-            sock, _ = listener.accept()
-            sock.settimeout(None)
-            return sock
-        except TimeoutError:
-            pass
-        if child.poll() is not None:
-            raise EmulatorError(f"the gadget process exited with status {child.returncode} before connecting")
-        if time.monotonic() > deadline:
-            raise EmulatorError(f"the gadget process did not connect within {timeout:.0f} s")
-
-
-def _stop(child: subprocess.Popen, *, grace: float) -> int:
-    """Wait up to ``grace`` seconds for the child to exit, then terminate / kill it; its exit status."""
-    try:
-        return child.wait(timeout=grace) if grace > 0 else _poll_or_kill(child)
-    except subprocess.TimeoutExpired:
-        return _poll_or_kill(child)
-
-
-def _poll_or_kill(child: subprocess.Popen) -> int:
-    if child.poll() is not None:
-        return child.returncode
-    child.terminate()
-    try:
-        return child.wait(timeout=5.0)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        return child.wait(timeout=5.0)
 
 
 def run_connect(
