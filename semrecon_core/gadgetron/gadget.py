@@ -104,7 +104,13 @@ class SemreconGadget:
         kspace = from_recon_buffer(bit.data, bit.ref, self.header, source=name)
         device = resolve_device(config.device)
         maps = espirit_maps(kspace, device=str(device))
-        result = run_reconstruction(kspace, maps, config, prior=self.prior if prior is ... else prior)
+        if prior is ...:
+            prior = self.prior
+            if prior is None and config.prior == "semantic":
+                from semrecon_core.priors import build_prior
+
+                prior = build_prior(config, device)  # cached: encoder and bank load once per process
+        result = run_reconstruction(kspace, maps, config, prior=prior)
         image = result.image
         if not bool(np.isfinite(image.abs().numpy()).all()):
             raise FloatingPointError(f"{name}: the {config.backbone} reconstruction contains NaN or Inf")
@@ -118,20 +124,16 @@ class SemreconGadget:
     ) -> list[Any]:
         from semrecon_core.data.images import to_ismrmrd_images
 
-        magnitude = image.abs()
         meta = {
             "GADGETRON_DataRole": role,
             "GADGETRON_ImageComment": _ascii(comment),
             "GADGETRON_SeqDescription": f"_semrecon_{config.backbone}_{config.prior}",
             "GADGETRON_ImageProcessingHistory": "SEMRECON",
         }
-        images = to_ismrmrd_images(magnitude, kspace, series_index=self.settings.series_index, meta=meta)
+        images = to_ismrmrd_images(image.abs(), kspace, series_index=self.settings.series_index, meta=meta)
         for number, img in enumerate(images):
             img.image_index = next(self._indices)
             img.image_series_index = self.settings.series_index
-            center, width = _window(np.asarray(img.data))
-            img.meta["GADGETRON_WindowCenter"] = str(center)
-            img.meta["GADGETRON_WindowWidth"] = str(width)
             if answers:
                 _add_answer(img, answers[min(number, len(answers) - 1)])
         return images
@@ -170,8 +172,8 @@ class SemreconGadget:
                 "GADGETRON_ImageComment": _ascii(comment),
                 "GADGETRON_SeqDescription": "_semrecon_fallback_rss",
                 "GADGETRON_ImageProcessingHistory": "SEMRECON",
-                "GADGETRON_WindowCenter": str(center),
-                "GADGETRON_WindowWidth": str(width),
+                "GADGETRON_WindowCenter": center,
+                "GADGETRON_WindowWidth": width,
             }
             images.append(img)
         if not images:
@@ -202,19 +204,18 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
+_ASCII = str.maketrans({"λ": "lambda", "σ": "sigma", "τ": "tau", "×": "x", "→": "->", "≥": ">=", "≤": "<=", "…": "..."})
+
+
 def _ascii(text: str) -> str:
-    """Meta containers travel as ASCII on the wire; replace anything else."""
-    return text.encode("ascii", "replace").decode("ascii")
+    """Meta containers travel as ASCII on the wire; transliterate or replace anything else."""
+    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
 
 
-def _window(magnitude: np.ndarray) -> tuple[int, int]:
-    """Window centre/width covering the 1st-99th percentile of the finite pixel values."""
-    values = magnitude[np.isfinite(magnitude)]
-    if values.size == 0:
-        return 0, 1
-    low, high = np.percentile(values, [1.0, 99.0])
-    width = max(float(high - low), 1e-12)
-    return int(round(float(low + high) / 2)), max(int(round(width)), 1)
+def _window(magnitude: np.ndarray) -> tuple[str, str]:
+    """Window centre/width spanning 0 to the image maximum (as for the reconstructed images)."""
+    peak = float(magnitude.max()) if magnitude.size else 0.0
+    return f"{peak / 2:.6g}", f"{peak:.6g}"
 
 
 def _add_answer(img: Any, answer: dict[str, Any]) -> None:

@@ -51,11 +51,13 @@ DEFAULT_CHAIN = """<?xml version="1.0" encoding="UTF-8"?>
 
 @dataclass
 class ReplayResult:
-    """What a replay produced: the images leaving the chain and the wall time in seconds."""
+    """What a replay produced: the images leaving the chain, the wall time in seconds, the chain run
+    and the scan's ISMRMRD XML header."""
 
     images: list[Any]
     seconds: float
     chain: Chain
+    xml_header: str
 
 
 def read_raw(path: str | Path, group: str = "dataset") -> tuple[str, Iterator[Any], int]:
@@ -115,13 +117,14 @@ def replay(
     if len(images) != len(outputs):
         log.warning("replay: %d non-image message(s) left the chain and are not written", len(outputs) - len(images))
     log.info("replay: %d acquisitions → %d images in %.2f s", count, len(images), seconds)
-    return ReplayResult(images=images, seconds=seconds, chain=parsed)
+    return ReplayResult(images=images, seconds=seconds, chain=parsed, xml_header=header_xml)
 
 
-def write_image_groups(path: str | Path, images: list[Any], *, group: str = "dataset") -> dict[str, int]:
-    """Write ``images`` to a new ISMRMRD file, one image group ``image_<series>`` per series (atomic).
-
-    Returns ``{group name: number of images}``.
+def write_image_groups(
+    path: str | Path, images: list[Any], *, group: str = "dataset", xml_header: str | None = None
+) -> dict[str, int]:
+    """Write ``images`` to a new ISMRMRD file, one image group ``image_<series>`` per series (atomic),
+    with the scan's ``xml_header`` when given. Returns ``{group name: number of images}``.
     """
     import ismrmrd
 
@@ -132,6 +135,8 @@ def write_image_groups(path: str | Path, images: list[Any], *, group: str = "dat
     try:
         dataset = ismrmrd.Dataset(tmp, group, create_if_needed=True, mode="w")
         try:
+            if xml_header:
+                dataset.write_xml_header(xml_header.encode("utf-8"))
             for image in images:
                 name = f"image_{image.image_series_index}"
                 dataset.append_image(name, image)
@@ -190,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     result = replay(args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group)
     if not result.images:
         raise ValueError(f"{args.input}: the chain produced no images")
-    counts = write_image_groups(args.output, result.images, group=args.group)
+    counts = write_image_groups(args.output, result.images, group=args.group, xml_header=result.xml_header)
     groups = ", ".join(f"{args.group}/{name} ({n})" for name, n in counts.items())
     print(f"{len(result.images)} image(s) in {result.seconds:.1f} s → {args.output}: {groups}")
     if args.png:
