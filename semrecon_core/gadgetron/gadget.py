@@ -116,7 +116,12 @@ class SemreconGadget:
             raise FloatingPointError(f"{name}: the {config.backbone} reconstruction contains NaN or Inf")
         label = comment or f"semrecon {result.label}"
         role = "Image" if comment is None else "Fallback"
-        answers = result.info.get("answer") if comment is None else None
+        answers = None
+        if comment is None and callable(getattr(prior, "answer", None)):
+            import torch
+
+            with torch.no_grad():  # the model's quality answer for the final image (image-language banks)
+                answers = prior.answer(image.to(device))
         return self._images(image, kspace, label, config, role=role, answers=answers)
 
     def _images(
@@ -219,11 +224,14 @@ def _window(magnitude: np.ndarray) -> tuple[str, str]:
 
 
 def _add_answer(img: Any, answer: dict[str, Any]) -> None:
+    """Meta ``SEMRECON_QualityAnswer`` / ``SEMRECON_QualityChoice`` / ``SEMRECON_P_<WORD>`` from a prior's answer."""
     if "answer" in answer:
         img.meta["SEMRECON_QualityAnswer"] = _ascii(str(answer["answer"]).strip())
-    for key in ("p_high", "p_low"):
-        if key in answer:
-            img.meta[f"SEMRECON_{key.upper().replace('_', '')}"] = f"{float(answer[key]):.4f}"
+    if "choice" in answer:
+        img.meta["SEMRECON_QualityChoice"] = _ascii(str(answer["choice"]))
+    for key, value in answer.items():
+        if key.startswith("p_"):
+            img.meta[f"SEMRECON_P_{_ascii(key[2:]).upper()}"] = f"{float(value):.4f}"
 
 
 def _centre_crop(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
