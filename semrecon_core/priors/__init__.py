@@ -69,6 +69,7 @@ def _semantic_prior(config: ReconConfig, device: torch.device) -> Any:
         config.tau,
         config.preset,
         config.layers,
+        config.encoder_checkpointing,
     )
     with _LOCK:
         if key in _PRIORS:
@@ -93,7 +94,17 @@ def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.de
     family = identity.get("family", "janus")
     kind = identity.get("kind")
     autocast = config.autocast == "bfloat16"
-    key = (config.encoder, family, kind, config.layers, identity.get("instruction"), str(device), autocast)
+    checkpointing = config.encoder_checkpointing
+    key = (
+        config.encoder,
+        family,
+        kind,
+        config.layers,
+        identity.get("instruction"),
+        str(device),
+        autocast,
+        checkpointing,
+    )
     with _LOCK:
         if key in _ENCODERS:
             return _ENCODERS[key]
@@ -116,6 +127,7 @@ def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.de
             device=device,
             allow_download=config.allow_download,
             autocast=autocast,
+            gradient_checkpointing=checkpointing,
         )
     else:
         from semrecon_core.encoders.janus import JanusImageEncoder
@@ -126,6 +138,7 @@ def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.de
             device=device,
             allow_download=config.allow_download,
             autocast=autocast,
+            gradient_checkpointing=checkpointing,
         )
     with _LOCK:
         _ENCODERS[key] = encoder

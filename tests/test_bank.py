@@ -1,0 +1,224 @@
+"""Embedding banks and the semantic prior: save/load round trip, refusal of mismatched or corrupt banks,
+gradients through the prior, build_prior and its cache, and the ``semrecon bank`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from semrecon_core.config import ConfigError, ReconConfig  # noqa: E402
+from semrecon_core.encoders.janus import JanusImageEncoder, JanusLanguageEncoder  # noqa: E402
+from semrecon_core.encoders.tiny import build_tiny_janus  # noqa: E402
+from semrecon_core.priors import build_prior, clear_cache  # noqa: E402
+from semrecon_core.priors.bank import BankError, bank_from_features, embed_images, load_bank  # noqa: E402
+from semrecon_core.priors.semantic import SemanticPrior  # noqa: E402
+
+WEIGHTS = (0.005, 0.5, 1.0)
+
+
+def _phantom(seed: int, size: int = 48) -> torch.Tensor:
+    """A smooth random blob image ``(1, y, x)``, complex64."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    image = torch.zeros(size, size)
+    for _ in range(4):
+        cy, cx, r = torch.rand(3, generator=g) * torch.tensor([1.0, 1.0, 0.4]) - torch.tensor(
+            [0.5, 0.5, -0.2]
+        )
+        image += ((y - cy) ** 2 + (x - cx) ** 2 < r**2).float()
+    return image[None].to(torch.complex64)
+
+
+def _aliased(image: torch.Tensor) -> torch.Tensor:
+    from semrecon_core.physics.fft import fft2c, ifft2c
+
+    kspace = fft2c(image)
+    kspace[..., 1::3, :] = 0
+    kspace[..., 2::3, :] = 0
+    return ifft2c(kspace)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_janus(tmp_path_factory.mktemp("bank") / "tiny-janus")
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny: Path) -> JanusImageEncoder:
+    return JanusImageEncoder.from_pretrained(str(tiny))
+
+
+@pytest.fixture(scope="module")
+def features(encoder: JanusImageEncoder) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    positives = [_phantom(seed) for seed in range(3)]
+    negatives = [_aliased(p) for p in positives]
+    return embed_images(encoder, positives), embed_images(encoder, negatives)
+
+
+@pytest.mark.parametrize("similarity", ["pooled", "token-pca"])
+def test_saved_and_loaded_bank_reproduces_the_loss(
+    encoder, features, tmp_path: Path, similarity: str
+) -> None:
+    bank = bank_from_features(
+        *features, identity=encoder.identity, similarity=similarity, weights=WEIGHTS, pca_dims=(8, 16, 16)
+    )
+    query = _phantom(7)
+    before = SemanticPrior(encoder, bank, weights=WEIGHTS).loss(query)
+    path = bank.save(tmp_path / "bank.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]  # no temporary left behind
+    loaded = load_bank(path, encoder)
+    assert loaded.metadata["similarity"] == similarity and loaded.metadata["encoder"] == encoder.identity
+    after = SemanticPrior(encoder, loaded, weights=WEIGHTS).loss(query)
+    assert torch.isfinite(before) and after.item() == pytest.approx(before.item(), rel=1e-6)
+    if similarity == "token-pca":
+        assert [p.components.shape[1] for p in loaded.pca] == [8, 16, 16]
+        assert loaded.positives[0].shape == (3, 144, 8)
+
+
+def test_semantic_prior_gradients_reach_the_image_and_encoder_stays_frozen(encoder, features) -> None:
+    bank = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS)
+    prior = SemanticPrior(encoder, bank)
+    image = _aliased(_phantom(11)).requires_grad_(True)
+    loss = prior.loss(image)
+    loss.backward()
+    grad = torch.view_as_real(image.grad)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in encoder.vision.parameters())
+    assert prior.last_embedding.shape == (1, 32) and prior.embed(image).shape == (1, 32)
+    assert prior.answer(image) is None
+    assert "RANDOM WEIGHTS" in prior.label
+
+
+def test_bank_built_with_another_encoder_is_refused(tiny, encoder, features, tmp_path: Path) -> None:
+    bank = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS)
+    path = bank.save(tmp_path / "bank.safetensors")
+    other_layers = JanusImageEncoder.from_pretrained(str(tiny), layers=(1, 12, 24))
+    with pytest.raises(BankError, match="layers"):
+        load_bank(path, other_layers)
+    other_weights = build_tiny_janus(tmp_path / "other", seed=1)
+    with pytest.raises(BankError, match="revision"):
+        load_bank(path, JanusImageEncoder.from_pretrained(str(other_weights)))
+
+
+def test_corrupt_or_foreign_bank_files_give_clear_errors(encoder, features, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = bank_from_features(
+        *features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS
+    ).save(tmp_path / "bank.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(BankError, match="truncated.safetensors"):
+        load_bank(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(BankError, match="not a readable embedding bank"):
+        load_bank(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, foreign)
+    with pytest.raises(BankError, match="not a semrecon embedding bank"):
+        load_bank(foreign)
+    with pytest.raises(FileNotFoundError):
+        load_bank(tmp_path / "absent.safetensors")
+
+
+def test_language_bank_and_prior(tiny, tmp_path: Path) -> None:
+    language = JanusLanguageEncoder.from_pretrained(str(tiny))
+    positives = [_phantom(seed) for seed in range(2)]
+    pos = embed_images(language, positives, perturbations=2, sigma=0.03)
+    neg = embed_images(language, [_aliased(p) for p in positives], perturbations=2, sigma=0.03, seed=1)
+    assert pos[0].shape == (4, 64)
+    bank = bank_from_features(pos, neg, identity=language.identity, similarity="vector", weights=(1.0,))
+    loaded = load_bank(bank.save(tmp_path / "lang.safetensors"), language)
+    image = _phantom(5).requires_grad_(True)
+    for variant in ("paper", "public-code"):
+        prior = SemanticPrior(language, loaded, variant=variant)
+        loss = prior.loss(image)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(torch.view_as_real(image.grad)).all()
+    answers = prior.answer(image.detach())
+    assert len(answers) == 1 and set(answers[0]) >= {"answer", "choice", "p_high", "p_low"}
+    with pytest.raises(BankError, match="instruction"):
+        SemanticPrior(JanusLanguageEncoder.from_pretrained(str(tiny), instruction="table-s1-3"), loaded)
+
+
+def test_build_prior_none_tv_semantic_and_cache(tiny, encoder, features, tmp_path: Path) -> None:
+    assert build_prior(ReconConfig(prior="none"), "cpu") is None
+    assert build_prior(ReconConfig(prior="tv"), "cpu").label.startswith("TV")
+    with pytest.raises(ConfigError, match="bank"):
+        build_prior(ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny)), "cpu")
+    path = bank_from_features(
+        *features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS
+    ).save(tmp_path / "bank.safetensors")
+    config = ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny), bank=str(path))
+    clear_cache()
+    prior = build_prior(config, "cpu")
+    assert isinstance(prior, SemanticPrior) and build_prior(config, "cpu") is prior
+    assert torch.isfinite(prior.loss(_phantom(3)))
+    with pytest.raises(ConfigError, match="similarity"):
+        build_prior(config.replace(preset="public-code"), "cpu")
+    clear_cache()
+
+
+def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positives(
+    tiny, tmp_path: Path, capsys
+) -> None:
+    from semrecon_core.cli import main
+    from semrecon_core.physics.fft import fft2c
+
+    images = torch.cat([_phantom(s, 200).abs() for s in range(2)]).numpy().astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    coils = torch.stack([_phantom(4, 200), _phantom(4, 200) * 0.5j])[:, 0]  # (coils, y, x)
+    np.save(tmp_path / "kspace.npy", fft2c(coils).numpy().astype(np.complex64))
+    out = tmp_path / "bank.safetensors"
+    argv = [
+        "bank",
+        "build",
+        str(out),
+        "--positives",
+        str(tmp_path / "images.npy"),
+        str(tmp_path / "kspace.npy"),
+        "--encoder",
+        str(tiny),
+        "--device",
+        "cpu",
+        "--similarity",
+        "token-pca",
+        "--pca-dims",
+        "4,4,4",
+    ]
+    assert main(argv) == 0
+    bank = load_bank(out)
+    assert bank.positives[0].shape == bank.negatives[0].shape == (3, 144, 4)
+    records = bank.metadata["sources"]
+    assert [r["slices"] for r in records] == [2, 1] and all(len(r["sha256"]) == 64 for r in records)
+    assert all(3 <= R <= 8 for r in records for R in r["simulated_negatives_R"])
+    capsys.readouterr()
+    assert main(["bank", "info", str(out)]) == 0
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+    undersampled = fft2c(coils).numpy().astype(np.complex64)
+    undersampled[:, ::2] = 0
+    np.save(tmp_path / "under.npy", undersampled)
+    assert (
+        main(
+            [
+                "bank",
+                "build",
+                str(tmp_path / "b2.safetensors"),
+                "--positives",
+                str(tmp_path / "under.npy"),
+                "--encoder",
+                str(tiny),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert "fully sampled" in capsys.readouterr().err
+    assert not (tmp_path / "b2.safetensors").exists()

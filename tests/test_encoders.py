@@ -1,0 +1,210 @@
+"""Semantic encoders on tiny random checkpoints: preprocessing, layer indexing, gradients, frozen weights,
+the image-language path and its answer, offline loading and the generic HF vision encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from semrecon_core.encoders import instructions  # noqa: E402
+from semrecon_core.encoders.hf_vision import HFVisionEncoder  # noqa: E402
+from semrecon_core.encoders.janus import JanusImageEncoder, JanusLanguageEncoder  # noqa: E402
+from semrecon_core.encoders.loading import EncoderUnavailable  # noqa: E402
+from semrecon_core.encoders.preprocess import crop_or_pad, to_pixels  # noqa: E402
+from semrecon_core.encoders.protocol import SemanticEncoder  # noqa: E402
+from semrecon_core.encoders.tiny import build_tiny_janus  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_janus(tmp_path_factory.mktemp("enc") / "tiny-janus")
+
+
+@pytest.fixture(scope="module")
+def image_encoder(tiny: Path) -> JanusImageEncoder:
+    return JanusImageEncoder.from_pretrained(str(tiny))
+
+
+@pytest.fixture(scope="module")
+def language_encoder(tiny: Path) -> JanusLanguageEncoder:
+    return JanusLanguageEncoder.from_pretrained(str(tiny))
+
+
+def _image(slices: int = 1, y: int = 40, x: int = 50, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.complex(torch.randn(slices, y, x, generator=g), torch.randn(slices, y, x, generator=g))
+
+
+def test_preprocessing_maps_pads_after_mapping_and_has_finite_gradients_at_zero() -> None:
+    image = torch.zeros(2, 6, 10, dtype=torch.complex64)
+    image[0, 2, 3] = 3 + 4j
+    image.requires_grad_(True)
+    pixels = to_pixels(image, (8, 8))
+    assert pixels.shape == (2, 3, 8, 8)
+    # centre crop of x (10 → 8) and zero-pad of y (6 → 8, one row each side, value 0 after mapping)
+    assert torch.all(pixels[:, :, 0] == 0) and torch.all(pixels[:, :, -1] == 0)
+    assert pixels[0, 0, 3, 2].item() == pytest.approx(1.0)  # the maximum maps to +1
+    assert pixels[0, 0, 4, 4].item() == pytest.approx(-1.0)  # zero magnitude maps to −1
+    assert torch.all(pixels[1, :, 1:-1] == -1)  # an all-zero slice stays finite
+    pixels.sum().backward()
+    assert torch.isfinite(torch.view_as_real(image.grad)).all()
+
+
+def test_crop_or_pad_does_not_resample() -> None:
+    image = torch.arange(7 * 9, dtype=torch.float32).reshape(1, 7, 9)
+    cropped = crop_or_pad(image, (3, 5))
+    assert torch.equal(cropped, image[:, 2:5, 2:7])
+    padded = crop_or_pad(image, (9, 12))
+    assert torch.equal(padded[:, 1:8, 1:10], image) and padded.sum() == image.sum()
+
+
+def test_tiny_checkpoint_loads_offline_and_is_labelled_random(tiny: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = JanusImageEncoder.from_pretrained(str(tiny), layers=(1, 13, 24))
+    assert encoder.is_random and "RANDOM WEIGHTS" in encoder.label
+    assert isinstance(encoder, SemanticEncoder)
+    assert encoder.identity["layers"] == [1, 13, 24] and encoder.identity["random_weights"] is True
+
+
+def test_hidden_state_indexing_matches_the_public_code_layers(image_encoder: JanusImageEncoder) -> None:
+    pixels = image_encoder.pixels(_image())
+    with torch.no_grad():
+        reference = image_encoder.vision(pixels, output_hidden_states=True).hidden_states
+        ours = image_encoder.encode_pixels(pixels)
+    assert len(reference) == 25
+    for level, layer in enumerate((1, 13, 24)):
+        assert torch.allclose(ours[level], reference[layer], atol=1e-5), layer
+    # hidden_states[24] is before the final LayerNorm: last_hidden_state is not.
+    assert not torch.allclose(ours[2], image_encoder.vision(pixels).last_hidden_state, atol=1e-3)
+
+
+def test_gradients_reach_the_complex_image_and_weights_stay_frozen(image_encoder: JanusImageEncoder) -> None:
+    image = _image(2).requires_grad_(True)
+    features = image_encoder.encode(image)
+    assert [f.shape for f in features] == [(2, 144, 32)] * 3
+    sum(f.square().mean() for f in features).backward()
+    grad = torch.view_as_real(image.grad)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in image_encoder.vision.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(
+    tiny: Path, image_encoder: JanusImageEncoder
+) -> None:
+    checkpointed = JanusImageEncoder.from_pretrained(str(tiny), gradient_checkpointing=True)
+    grads = []
+    for encoder in (image_encoder, checkpointed):
+        image = _image(seed=3).requires_grad_(True)
+        encoder.encode(image)[-1].square().mean().backward()
+        grads.append(image.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_layers_outside_the_model_are_rejected(tiny: Path) -> None:
+    with pytest.raises(ValueError, match="layers"):
+        JanusImageEncoder.from_pretrained(str(tiny), layers=(1, 30))
+
+
+def test_language_embedding_equals_the_models_own_forward(language_encoder: JanusLanguageEncoder) -> None:
+    image = _image()
+    pixels = language_encoder.pixels(image)
+    with torch.no_grad():
+        ours = language_encoder.encode(image)[0]
+        reference = language_encoder.model.model(
+            input_ids=language_encoder.input_ids[None], pixel_values=pixels
+        ).last_hidden_state[:, -1]
+    assert ours.shape == (1, 64)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_perturbations_touch_text_tokens_only(language_encoder: JanusLanguageEncoder) -> None:
+    image = _image()
+    mask = language_encoder.text_mask()
+    assert int((~mask).sum()) == language_encoder.num_image_tokens
+    assert torch.all(language_encoder.input_ids[~mask] == language_encoder.model.config.image_token_id)
+    clean = language_encoder.encode(image)[0]
+    zero = language_encoder.encode_perturbed(image, count=2, sigma=0.0)
+    assert torch.allclose(zero[0], clean.expand(2, -1), atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    noisy = language_encoder.encode_perturbed(image, count=3, sigma=0.5, generator=g)
+    assert noisy.shape == (1, 3, 64) and not torch.allclose(noisy[0, 0], noisy[0, 1])
+
+
+def test_language_gradients_reach_the_image(language_encoder: JanusLanguageEncoder) -> None:
+    image = _image().requires_grad_(True)
+    language_encoder.encode(image)[0].square().sum().backward()
+    assert torch.isfinite(torch.view_as_real(image.grad)).all() and image.grad.abs().sum() > 0
+    assert all(p.grad is None for p in language_encoder.model.parameters())
+
+
+def test_answer_reports_the_two_choice_probabilities(language_encoder: JanusLanguageEncoder) -> None:
+    image = _image(2)
+    answers = language_encoder.answer(image, max_new_tokens=3)
+    assert len(answers) == 2
+    with torch.no_grad():
+        logits = language_encoder.model(
+            input_ids=language_encoder.input_ids[None], pixel_values=language_encoder.pixels(image[:1])
+        ).logits[0, -1]
+    scores = torch.stack([torch.logsumexp(logits[ids], 0) for ids in language_encoder.choice_ids])
+    expected = torch.softmax(scores, 0)
+    first = answers[0]
+    assert first["p_high"] == pytest.approx(expected[0].item(), abs=1e-4)
+    assert first["p_high"] + first["p_low"] == pytest.approx(1.0)
+    assert first["choice"] in ("high", "low") and isinstance(first["answer"], str)
+
+
+def test_missing_weights_give_a_clear_offline_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(EncoderUnavailable, match="allow_download=true"):
+        JanusImageEncoder.from_pretrained("deepseek-community/Janus-Pro-1B")
+    with pytest.raises(EncoderUnavailable, match="no such directory"):
+        JanusImageEncoder.from_pretrained(str(tmp_path / "missing.dir"))
+
+
+def test_generic_hf_vision_encoder_follows_the_protocol(tmp_path: Path) -> None:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=16,
+    )
+    SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    encoder = HFVisionEncoder.from_pretrained(str(tmp_path / "siglip"), layers=(1, 3))
+    assert isinstance(encoder, SemanticEncoder) and encoder.identity["family"] == "hf-vision"
+    image = _image(2, 50, 70).requires_grad_(True)
+    features = encoder.encode(image)
+    with torch.no_grad():
+        reference = encoder.vision(
+            pixel_values=to_pixels(image.detach(), (64, 64)), output_hidden_states=True
+        )
+    assert [f.shape for f in features] == [(2, 16, 32)] * 2
+    assert torch.allclose(features[1], reference.hidden_states[3], atol=1e-5)
+    features[1].sum().backward()
+    assert torch.isfinite(torch.view_as_real(image.grad)).all()
+
+
+def test_instruction_sets() -> None:
+    assert len(instructions.TABLE_S1) == 20 == len(set(instructions.TABLE_S1))
+    assert instructions.TABLE_S1[0] == instructions.PAPER
+    assert instructions.resolve("public-code")[0].endswith("Respond with single word.")
+    assert instructions.resolve("blurred-vs-aliased")[1] == ("blurred", "aliased")
+    assert instructions.resolve("Is it sharp?") == ("Is it sharp?", ("high", "low"))
+
+
+def test_cli_encoder_tiny(tmp_path: Path, capsys) -> None:
+    from semrecon_core.cli import main
+
+    assert main(["encoder", "tiny", str(tmp_path / "t")]) == 0
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+    assert (tmp_path / "t" / "model.safetensors").is_file()
+    assert main(["encoder", "tiny", str(tmp_path / "t")]) == 2
+    assert "not empty" in capsys.readouterr().err
