@@ -71,7 +71,9 @@ def _is(acq: Any, flag: int) -> bool:
 
 
 def _describe(acq: Any, number: int | None = None) -> str:
-    where = f"acquisition #{number}" if number is not None else f"acquisition (scan counter {acq.scan_counter})"
+    where = (
+        f"acquisition #{number}" if number is not None else f"acquisition (scan counter {acq.scan_counter})"
+    )
     return f"{where} (line {acq.idx.kspace_encode_step_1}, slice {acq.idx.slice}, repetition {acq.idx.repetition})"
 
 
@@ -142,7 +144,9 @@ def noise_adjust(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
     for acq in acquisitions:
         if _is(acq, FLAG_NOISE):
             if whitener is not None:
-                raise ValueError(f"noise scan after imaging data ({_describe(acq)}); expected noise scans first")
+                raise ValueError(
+                    f"noise scan after imaging data ({_describe(acq)}); expected noise scans first"
+                )
             noise.append(acq)
             continue
         if noise and whitener is None:
@@ -166,7 +170,11 @@ def readout_oversampling(header: Any) -> float:
     encoding = _encoding(parse_header(header))
     encoded = float(encoding.encodedSpace.fieldOfView_mm.x)
     recon = float(encoding.reconSpace.fieldOfView_mm.x)
-    if recon <= 0 or encoded <= recon * 1.01 or encoding.encodedSpace.matrixSize.x <= encoding.reconSpace.matrixSize.x:
+    if (
+        recon <= 0
+        or encoded <= recon * 1.01
+        or encoding.encodedSpace.matrixSize.x <= encoding.reconSpace.matrixSize.x
+    ):
         return 1.0
     return encoded / recon
 
@@ -221,7 +229,9 @@ def accumulate_trigger(acquisitions: Iterable[Any], trigger: str = "repetition")
     navigator, phase-correction, feedback and dummy lines are dropped.
     """
     if trigger != "none" and trigger not in _DIMENSIONS:
-        raise ValueError(f"trigger dimension: expected none or one of {', '.join(_DIMENSIONS)}, found {trigger!r}")
+        raise ValueError(
+            f"trigger dimension: expected none or one of {', '.join(_DIMENSIONS)}, found {trigger!r}"
+        )
     bucket = Bucket()
     current: int | None = None
     for acq in acquisitions:
@@ -335,9 +345,17 @@ def _make_buffer(
         float(encoded.fieldOfView_mm.y),
         float(encoded.fieldOfView_mm.z),
     )
-    sampling.recon_FOV[:] = (float(recon.fieldOfView_mm.x), float(recon.fieldOfView_mm.y), float(recon.fieldOfView_mm.z))
+    sampling.recon_FOV[:] = (
+        float(recon.fieldOfView_mm.x),
+        float(recon.fieldOfView_mm.y),
+        float(recon.fieldOfView_mm.z),
+    )
     sampling.encoded_matrix[:] = (e0, e1, e2)
-    sampling.recon_matrix[:] = (int(recon.matrixSize.x), int(recon.matrixSize.y), max(int(recon.matrixSize.z), 1))
+    sampling.recon_matrix[:] = (
+        int(recon.matrixSize.x),
+        int(recon.matrixSize.y),
+        max(int(recon.matrixSize.z), 1),
+    )
     center_sample = min(first.center_sample, e0 - 1) if samples == e0 else e0 // 2
     for axis, (low, centre, high) in enumerate(
         (
@@ -407,7 +425,9 @@ def recon_data_from_acquisitions(
     header = parse_header(header)
     stream = remove_ro_oversampling(noise_adjust(acquisitions, header), header)
     return [
-        bucket_to_buffer(bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices)
+        bucket_to_buffer(
+            bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices
+        )
         for bucket in accumulate_trigger(stream, trigger)
         if bucket.data
     ]

@@ -7,9 +7,10 @@ header kept for each KSpace slice, the field of view from the recon space.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,22 @@ import numpy as np
 import torch
 
 from semrecon_core.data.kspace import KSpace
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path`` (``os.replace``),
+    on failure removed, so readers never see a half-written output."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: output directory {path.parent} does not exist")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def crop_to_recon(image: torch.Tensor | np.ndarray, kspace: KSpace) -> torch.Tensor | np.ndarray:
@@ -77,7 +94,9 @@ def to_ismrmrd_images(
                 "GADGETRON_WindowWidth": f"{float(plane.max()):.6g}",
             }
         )
-        values.update({key: value if isinstance(value, list) else str(value) for key, value in (meta or {}).items()})
+        values.update(
+            {key: value if isinstance(value, list) else str(value) for key, value in (meta or {}).items()}
+        )
         img.meta = values
         images.append(img)
     return images
@@ -96,12 +115,8 @@ def write_images(
     path = Path(path)
     if not images:
         raise ValueError(f"{path}: no images to write")
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{path}: output directory {directory} does not exist")
-    temp_name = str(directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        dataset = ismrmrd.Dataset(temp_name, "dataset", mode="w")
+    with atomic_path(path) as temp:
+        dataset = ismrmrd.Dataset(str(temp), "dataset", mode="w")
         try:
             if xml_header:
                 dataset.write_xml_header(xml_header.encode("utf-8"))
@@ -109,10 +124,6 @@ def write_images(
                 dataset.append_image(group, img)
         finally:
             dataset.close()
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -110,7 +110,9 @@ def from_arrays(
         calibration=torch.from_numpy(np.ascontiguousarray(data[:, :, rows, cols])),
         geometry=geometry,
         headers=tuple(headers),
-        ground_truth=None if ground_truth is None else torch.from_numpy(np.ascontiguousarray(ground_truth, np.float32)),
+        ground_truth=None
+        if ground_truth is None
+        else torch.from_numpy(np.ascontiguousarray(ground_truth, np.float32)),
         xml_header=xml_header,
         source=source,
         info=dict(info or {}),
@@ -127,7 +129,11 @@ def _geometry_from_header(header: Any, readout_samples: int | None = None) -> Ge
     return Geometry(
         encoded_matrix=(encoded_x, int(enc.matrixSize.y), max(int(enc.matrixSize.z), 1)),
         recon_matrix=(int(rec.matrixSize.x), int(rec.matrixSize.y), max(int(rec.matrixSize.z), 1)),
-        encoded_fov_mm=(float(enc.fieldOfView_mm.x) / ratio, float(enc.fieldOfView_mm.y), float(enc.fieldOfView_mm.z)),
+        encoded_fov_mm=(
+            float(enc.fieldOfView_mm.x) / ratio,
+            float(enc.fieldOfView_mm.y),
+            float(enc.fieldOfView_mm.z),
+        ),
         recon_fov_mm=(float(rec.fieldOfView_mm.x), float(rec.fieldOfView_mm.y), float(rec.fieldOfView_mm.z)),
     )
 
@@ -153,7 +159,9 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
     parsed = parse_header(header)
     array = np.asarray(data.data)
     if array.ndim != 7:
-        raise ValueError(f"{source}: expected buffer data [E0, E1, E2, CHA, N, S, LOC], found shape {array.shape}")
+        raise ValueError(
+            f"{source}: expected buffer data [E0, E1, E2, CHA, N, S, LOC], found shape {array.shape}"
+        )
     e0, e1, e2, channels, n_size, s_size, loc_size = array.shape
     if e2 != 1:
         raise ValueError(f"{source}: 3-D encodings (E2 = {e2}) are not supported; expected E2 = 1")
@@ -164,7 +172,9 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
     for loc in range(loc_size):
         for s in range(s_size):
             for n in range(n_size):
-                kspace = np.ascontiguousarray(array[:, :, 0, :, n, s, loc].transpose(2, 1, 0))  # (CHA, E1, E0)
+                kspace = np.ascontiguousarray(
+                    array[:, :, 0, :, n, s, loc].transpose(2, 1, 0)
+                )  # (CHA, E1, E0)
                 line_headers = [headers[y, 0, n, s, loc] for y in range(e1)]
                 rows = np.array([_filled(h) for h in line_headers])
                 if not rows.any():
@@ -183,7 +193,9 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
     mask = np.stack(masks)
 
     if ref is not None:
-        calibration = _calibration_from_ref(ref, offsets, (n_size, s_size, loc_size), (channels, e1, e0), source)
+        calibration = _calibration_from_ref(
+            ref, offsets, (n_size, s_size, loc_size), (channels, e1, e0), source
+        )
     else:
         rows, cols = calibration_region(mask.all(axis=0))
         _check_calibration(rows, cols, source)
@@ -229,7 +241,9 @@ def _calibration_from_ref(
             f"{source}: inconsistent channel counts: reference lines have {channels} channels, imaging lines {want_channels}"
         )
     if r0 != e0:
-        raise ValueError(f"{source}: reference readout length {r0} differs from the imaging readout length {e0}")
+        raise ValueError(
+            f"{source}: reference readout length {r0} differs from the imaging readout length {e0}"
+        )
     _check_finite(array, f"{source} (reference lines)")
     headers = np.asarray(ref.headers, dtype=object).reshape(array.shape[1], array.shape[2], *array.shape[4:])
     blocks = []
@@ -237,7 +251,11 @@ def _calibration_from_ref(
     for loc in range(loc_size):
         for s in range(s_size):
             for n in range(n_size):
-                rn, rs, rl = min(n, array.shape[4] - 1), min(s, array.shape[5] - 1), min(loc, array.shape[6] - 1)
+                rn, rs, rl = (
+                    min(n, array.shape[4] - 1),
+                    min(s, array.shape[5] - 1),
+                    min(loc, array.shape[6] - 1),
+                )
                 grid_lines = np.zeros((want_channels, e1, e0), dtype=np.complex64)
                 sampled = np.zeros(e1, dtype=bool)
                 offset = offsets[entry] if offsets[entry] is not None else 0
@@ -336,7 +354,9 @@ def _read_acquisitions(path: Path, group: Any) -> list[Any]:
             )
         traj = None
         if head.trajectory_dimensions:
-            traj = np.asarray(row["traj"], np.float32).reshape(head.number_of_samples, head.trajectory_dimensions)
+            traj = np.asarray(row["traj"], np.float32).reshape(
+                head.number_of_samples, head.trajectory_dimensions
+            )
         acquisitions.append(ismrmrd.Acquisition(head, data.copy(), traj))
     return acquisitions
 
@@ -357,13 +377,22 @@ def _ground_truth(file: Any, kspace: KSpace, path: Path) -> np.ndarray | None:
         if image.shape[-2:] != (recon_y, recon_x):
             log.warning(
                 "%s: ignoring ground truth '%s' of shape %s: expected (.., %d, %d) like the recon matrix",
-                path, name, image.shape, recon_y, recon_x,
+                path,
+                name,
+                image.shape,
+                recon_y,
+                recon_x,
             )
             return None
         slices = [int(h.idx.slice) if h is not None else 0 for h in kspace.headers]
         if image.shape[0] not in (1, max(slices) + 1):
-            log.warning("%s: ignoring ground truth '%s': %d images for %d slices", path, name, image.shape[0],
-                        max(slices) + 1)
+            log.warning(
+                "%s: ignoring ground truth '%s': %d images for %d slices",
+                path,
+                name,
+                image.shape[0],
+                max(slices) + 1,
+            )
             return None
         return np.stack([image[s if image.shape[0] > 1 else 0] for s in slices])
     return None
@@ -374,12 +403,19 @@ def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "
 
     Every slice, repetition, average (and other counters) becomes one KSpace slice entry.
     """
-    from semrecon_core.data.buffers import FLAG_NOISE, parse_header, readout_oversampling, recon_data_from_acquisitions
+    from semrecon_core.data.buffers import (
+        FLAG_NOISE,
+        parse_header,
+        readout_oversampling,
+        recon_data_from_acquisitions,
+    )
 
     path = Path(path)
     with _open_hdf5(path) as file:
         if dataset not in file:
-            raise ValueError(f"{path}: no ISMRMRD group '{dataset}' (found: {', '.join(file.keys()) or 'nothing'})")
+            raise ValueError(
+                f"{path}: no ISMRMRD group '{dataset}' (found: {', '.join(file.keys()) or 'nothing'})"
+            )
         group = file[dataset]
         if "xml" not in group:
             raise ValueError(f"{path}: no ISMRMRD XML header ('{dataset}/xml' missing)")
@@ -394,7 +430,9 @@ def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "
         try:
             recon_data = recon_data_from_acquisitions(acquisitions, header, trigger=trigger)
             parts = [
-                from_recon_buffer(bit.data, bit.ref, xml, source=str(path)) for item in recon_data for bit in item.bits
+                from_recon_buffer(bit.data, bit.ref, xml, source=str(path))
+                for item in recon_data
+                for bit in item.bits
             ]
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
@@ -432,15 +470,21 @@ def read_fastmri(path: str | Path) -> KSpace:
         if kspace.ndim == 3:
             raise ValueError(f"{path}: single-coil fastMRI data (slices, rows, cols) are not supported")
         if kspace.ndim != 4:
-            raise ValueError(f"{path}: 'kspace' expected (slices, coils, rows, cols), found shape {kspace.shape}")
+            raise ValueError(
+                f"{path}: 'kspace' expected (slices, coils, rows, cols), found shape {kspace.shape}"
+            )
         column_mask = np.asarray(file["mask"][()], dtype=bool) if "mask" in file else None
-        truth = np.asarray(file["reconstruction_rss"][()], np.float32) if "reconstruction_rss" in file else None
+        truth = (
+            np.asarray(file["reconstruction_rss"][()], np.float32) if "reconstruction_rss" in file else None
+        )
     _check_finite(kspace, str(path))
     data = np.swapaxes(kspace, -1, -2)  # (slices, coils, cols = ky, rows = kx)
     if column_mask is None:
         column_mask = np.abs(data).sum(axis=(0, 1, 3)) > 0
     if column_mask.shape != (data.shape[-2],):
-        raise ValueError(f"{path}: 'mask' expected {data.shape[-2]} entries (one per column), found {column_mask.shape}")
+        raise ValueError(
+            f"{path}: 'mask' expected {data.shape[-2]} entries (one per column), found {column_mask.shape}"
+        )
     ratio = readout_oversampling(header)
     if ratio > 1:
         data = crop_readout(data, int(round(data.shape[-1] / ratio)))
@@ -449,19 +493,33 @@ def read_fastmri(path: str | Path) -> KSpace:
         truth = np.swapaxes(truth, -1, -2)
         recon_x, recon_y = geometry.recon_matrix[:2]
         if truth.shape[-2:] != (recon_y, recon_x):
-            log.warning("%s: ignoring reconstruction_rss of shape %s (recon matrix %dx%d)", path, truth.shape,
-                        recon_y, recon_x)
+            log.warning(
+                "%s: ignoring reconstruction_rss of shape %s (recon matrix %dx%d)",
+                path,
+                truth.shape,
+                recon_y,
+                recon_x,
+            )
             truth = None
     mask = np.broadcast_to(column_mask[None, :, None], (data.shape[0], data.shape[-2], data.shape[-1]))
-    return from_arrays(data, mask, geometry, source=str(path), ground_truth=truth, xml_header=xml,
-                       info={"readout_oversampling": ratio})
+    return from_arrays(
+        data,
+        mask,
+        geometry,
+        source=str(path),
+        ground_truth=truth,
+        xml_header=xml,
+        info={"readout_oversampling": ratio},
+    )
 
 
 def _plain_geometry(ny: int, nx: int) -> Geometry:
     return Geometry((nx, ny, 1), (nx, ny, 1), (float(nx), float(ny), 1.0), (float(nx), float(ny), 1.0))
 
 
-def _load_mask(mask: str | Path | np.ndarray | None, shape: tuple[int, int, int], source: str) -> np.ndarray | None:
+def _load_mask(
+    mask: str | Path | np.ndarray | None, shape: tuple[int, int, int], source: str
+) -> np.ndarray | None:
     """A mask broadcast to ``(slices, ky, kx)``; 1-D masks select ky lines."""
     if mask is None:
         return None
@@ -503,11 +561,15 @@ def read_npy(path: str | Path, mask: str | Path | np.ndarray | None = None) -> K
     if data.ndim == 3:
         data = data[None]
     if data.ndim != 4:
-        raise ValueError(f"{path}: expected k-space (coils, ky, kx) or (slices, coils, ky, kx), found shape {data.shape}")
+        raise ValueError(
+            f"{path}: expected k-space (coils, ky, kx) or (slices, coils, ky, kx), found shape {data.shape}"
+        )
     if not np.iscomplexobj(data):
         raise ValueError(f"{path}: expected complex k-space, found dtype {data.dtype}")
     slices, _, ny, nx = data.shape
-    return from_arrays(data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path))
+    return from_arrays(
+        data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path)
+    )
 
 
 def read_cfl(path: str | Path) -> np.ndarray:
@@ -525,7 +587,9 @@ def read_cfl(path: str | Path) -> np.ndarray:
     count = int(np.prod(dims))
     data = np.fromfile(cfl, dtype=np.complex64)
     if data.size != count:
-        raise ValueError(f"{cfl}: holds {data.size} complex values, the header {hdr.name} says {dims} = {count}")
+        raise ValueError(
+            f"{cfl}: holds {data.size} complex values, the header {hdr.name} says {dims} = {count}"
+        )
     return data.reshape(dims, order="F")
 
 
@@ -537,12 +601,18 @@ def read_bart(path: str | Path, mask: str | Path | np.ndarray | None = None) -> 
     array = array.reshape(dims, order="F")
     extra = [i for i, n in enumerate(dims) if n > 1 and i not in (0, 1, 3, 13)]
     if extra:
-        raise ValueError(f"{path}: unsupported BART dimensions {extra} (sizes {[dims[i] for i in extra]}); "
-                         "expected readout, phase, coils and slices only")
-    data = array.reshape(dims[0], dims[1], dims[3], -1, order="F")  # (x, y, coils, slices) as dims 0, 1, 3, 13
+        raise ValueError(
+            f"{path}: unsupported BART dimensions {extra} (sizes {[dims[i] for i in extra]}); "
+            "expected readout, phase, coils and slices only"
+        )
+    data = array.reshape(
+        dims[0], dims[1], dims[3], -1, order="F"
+    )  # (x, y, coils, slices) as dims 0, 1, 3, 13
     data = np.ascontiguousarray(np.transpose(data, (3, 2, 1, 0)))  # (slices, coils, ky, kx)
     slices, _, ny, nx = data.shape
-    return from_arrays(data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path))
+    return from_arrays(
+        data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path)
+    )
 
 
 def load_kspace(path: str | Path, **options: Any) -> KSpace:
@@ -574,6 +644,8 @@ def load_kspace(path: str | Path, **options: Any) -> KSpace:
 def _call(reader: Any, path: Path, options: dict[str, Any], allowed: tuple[str, ...]) -> KSpace:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"{path}: option(s) {', '.join(unknown)} do not apply to this file type "
-                         f"(allowed: {', '.join(allowed) or 'none'})")
+        raise ValueError(
+            f"{path}: option(s) {', '.join(unknown)} do not apply to this file type "
+            f"(allowed: {', '.join(allowed) or 'none'})"
+        )
     return reader(path, **options)

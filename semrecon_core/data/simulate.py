@@ -14,14 +14,13 @@ slice, last in repetition/measurement, calibration flags) and the ground truth i
 from __future__ import annotations
 
 import argparse
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from semrecon_core.data.images import atomic_path
 from semrecon_core.data.kspace import Geometry, KSpace
 
 DWELL_TIME_US = 5.0
@@ -53,7 +52,9 @@ def coil_maps(coils: int, shape: tuple[int, int]) -> np.ndarray:
     return maps / np.sqrt((np.abs(maps) ** 2).sum(axis=0, keepdims=True))
 
 
-def smooth_phase(shape: tuple[int, int], rng: np.random.Generator, amplitude: float = np.pi / 2) -> np.ndarray:
+def smooth_phase(
+    shape: tuple[int, int], rng: np.random.Generator, amplitude: float = np.pi / 2
+) -> np.ndarray:
     """A smooth random phase map (2nd-order polynomial), radians, ``(y, x)``."""
     y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     terms = np.stack([np.ones_like(x), x, y, x * y, x**2, y**2])
@@ -68,7 +69,9 @@ def _as_images(image: Any) -> np.ndarray:
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
-        raise ValueError(f"image: expected a magnitude image (y, x) or (slices, y, x), found shape {array.shape}")
+        raise ValueError(
+            f"image: expected a magnitude image (y, x) or (slices, y, x), found shape {array.shape}"
+        )
     if not np.isfinite(array).all():
         raise ValueError("image: contains NaN or Inf values")
     peak = float(array.max())
@@ -91,7 +94,9 @@ def _check_sizes(shape: tuple[int, int], acs_width: int, coils: int) -> None:
 
 def _noise_mixing(coils: int, rng: np.random.Generator) -> np.ndarray:
     """A coil noise mixing matrix (covariance ``M Mᴴ``) with realistic correlations and level spread."""
-    mixing = np.eye(coils) + 0.15 * (rng.standard_normal((coils, coils)) + 1j * rng.standard_normal((coils, coils)))
+    mixing = np.eye(coils) + 0.15 * (
+        rng.standard_normal((coils, coils)) + 1j * rng.standard_normal((coils, coils))
+    )
     return (mixing * rng.uniform(0.8, 1.2, size=(coils, 1))).astype(np.complex64)
 
 
@@ -101,7 +106,9 @@ def _noise(shape: tuple[int, ...], mixing: np.ndarray, std: float, rng: np.rando
     return np.tensordot(mixing, white, axes=(1, 0)).astype(np.complex64)
 
 
-def _coil_kspace(images: np.ndarray, coils: int, rng: np.random.Generator, oversampling: int = 1) -> np.ndarray:
+def _coil_kspace(
+    images: np.ndarray, coils: int, rng: np.random.Generator, oversampling: int = 1
+) -> np.ndarray:
     """Noise-free k-space ``(slices, coils, y, oversampling·x)``; the readout FOV is widened by zero padding."""
     from semrecon_core.physics.fft import fft2c
 
@@ -257,8 +264,10 @@ def write_ismrmrd_raw(
 
     path = Path(path)
     if mask_kind not in LINE_MASK_KINDS:
-        raise ValueError(f"mask: an ISMRMRD 2-D scan acquires whole lines; expected one of "
-                         f"{', '.join(LINE_MASK_KINDS)}, found {mask_kind!r}")
+        raise ValueError(
+            f"mask: an ISMRMRD 2-D scan acquires whole lines; expected one of "
+            f"{', '.join(LINE_MASK_KINDS)}, found {mask_kind!r}"
+        )
     if calibration not in ("embedded", "separate"):
         raise ValueError(f"calibration: expected embedded or separate, found {calibration!r}")
     if oversampling not in (1, 2):
@@ -271,13 +280,24 @@ def write_ismrmrd_raw(
     rng = np.random.default_rng(seed)
     mixing = _noise_mixing(coils, rng)
     full = _coil_kspace(images, coils, rng, oversampling)  # (slices, coils, ny, nx·os)
-    lines = sampling_mask(mask_kind, (ny, nx), acceleration, acs_width=acs_width, seed=seed).numpy().any(axis=1)
+    lines = (
+        sampling_mask(mask_kind, (ny, nx), acceleration, acs_width=acs_width, seed=seed).numpy().any(axis=1)
+    )
     acs = np.zeros(ny, dtype=bool)
     acs[ny // 2 - acs_width // 2 : ny // 2 - acs_width // 2 + acs_width] = True
     samples = nx * oversampling
 
-    xml = _header_xml(ny=ny, nx=nx, slices=slices, coils=coils, oversampling=oversampling, fov_mm=fov_mm,
-                      slice_thickness_mm=slice_thickness_mm, acceleration=acceleration, calibration=calibration)
+    xml = _header_xml(
+        ny=ny,
+        nx=nx,
+        slices=slices,
+        coils=coils,
+        oversampling=oversampling,
+        fov_mm=fov_mm,
+        slice_thickness_mm=slice_thickness_mm,
+        acceleration=acceleration,
+        calibration=calibration,
+    )
     counter = 0
 
     def acquisition(data: np.ndarray, flags: list[int], line: int = 0, slice_index: int = 0) -> Any:
@@ -303,15 +323,21 @@ def write_ismrmrd_raw(
     acquisitions = []
     if noise_scan:
         for _ in range(NOISE_SCAN_LINES):
-            acquisitions.append(acquisition(_noise((coils, samples), mixing, noise_std, rng), [ismrmrd.ACQ_IS_NOISE_MEASUREMENT]))
+            acquisitions.append(
+                acquisition(
+                    _noise((coils, samples), mixing, noise_std, rng), [ismrmrd.ACQ_IS_NOISE_MEASUREMENT]
+                )
+            )
     for s in range(slices):
         plan: list[tuple[int, list[int]]] = []
         if calibration == "separate":
             plan += [(y, [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION]) for y in np.flatnonzero(acs)]
             plan += [(y, []) for y in np.flatnonzero(lines)]
         else:
-            plan += [(y, [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING] if acs[y] else [])
-                     for y in np.flatnonzero(lines | acs)]
+            plan += [
+                (y, [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING] if acs[y] else [])
+                for y in np.flatnonzero(lines | acs)
+            ]
         for number, (y, flags) in enumerate(plan):
             flags = list(flags)
             if number == 0:
@@ -323,10 +349,7 @@ def write_ismrmrd_raw(
             line = full[s, :, y] + _noise((coils, samples), mixing, noise_std, rng)
             acquisitions.append(acquisition(line, flags, int(y), s))
 
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: output directory {path.parent} does not exist")
-    try:
+    with atomic_path(path) as temp:
         dataset = ismrmrd.Dataset(str(temp), "dataset", mode="w")
         try:
             dataset.write_xml_header(xml.encode("utf-8"))
@@ -335,10 +358,6 @@ def write_ismrmrd_raw(
             dataset._file.create_dataset("semrecon/ground_truth", data=images)
         finally:
             dataset.close()
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -359,20 +378,37 @@ def _matrix(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``semrecon simulate``."""
     parser.add_argument("output", type=Path, help="ISMRMRD raw file to write (.h5)")
-    parser.add_argument("--matrix", type=_matrix, help="N or NYxNX (default 128, or the --image size; "
-                        "an --image is resized to it)")
+    parser.add_argument(
+        "--matrix",
+        type=_matrix,
+        help="N or NYxNX (default 128, or the --image size; an --image is resized to it)",
+    )
     parser.add_argument("--coils", type=int, default=8, help="receive coils (default 8)")
     parser.add_argument("--slices", type=int, default=1, help="slices (default 1)")
     parser.add_argument("--acceleration", type=float, default=4.0, help="R (default 4)")
     parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines (default 24)")
-    parser.add_argument("--mask", choices=LINE_MASK_KINDS, default="gaussian", help="line mask (default gaussian)")
-    parser.add_argument("--calibration", choices=("embedded", "separate"), default="embedded",
-                        help="ACS lines embedded in the imaging data or acquired separately (default embedded)")
-    parser.add_argument("--noise-scan", action=argparse.BooleanOptionalAction, default=True,
-                        help="write a noise scan for prewhitening (default on)")
-    parser.add_argument("--oversampling", type=int, choices=(1, 2), default=2, help="readout oversampling (default 2)")
+    parser.add_argument(
+        "--mask", choices=LINE_MASK_KINDS, default="gaussian", help="line mask (default gaussian)"
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=("embedded", "separate"),
+        default="embedded",
+        help="ACS lines embedded in the imaging data or acquired separately (default embedded)",
+    )
+    parser.add_argument(
+        "--noise-scan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write a noise scan for prewhitening (default on)",
+    )
+    parser.add_argument(
+        "--oversampling", type=int, choices=(1, 2), default=2, help="readout oversampling (default 2)"
+    )
     parser.add_argument("--noise", type=float, default=0.005, help="k-space noise std relative to image max")
-    parser.add_argument("--image", type=Path, help="magnitude image .npy (y, x) or (slices, y, x) instead of the phantom")
+    parser.add_argument(
+        "--image", type=Path, help="magnitude image .npy (y, x) or (slices, y, x) instead of the phantom"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -385,7 +421,9 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{args.image}: cannot read the image .npy: {exc}") from None
         if image.ndim not in (2, 3):
-            raise ValueError(f"{args.image}: expected a magnitude image (y, x) or (slices, y, x), found {image.shape}")
+            raise ValueError(
+                f"{args.image}: expected a magnitude image (y, x) or (slices, y, x), found {image.shape}"
+            )
         if args.matrix is not None and tuple(image.shape[-2:]) != args.matrix:
             from skimage.transform import resize
 
@@ -393,9 +431,19 @@ def run(args: argparse.Namespace) -> int:
     if args.slices < 1:
         raise ValueError(f"--slices: expected at least 1, found {args.slices}")
     path = write_ismrmrd_raw(
-        args.output, image, matrix=args.matrix or (128, 128), slices=args.slices, coils=args.coils, acceleration=args.acceleration,
-        acs_width=args.acs, mask_kind=args.mask, noise_std=args.noise, noise_scan=args.noise_scan,
-        oversampling=args.oversampling, calibration=args.calibration, seed=args.seed,
+        args.output,
+        image,
+        matrix=args.matrix or (128, 128),
+        slices=args.slices,
+        coils=args.coils,
+        acceleration=args.acceleration,
+        acs_width=args.acs,
+        mask_kind=args.mask,
+        noise_std=args.noise,
+        noise_scan=args.noise_scan,
+        oversampling=args.oversampling,
+        calibration=args.calibration,
+        seed=args.seed,
     )
     print(f"wrote {path}")
     return 0

@@ -1,0 +1,1 @@
+"""Subcommands of the ``semrecon`` command line that do not belong to a single package area."""
