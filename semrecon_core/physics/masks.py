@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 MASK_KINDS = ("equispaced", "random", "gaussian", "poisson")
+_POISSON_ATTEMPTS = 8
 
 
 def sampling_mask(
@@ -113,7 +114,21 @@ def _poisson(ny: int, nx: int, acceleration: float, acs_width: int, seed: int) -
 
     if acceleration == 1:
         return torch.ones(ny, nx, dtype=torch.bool)
-    mask = np.abs(sigpy.mri.poisson((ny, nx), acceleration, calib=(acs_width, acs_width), seed=seed)) > 0
+    # sigpy's bisection on the density slope sometimes misses its tolerance for a given seed;
+    # retry with seeds derived deterministically from ``seed``.
+    for attempt in range(_POISSON_ATTEMPTS):
+        sub_seed = seed if attempt == 0 else int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
+        try:
+            samples = sigpy.mri.poisson((ny, nx), acceleration, calib=(acs_width, acs_width), seed=sub_seed)
+            break
+        except ValueError as exc:
+            failure = exc
+    else:
+        raise ValueError(
+            f"sampling mask poisson: cannot reach R={acceleration:g} on a {ny}×{nx} grid with a "
+            f"{acs_width}×{acs_width} ACS block (seed {seed}): {failure}"
+        )
+    mask = np.abs(samples) > 0
     rows, cols = _acs_slice(ny, acs_width), _acs_slice(nx, acs_width)
     mask[rows, cols] = True
     return torch.from_numpy(np.ascontiguousarray(mask))
