@@ -155,6 +155,20 @@ def test_answer_reports_the_two_choice_probabilities(language_encoder: JanusLang
     assert first["p_high"] == pytest.approx(expected[0].item(), abs=1e-4)
     assert first["p_high"] + first["p_low"] == pytest.approx(1.0)
     assert first["choice"] in ("high", "low") and isinstance(first["answer"], str)
+    # The cached greedy decoding equals a plain greedy loop that re-runs the whole sequence each step.
+    lm = language_encoder.model.model.language_model
+    with torch.no_grad():
+        sequence = language_encoder.merged_embeddings(language_encoder.pixels(image[:1]))
+        tokens = []
+        for _ in range(3):
+            token = int(
+                language_encoder.model.lm_head(lm(inputs_embeds=sequence).last_hidden_state[0, -1]).argmax()
+            )
+            if token == language_encoder.tokenizer.eos_token_id:
+                break
+            tokens.append(token)
+            sequence = torch.cat([sequence, lm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+    assert first["answer"] == language_encoder.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def test_missing_weights_give_a_clear_offline_error(tmp_path: Path, monkeypatch) -> None:
