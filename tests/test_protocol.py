@@ -509,13 +509,13 @@ def _die_mid_stream(module: str, target: str, gadget_path: list[Path]) -> tuple[
 def test_gadget_exits_when_gadgetron_closes_the_socket(gadget_dir: Path) -> None:
     exited, cpu = _die_mid_stream("semrecon_test_gadgets", "passthrough", [gadget_dir])
     assert exited is not None and exited < 5.0, "the gadget did not exit within 5 s of Gadgetron going away"
-    assert cpu < 1.0, f"the gadget used {cpu:.1f} s of CPU after the socket closed"
+    assert cpu < 0.5, f"the gadget used {cpu:.1f} s of CPU after the socket closed"
 
 
 def test_unpatched_gadgetron_python_spins(gadget_dir: Path) -> None:
     """The defect the workaround exists for: without it the child spins at 100 % CPU and never exits."""
     exited, cpu = _die_mid_stream("semrecon_unpatched_gadget", "passthrough", [gadget_dir])
-    assert exited is None and cpu > 2.0
+    assert exited is None and cpu > 1.0  # up to 5 s of a busy loop (less on a loaded machine)
 
 
 def test_semrecon_gadget_exits_when_gadgetron_closes_the_socket() -> None:
@@ -539,3 +539,61 @@ def test_exchange_times_out_on_a_silent_gadget() -> None:
         emulator.exchange(left, "<configuration/>", HEADER_XML, [], timeout=1.0)
     assert time.monotonic() - start < 5.0
     right.close()
+
+
+# ------------------------------------------------------------------- the real gadget over the protocol
+
+
+def test_semrecon_gadget_over_the_protocol_matches_in_process_replay(tmp_path: Path) -> None:
+    """Shepp-Logan raw file (noise scan, 2x readout oversampling, R=2, 16 ACS lines, 2 interleaved
+    repetitions) → chain equivalents → ReconData → the gadget launched as ``python -m gadgetron``."""
+    import subprocess
+
+    import h5py
+    from conftest import require_tool
+
+    from semrecon_core.gadgetron.replay import replay
+
+    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
+    path = tmp_path / "phantom.h5"
+    subprocess.run(
+        [
+            tool,
+            "-m",
+            "32",
+            "-c",
+            "4",
+            "-O",
+            "2",
+            "-a",
+            "2",
+            "-w",
+            "16",
+            "-C",
+            "-r",
+            "1",
+            "-n",
+            "0.05",
+            "-o",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    in_process = replay(path)
+    over_protocol = replay(path, protocol=True)
+    assert len(in_process.images) == len(over_protocol.images) == 2
+    with h5py.File(path, "r") as raw:
+        phantom = raw["dataset/phantom"][()]
+    truth = np.abs(phantom["real"] + 1j * phantom["imag"]).squeeze()
+    for number, (local, remote) in enumerate(zip(in_process.images, over_protocol.images, strict=True)):
+        assert np.array_equal(local.data, remote.data), "pixels differ between in-process and protocol replay"
+        assert bytes(local.getHead()) == bytes(remote.getHead())
+        assert local.meta["GADGETRON_ImageComment"] == remote.meta["GADGETRON_ImageComment"]
+        assert "CG-SENSE" in remote.meta["GADGETRON_ImageComment"]
+        assert remote.image_index == number + 1 and remote.repetition == number
+        assert tuple(remote.matrix_size) == (32, 32, 1)
+        image = remote.data.squeeze()
+        psnr = 10 * np.log10(1.0 / np.mean((truth / truth.max() - image / image.max()) ** 2))
+        assert psnr > 18.0, f"PSNR {psnr:.1f} dB against the stored phantom (measured 21.7-21.9 dB)"
