@@ -235,10 +235,11 @@ def _markdown(runs: dict) -> str:
         lines.append("")
     lines += [
         "Encoder cases: forward + backward to the complex 320×320 input image, one slice. real-* use random",
-        "weights (same architecture and cost as Janus-Pro-1B); on CPU they are ONE cold call each. real-llm is",
-        "the LLM alone on 600 prompt tokens (the vision tower's cost is real-vision). Loss cases: forward +",
-        "backward of the contrastive loss from encoder features with real-size banks. Peak RSS is the case",
-        "process's maximum resident memory (includes Python, torch and the model).",
+        "weights (same architecture and cost as Janus-Pro-1B); on CPU they are ONE cold call each.",
+        "real-llm is the LLM alone on 600 prompt tokens (the vision tower's cost is real-vision).",
+        "Loss cases: forward + backward of the contrastive loss from encoder features with real-size banks.",
+        "Peak RSS is the case process's maximum resident memory (includes Python, torch and the model).",
+        "Timings on a shared machine depend on its load (the 1-min load average is recorded per run).",
     ]
     return "\n".join(lines) + "\n"
 

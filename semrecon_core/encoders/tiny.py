@@ -3,8 +3,9 @@
 The architecture is Janus's (SigLIP-style vision tower with 24 blocks at 384 px, aligner, Llama LLM,
 VQ-VAE) at toy widths, so layer indices 1/13/24 and the 384-px input (crop / pad behaviour) are the real
 ones; patches are 32 px (144 image tokens instead of 576) to keep CPU tests fast. The tokenizer is a
-word-level vocabulary over the prompts semrecon uses, with Janus's special tokens, and the processor uses ``JanusImageProcessorPil`` (mean = std = 0.5). The config carries
-``semrecon_random_weights: true``; encoders built from it label themselves "RANDOM WEIGHTS".
+word-level vocabulary over the prompts semrecon uses, with Janus's special tokens, and the processor
+uses ``JanusImageProcessorPil`` (mean = std = 0.5). The config carries ``semrecon_random_weights: true``;
+encoders built from it label themselves "RANDOM WEIGHTS".
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ def _semantic_prior(config: ReconConfig, device: torch.device) -> Any:
 
     if not config.bank:
         raise ConfigError(
-            "property 'bank': the semantic prior needs an embedding bank (build one with `semrecon bank build`, "
-            "then --set bank=PATH)"
+            "property 'bank': the semantic prior needs an embedding bank "
+            "(build one with `semrecon bank build`, then --set bank=PATH)"
         )
     bank_path = Path(config.bank).expanduser().resolve()
     stat = bank_path.stat() if bank_path.is_file() else None
@@ -79,8 +79,8 @@ def _semantic_prior(config: ReconConfig, device: torch.device) -> Any:
     similarity = metadata["similarity"]
     if metadata["encoder"].get("kind") == "image" and similarity != config.similarity:
         raise ConfigError(
-            f"property 'similarity': the configuration asks for {config.similarity!r} but bank {bank_path} was "
-            f"built for {similarity!r} (rebuild it with --similarity {config.similarity})"
+            f"property 'similarity': the configuration asks for {config.similarity!r} but bank {bank_path} "
+            f"was built for {similarity!r} (rebuild it with --similarity {config.similarity})"
         )
     bank = load_bank(bank_path, encoder, device=device)
     prior = SemanticPrior(encoder, bank, weights=config.level_weights, tau=config.tau, variant=config.preset)

@@ -101,14 +101,16 @@ class EmbeddingBank:
         encoder = meta["encoder"]
         lines = [
             f"bank: {self.path or '(in memory)'}",
-            f"encoder: {encoder.get('model')} (revision {encoder.get('revision')}, kind {encoder.get('kind')})"
+            f"encoder: {encoder.get('model')} (revision {encoder.get('revision')}, "
+            f"kind {encoder.get('kind')})"
             + ("  RANDOM WEIGHTS" if encoder.get("random_weights") else ""),
             f"layers: {encoder.get('layers')}  weights: {meta.get('weights')}  similarity: {self.similarity}",
             f"preprocessing: {encoder.get('preprocessing')}",
         ]
         if encoder.get("instruction"):
             lines.append(
-                f"instruction: {encoder['instruction']!r}  sigma: {meta.get('sigma')}  K: {meta.get('perturbations')}"
+                f"instruction: {encoder['instruction']!r}  sigma: {meta.get('sigma')}  "
+                f"K: {meta.get('perturbations')}"
             )
         if self.pca is not None:
             lines.append(f"PCA dims: {[p.components.shape[1] for p in self.pca]}")
@@ -118,7 +120,8 @@ class EmbeddingBank:
         lines.append(f"sources: {len(sources)}  created: {meta.get('created')}")
         for source in sources:
             lines.append(
-                f"  {source.get('role', '?'):9s} {source.get('path')}  sha256 {str(source.get('sha256'))[:16]}"
+                f"  {source.get('role', '?'):9s} {source.get('path')}  "
+                f"sha256 {str(source.get('sha256'))[:16]}"
             )
         return "\n".join(lines)
 

@@ -74,8 +74,8 @@ def read_source(path: Path, role: str) -> Source:
     kspace = load_kspace(path)
     if role == "positives" and not bool(kspace.mask.all()):
         raise ValueError(
-            f"--positives: {path}: k-space is undersampled (R = {kspace.acceleration:.2f}); positives must be "
-            f"fully sampled (pass undersampled data as --negatives)"
+            f"--positives: {path}: k-space is undersampled (R = {kspace.acceleration:.2f}); "
+            f"positives must be fully sampled (pass undersampled data as --negatives)"
         )
     images = rss(ifft2c(kspace.data)).to(torch.complex64)
     return Source(path, images, kspace.data, file_sha256(path))
