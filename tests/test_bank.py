@@ -94,6 +94,21 @@ def test_semantic_prior_gradients_reach_the_image_and_encoder_stays_frozen(encod
     assert "RANDOM WEIGHTS" in prior.label
 
 
+def test_descending_the_semantic_loss_lowers_it(encoder, features) -> None:
+    bank = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS)
+    prior = SemanticPrior(encoder, bank)
+    image = _aliased(_phantom(11)).clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([image], lr=0.02)
+    losses = []
+    for _ in range(6):
+        optimiser.zero_grad()
+        loss = prior.loss(image)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
 def test_bank_built_with_another_encoder_is_refused(tiny, encoder, features, tmp_path: Path) -> None:
     bank = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS)
     path = bank.save(tmp_path / "bank.safetensors")

@@ -39,7 +39,7 @@ def resolve_checkpoint(name: str, *, allow_download: bool = False) -> Path:
                 f"encoder '{name}': directory has no config.json (not a HuggingFace checkpoint)"
             )
         return path
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise EncoderUnavailable(
             f"encoder '{name}': no such directory (and not a HuggingFace id 'owner/name')"
         )
