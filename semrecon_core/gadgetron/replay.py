@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from semrecon_core.gadgetron.chain import Chain, Node, Stage, parse_chain, run_chain
+from semrecon_core.gadgetron.chain import (
+    BUILTIN_MODULES,
+    Chain,
+    Node,
+    Stage,
+    merge_configuration,
+    parse_chain,
+    run_chain,
+)
+from semrecon_core.gadgetron.properties import settings_from_configuration
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +117,11 @@ def replay(
     parsed = parse_chain(DEFAULT_CHAIN if chain is None else chain)
     if overrides and parsed.external is None:
         raise ValueError(f"{parsed.source}: --set given but the chain has no <external> node to configure")
+    node = parsed.external
+    if node is not None and (node.module is None or node.module in BUILTIN_MODULES):
+        # semrecon's own gadget: a bad property fails here, before any data are read
+        settings_from_configuration(merge_configuration(node.configuration, overrides or {}),
+                                    source=f"{parsed.source}: <external> configuration")
     header_xml, acquisitions, count = read_raw(path, group)
     external = _protocol_stage(header_xml) if protocol else None
     start = time.perf_counter()
