@@ -68,6 +68,9 @@ def test_tiny_checkpoint_loads_offline_and_is_labelled_random(tiny: Path, monkey
     assert encoder.is_random and "RANDOM WEIGHTS" in encoder.label
     assert isinstance(encoder, SemanticEncoder)
     assert encoder.identity["layers"] == [1, 13, 24] and encoder.identity["random_weights"] is True
+    processor = transformers.AutoProcessor.from_pretrained(tiny, local_files_only=True)
+    assert type(processor).__name__ == "JanusProcessor" and processor.num_image_tokens == 144
+    assert processor.tokenizer.image_token == "<image_placeholder>"
 
 
 def test_hidden_state_indexing_matches_the_public_code_layers(image_encoder: JanusImageEncoder) -> None:
