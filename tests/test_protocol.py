@@ -535,7 +535,7 @@ def test_listener_binds_loopback_only() -> None:
 def test_exchange_times_out_on_a_silent_gadget() -> None:
     left, right = socket.socketpair()
     start = time.monotonic()
-    with pytest.raises(emulator.EmulatorError, match="silent for more than 1 s|no CLOSE within 1 s"):
+    with pytest.raises(emulator.EmulatorError, match="silent for more than 1 s"):
         emulator.exchange(left, "<configuration/>", HEADER_XML, [], timeout=1.0)
     assert time.monotonic() - start < 5.0
     right.close()

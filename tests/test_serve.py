@@ -261,3 +261,17 @@ def _read_line(process: subprocess.Popen, timeout: float) -> str:
     thread.join(timeout)
     assert lines, f"semrecon serve printed no address within {timeout} s"
     return lines[0]
+
+
+def test_cli_serve_needs_an_external_node_and_a_port(tmp_path: Path, capsys) -> None:
+    from semrecon_core.cli import main
+
+    chain = tmp_path / "chain.xml"
+    chain.write_text(
+        "<configuration><stream><gadget><name>Finish</name><dll>gadgetron_mricore</dll>"
+        "<classname>ImageFinishGadget</classname></gadget></stream></configuration>"
+    )
+    assert main(["serve", "--config", str(chain), "--port", "0"]) == 2
+    assert f"{chain}: the chain has no <external> node" in capsys.readouterr().err
+    assert main(["serve"]) == 2
+    assert "--port: give a port" in capsys.readouterr().err

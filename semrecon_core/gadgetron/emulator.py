@@ -138,7 +138,7 @@ def exchange(
 
     A thread reads the gadget's messages while this one sends, so neither side can block the other.
     ``timeout`` bounds every wait for the peer (seconds without progress). Raises
-    :class:`EmulatorError` when the gadget closes without CLOSE or goes silent.
+    :class:`EmulatorError` when the gadget closes without CLOSE, fails to read, or goes silent.
     """
     stream = protocol.SocketStream(sock, timeout=timeout)
     run = ProtocolRun()
@@ -173,12 +173,8 @@ def exchange(
     except OSError as exc:
         if reader.is_alive() or not failure:
             failure.append(exc)
-    reader.join(timeout)
+    reader.join()  # bounded: every receive waits at most ``timeout`` seconds
     run.seconds = time.perf_counter() - start
-    if reader.is_alive():
-        sock.close()
-        reader.join(5.0)
-        raise EmulatorError(f"the gadget sent no CLOSE within {timeout:.0f} s")
     if failure:
         exc = failure[0]
         if isinstance(exc, TimeoutError):
