@@ -11,7 +11,10 @@ Output: ``ismrmrd.Image`` messages; every other message passes through unchanged
 
 Failure of one buffer never ends the scan and never yields silent zeros: the cause is logged, the
 gadget reconstructs the buffer again with CG-SENSE and labels the image as a fallback; if even that
-fails it sends a zero-filled root-sum-of-squares image labelled likewise.
+fails it sends a zero-filled root-sum-of-squares image labelled likewise. (Gadgetron ends the whole
+stream when an external node sends ERROR, so per-buffer failures are reported through the log — the
+child's output lands in Gadgetron's log — and in the image comment, ``GADGETRON_DataRole=Fallback``.)
+The fallback runs on the CPU so that it also survives GPU out-of-memory errors.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ class SemreconGadget:
     Args:
         settings: validated gadget settings (reconstruction config, series index).
         header: the scan's ISMRMRD header (``ismrmrd.xsd.ismrmrdHeader``).
-        prior: an already loaded prior to reuse (``semrecon serve``); ``None`` lets
-            :func:`~semrecon_core.recon.reconstruct` build it from the config.
+        prior: an already loaded prior to reuse (``semrecon serve``); ``None``: the semantic prior
+            is built by :func:`semrecon_core.priors.build_prior` (cached per process), others by the engine.
     """
 
     def __init__(self, settings: GadgetSettings, header: Any, *, prior: Any = None) -> None:
@@ -47,12 +50,14 @@ class SemreconGadget:
         self.header = header
         self.prior = prior
         self._indices = itertools.count(1)
+        self._buffers = itertools.count(1)
 
     def process(self, recon_data: Any) -> list[Any]:
         """All images for one ``gadgetron.types.ReconData`` (one or more bits)."""
         images: list[Any] = []
+        buffer = next(self._buffers)
         for number, bit in enumerate(recon_data.bits):
-            images.extend(self.process_bit(bit, name=f"buffer {number}"))
+            images.extend(self.process_bit(bit, name=f"ReconData #{buffer} bit {number}"))
         return images
 
     def process_bit(self, bit: Any, *, name: str = "buffer") -> list[Any]:
@@ -64,9 +69,10 @@ class SemreconGadget:
             reason = _describe(exc)
             log.error("semrecon: %s could not be reconstructed with %s+%s: %s", name, config.backbone,
                       config.prior, reason, exc_info=log.isEnabledFor(logging.DEBUG))
-        fallback = ReconConfig(
-            backbone="sense", prior="none", device=config.device, seed=config.seed, calib_width=config.calib_width
-        )
+        finally:
+            _release_cuda_memory()
+        fallback = ReconConfig(backbone="sense", prior="none", device="cpu", seed=config.seed,
+                               calib_width=config.calib_width)
         comment = f"FALLBACK CG-SENSE ({config.backbone}+{config.prior} failed: {reason})"
         try:
             return self._reconstruct_bit(bit, fallback, name=name, comment=comment, prior=None)
@@ -202,6 +208,15 @@ def reconstruct(connection: Any) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _release_cuda_memory() -> None:
+    """Return cached GPU memory after a buffer (only when torch has already been imported with CUDA)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _describe(exc: BaseException) -> str:
