@@ -74,7 +74,8 @@ def _describe(acq: Any, number: int | None = None) -> str:
     where = (
         f"acquisition #{number}" if number is not None else f"acquisition (scan counter {acq.scan_counter})"
     )
-    return f"{where} (line {acq.idx.kspace_encode_step_1}, slice {acq.idx.slice}, repetition {acq.idx.repetition})"
+    idx = acq.idx
+    return f"{where} (line {idx.kspace_encode_step_1}, slice {idx.slice}, repetition {idx.repetition})"
 
 
 def _with_data(acq: Any, data: np.ndarray, **changes: int) -> Any:
@@ -112,7 +113,8 @@ def noise_prewhitener(
     for acq in noise:
         if acq.active_channels != channels:
             raise ValueError(
-                f"noise scan: inconsistent channel counts ({acq.active_channels} vs {channels}) in {_describe(acq)}"
+                f"noise scan: inconsistent channel counts ({acq.active_channels} vs {channels}) "
+                f"in {_describe(acq)}"
             )
     samples = np.concatenate([np.asarray(acq.data, dtype=np.complex128) for acq in noise], axis=1)
     if not np.isfinite(samples).all():
@@ -180,15 +182,19 @@ def readout_oversampling(header: Any) -> float:
 
 
 def crop_readout(data: np.ndarray, keep: int) -> np.ndarray:
-    """Keep the central ``keep`` readout frequencies of ``(..., samples)`` data (centred FFT, crop, iFFT)."""
+    """Keep the central ``keep`` pixels of the readout FOV of ``(..., samples)`` k-space.
+
+    Centred orthonormal iFFT along the readout, centre crop, FFT back (as RemoveROOversamplingGadget),
+    so the noise level per sample is unchanged.
+    """
     samples = data.shape[-1]
     if keep >= samples:
         return data
-    spectrum = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(data, axes=-1), axis=-1), axes=-1)
+    image = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(data, axes=-1), axis=-1, norm="ortho"), axes=-1)
     start = samples // 2 - keep // 2
-    cropped = spectrum[..., start : start + keep]
-    out = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(cropped, axes=-1), axis=-1), axes=-1)
-    return (out * (keep / samples)).astype(np.complex64)
+    cropped = image[..., start : start + keep]
+    out = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(cropped, axes=-1), axis=-1, norm="ortho"), axes=-1)
+    return out.astype(np.complex64)
 
 
 def remove_ro_oversampling(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
@@ -328,7 +334,8 @@ def _make_buffer(
         partition = acq.idx.kspace_encode_step_2 + e2_offset
         if not (0 <= line < e1 and 0 <= partition < e2):
             raise ValueError(
-                f"{_describe(acq)} lies outside the encoded matrix {e1}×{e2} (encoding limits centre {e1_center})"
+                f"{_describe(acq)} lies outside the encoded matrix {e1}×{e2} "
+                f"(encoding limits centre {e1_center})"
             )
         start = e0 // 2 - acq.center_sample if samples < e0 else 0
         start = min(max(start, 0), e0 - samples)

@@ -73,7 +73,8 @@ def _check_finite(data: np.ndarray, source: str) -> None:
     if not finite.all():
         position = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise ValueError(
-            f"{source}: k-space contains NaN or Inf samples ({int((~finite).sum())} values, first at index {position})"
+            f"{source}: k-space contains NaN or Inf samples ({int((~finite).sum())} values, "
+            f"first at index {position})"
         )
 
 
@@ -238,7 +239,8 @@ def _calibration_from_ref(
     want_channels, e1, e0 = grid
     if channels != want_channels:
         raise ValueError(
-            f"{source}: inconsistent channel counts: reference lines have {channels} channels, imaging lines {want_channels}"
+            f"{source}: inconsistent channel counts: reference lines have {channels} channels, "
+            f"imaging lines {want_channels}"
         )
     if r0 != e0:
         raise ValueError(
@@ -349,7 +351,8 @@ def _read_acquisitions(path: Path, group: Any) -> list[Any]:
         data = values.view(np.complex64).reshape(head.active_channels, head.number_of_samples)
         if not np.isfinite(data).all():
             raise ValueError(
-                f"{path}: acquisition #{number} (line {head.idx.kspace_encode_step_1}, slice {head.idx.slice}, "
+                f"{path}: acquisition #{number} (line {head.idx.kspace_encode_step_1}, "
+                f"slice {head.idx.slice}, "
                 f"repetition {head.idx.repetition}) contains NaN or Inf samples"
             )
         traj = None

@@ -109,7 +109,7 @@ def _noise(shape: tuple[int, ...], mixing: np.ndarray, std: float, rng: np.rando
 def _coil_kspace(
     images: np.ndarray, coils: int, rng: np.random.Generator, oversampling: int = 1
 ) -> np.ndarray:
-    """Noise-free k-space ``(slices, coils, y, oversampling·x)``; the readout FOV is widened by zero padding."""
+    """Noise-free k-space ``(slices, coils, y, oversampling·x)``; the readout FOV is zero padded."""
     from semrecon_core.physics.fft import fft2c
 
     slices, ny, nx = images.shape
@@ -187,7 +187,10 @@ def _header_xml(
     return f"""<?xml version="1.0"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
   <version>2</version>
-  <measurementInformation><patientPosition>HFS</patientPosition><protocolName>semrecon simulate</protocolName></measurementInformation>
+  <measurementInformation>
+    <patientPosition>HFS</patientPosition>
+    <protocolName>semrecon simulate</protocolName>
+  </measurementInformation>
   <acquisitionSystemInformation>
     <systemVendor>semrecon</systemVendor>
     <systemModel>simulator</systemModel>
@@ -205,7 +208,9 @@ def _header_xml(
       <fieldOfView_mm><x>{fov_x}</x><y>{fov_y}</y><z>{slice_thickness_mm}</z></fieldOfView_mm>
     </reconSpace>
     <encodingLimits>
-      <kspace_encoding_step_1><minimum>0</minimum><maximum>{ny - 1}</maximum><center>{ny // 2}</center></kspace_encoding_step_1>
+      <kspace_encoding_step_1>
+        <minimum>0</minimum><maximum>{ny - 1}</maximum><center>{ny // 2}</center>
+      </kspace_encoding_step_1>
       <kspace_encoding_step_2><minimum>0</minimum><maximum>0</maximum><center>0</center></kspace_encoding_step_2>
       <slice><minimum>0</minimum><maximum>{slices - 1}</maximum><center>0</center></slice>
       <repetition><minimum>0</minimum><maximum>0</maximum><center>0</center></repetition>
