@@ -67,6 +67,15 @@ PASS_THROUGH = textwrap.dedent(
     def failing(connection):
         for _ in connection:
             raise RuntimeError("deliberate failure in the test gadget")
+
+
+    def erroring(connection):
+        from semrecon_core.gadgetron import protocol
+
+        for number, item in enumerate(connection):
+            if number == 0:
+                protocol.write_error(connection.socket, "cannot reconstruct this scan")
+            connection.send(item)
     """
 )
 UNPATCHED = textwrap.dedent(
@@ -458,6 +467,29 @@ def test_emulator_reports_a_failing_gadget_with_its_log(gadget_dir: Path) -> Non
             gadget_path=[gadget_dir],
             timeout=60,
         )
+
+
+def test_emulator_stops_sending_after_an_error_like_gadgetron(gadget_dir: Path) -> None:
+    sent: list[int] = []
+
+    def slow_images():
+        for number in range(20):
+            sent.append(number)
+            yield _image(number)
+            time.sleep(0.1)
+
+    run = emulator.run_external(
+        "<configuration/>",
+        HEADER_XML,
+        slow_images(),
+        module="semrecon_test_gadgets",
+        target="erroring",
+        gadget_path=[gadget_dir],
+        timeout=60,
+    )
+    assert run.errors == ["cannot reconstruct this scan"]
+    # the item pulled when the ERROR was noticed is not sent
+    assert 1 <= len(run.images) <= len(sent) <= len(run.images) + 1 < 20, "data kept flowing after the ERROR"
 
 
 def test_emulator_names_a_module_that_does_not_import(gadget_dir: Path) -> None:

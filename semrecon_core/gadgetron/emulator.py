@@ -137,12 +137,17 @@ def exchange(
     """Run one session on a connected socket, as Gadgetron: send everything, collect the replies.
 
     A thread reads the gadget's messages while this one sends, so neither side can block the other.
+    Like Gadgetron's external channel, an ERROR from the gadget stops the sending (CLOSE is sent
+    next) and the remaining replies are still read; Gadgetron would then fail the chain with the
+    collected errors (:attr:`ProtocolRun.errors`). CONFIG, HEADER or TEXT from the gadget are illegal.
     ``timeout`` bounds every wait for the peer (seconds without progress). Raises
-    :class:`EmulatorError` when the gadget closes without CLOSE, fails to read, or goes silent.
+    :class:`EmulatorError` when the gadget closes without CLOSE, sends an illegal message, fails to
+    read, or goes silent.
     """
     stream = protocol.SocketStream(sock, timeout=timeout)
     run = ProtocolRun()
     failure: list[BaseException] = []
+    illegal = (protocol.MessageId.CONFIG, protocol.MessageId.HEADER, protocol.MessageId.TEXT)
 
     def receive() -> None:
         try:
@@ -150,6 +155,8 @@ def exchange(
                 mid, item = protocol.read_message(stream)
                 if mid is protocol.MessageId.CLOSE:
                     return
+                if mid in illegal:
+                    raise protocol.ProtocolError(f"the gadget sent {mid.name}, which Gadgetron rejects")
                 if mid is protocol.MessageId.ERROR:
                     log.error("gadget reported: %s", item)
                     run.errors.append(item)
@@ -165,7 +172,7 @@ def exchange(
         protocol.write_config(stream, configuration)
         protocol.write_header(stream, header_xml)
         for item in messages:
-            if not reader.is_alive():
+            if not reader.is_alive() or run.errors:
                 break
             protocol.write_item(stream, item)
         if reader.is_alive():
