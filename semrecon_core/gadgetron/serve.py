@@ -175,12 +175,16 @@ def _reason(exc: BaseException, server: GadgetServer) -> str:
 
 
 def _send_error(connection: Any, text: str) -> None:
+    """Send ERROR, then read what Gadgetron still sends until its CLOSE (it stops sending on ERROR);
+    closing with unread data would reset the connection before Gadgetron has read the error."""
     from semrecon_core.gadgetron import protocol
 
     try:
         protocol.write_error(connection.socket, text)
+        for _ in connection:
+            pass
     except OSError as exc:
-        log.warning("semrecon serve: could not send the error to Gadgetron (%s)", exc)
+        log.warning("semrecon serve: could not deliver the error to Gadgetron (%s)", exc)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
