@@ -26,8 +26,16 @@ from semrecon_core.gadgetron.properties import (  # noqa: E402
 )
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
-STREAM = ["NoiseAdjustGadget", "RemoveROOversamplingGadget", "AcquisitionAccumulateTriggerGadget",
-          "BucketToBufferGadget", "external", "AutoScaleGadget", "FloatToUShortGadget", "ImageFinishGadget"]
+STREAM = [
+    "NoiseAdjustGadget",
+    "RemoveROOversamplingGadget",
+    "AcquisitionAccumulateTriggerGadget",
+    "BucketToBufferGadget",
+    "external",
+    "AutoScaleGadget",
+    "FloatToUShortGadget",
+    "ImageFinishGadget",
+]
 
 HEADER = """<?xml version="1.0"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
@@ -43,8 +51,9 @@ def _chain(stream: str) -> str:
     return f"<configuration><version>2</version><stream>{stream}</stream></configuration>"
 
 
-@pytest.mark.parametrize("name", ["semrecon_semantic.xml", "semrecon_tv.xml", "semrecon_cgsense.xml",
-                                  "semrecon_connect.xml"])
+@pytest.mark.parametrize(
+    "name", ["semrecon_semantic.xml", "semrecon_tv.xml", "semrecon_cgsense.xml", "semrecon_connect.xml"]
+)
 def test_shipped_chains_parse_and_validate(name: str) -> None:
     chain = parse_chain(CONFIG / name)
     assert [node.classname for node in chain.nodes] == STREAM
@@ -70,19 +79,27 @@ def test_every_gadget_property_is_documented() -> None:
     for path in CONFIG.glob("*.xml"):
         text = path.read_text()
         for name in parse_properties(parse_chain(path).external.configuration):
-            assert f'<!-- {name}:' in text or f"{name}:" in text, f"{path.name}: property {name} undocumented"
+            assert f"<!-- {name}:" in text or f"{name}:" in text, f"{path.name}: property {name} undocumented"
 
 
 def test_unknown_gadget_is_named() -> None:
     with pytest.raises(ChainError, match="unknown gadget 'GenericReconCartesianGrappaGadget'"):
-        parse_chain(_chain("<gadget><name>g</name><dll>x</dll>"
-                           "<classname>GenericReconCartesianGrappaGadget</classname></gadget>"))
+        parse_chain(
+            _chain(
+                "<gadget><name>g</name><dll>x</dll>"
+                "<classname>GenericReconCartesianGrappaGadget</classname></gadget>"
+            )
+        )
 
 
 def test_unknown_gadget_property_is_named() -> None:
     with pytest.raises(ChainError, match="unknown property 'trigger_dimensoin'"):
-        parse_chain(_chain("<gadget><name>acc</name><dll>x</dll><classname>AcquisitionAccumulateTriggerGadget"
-                           "</classname><property name='trigger_dimensoin' value='repetition'/></gadget>"))
+        parse_chain(
+            _chain(
+                "<gadget><name>acc</name><dll>x</dll><classname>AcquisitionAccumulateTriggerGadget"
+                "</classname><property name='trigger_dimensoin' value='repetition'/></gadget>"
+            )
+        )
 
 
 def test_unknown_elements_and_bad_values_are_errors() -> None:
@@ -94,26 +111,36 @@ def test_unknown_elements_and_bad_values_are_errors() -> None:
         parse_chain(_chain("<external><connect port='abc'/></external>"))
     with pytest.raises(ChainError, match="cannot read"):
         parse_chain(Path("/nonexistent/chain.xml"))
-    chain = parse_chain(_chain("<gadget><name>acc</name><dll>x</dll><classname>AcquisitionAccumulateTriggerGadget"
-                               "</classname><property><name>trigger_dimension</name><value>kspace</value>"
-                               "</property></gadget>"))
+    chain = parse_chain(
+        _chain(
+            "<gadget><name>acc</name><dll>x</dll><classname>AcquisitionAccumulateTriggerGadget"
+            "</classname><property><name>trigger_dimension</name><value>kspace</value>"
+            "</property></gadget>"
+        )
+    )
     with pytest.raises(ChainError, match="'trigger_dimension'.*'kspace'"):
         list(run_chain(chain, HEADER, []))
 
 
 def test_unknown_external_property_is_named() -> None:
-    configuration = "<configuration><property name='backbone' value='unet'/><property name='lamda' value='1'/>" \
-                    "</configuration>"
+    configuration = (
+        "<configuration><property name='backbone' value='unet'/><property name='lamda' value='1'/>"
+        "</configuration>"
+    )
     with pytest.raises(ConfigError, match="lamda"):
         settings_from_configuration(configuration)
     with pytest.raises(ConfigError, match="given twice"):
-        settings_from_configuration("<configuration><property name='seed' value='1'/>"
-                                    "<property name='seed' value='2'/></configuration>")
+        settings_from_configuration(
+            "<configuration><property name='seed' value='1'/>"
+            "<property name='seed' value='2'/></configuration>"
+        )
 
 
 def test_merge_configuration_overrides_both_spellings() -> None:
-    text = ("<configuration><property><name>iterations</name><value>5</value></property>"
-            "<property name='prior' value='tv'/></configuration>")
+    text = (
+        "<configuration><property><name>iterations</name><value>5</value></property>"
+        "<property name='prior' value='tv'/></configuration>"
+    )
     merged = parse_properties(merge_configuration(text, {"iterations": "7", "seed": "3"}))
     assert merged == {"prior": "tv", "iterations": "7", "seed": "3"}
 
@@ -159,8 +186,9 @@ def test_in_process_connection_mimics_gadgetron() -> None:
     acq = ismrmrd.Acquisition.from_array(np.ones((2, 8), np.complex64))
     img = _image(np.ones((8, 8)))
     sent: list = []
-    conn = InProcessConnection([acq, img], HEADER, "<configuration><property name='a' value='b'/></configuration>",
-                               sent.append)
+    conn = InProcessConnection(
+        [acq, img], HEADER, "<configuration><property name='a' value='b'/></configuration>", sent.append
+    )
     assert conn.header.encoding[0].reconSpace.matrixSize.x == 8
     assert conn.config.find("property").get("value") == "b"
     conn.filter(ismrmrd.Image)

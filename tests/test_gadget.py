@@ -1,4 +1,4 @@
-"""The gadget target: properties before the first buffer, images and meta, pass-through, labelled fallbacks."""
+"""The gadget target: properties first, images and meta, pass-through, labelled fallbacks."""
 
 from __future__ import annotations
 
@@ -27,8 +27,15 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
     from semrecon_core.data.buffers import recon_data_from_acquisitions
     from semrecon_core.data.simulate import write_ismrmrd_raw
 
-    path = write_ismrmrd_raw(tmp_path_factory.mktemp("gadget") / "scan.h5", matrix=(64, 64), slices=SLICES,
-                             coils=4, acceleration=2, acs_width=16, seed=1)
+    path = write_ismrmrd_raw(
+        tmp_path_factory.mktemp("gadget") / "scan.h5",
+        matrix=(64, 64),
+        slices=SLICES,
+        coils=4,
+        acceleration=2,
+        acs_width=16,
+        seed=1,
+    )
     dataset = ismrmrd.Dataset(str(path), "dataset", mode="r")
     try:
         header = dataset.read_xml_header().decode("utf-8")
@@ -54,7 +61,9 @@ def _properties(**values: str) -> str:
 def test_images_per_slice_with_geometry_and_meta(scan: tuple[str, list]) -> None:
     header, recon_data = scan
     acquisition = ismrmrd.Acquisition.from_array(np.ones((4, 16), np.complex64))
-    sent = _run(header, [acquisition, *recon_data], _properties(backbone="sense", iterations="10", series_index="5"))
+    sent = _run(
+        header, [acquisition, *recon_data], _properties(backbone="sense", iterations="10", series_index="5")
+    )
     assert isinstance(sent[0], ismrmrd.Acquisition) and np.array_equal(sent[0].data, acquisition.data)
     images = sent[1:]
     assert len(images) == SLICES
@@ -127,8 +136,9 @@ def test_buffer_without_calibration_lines_falls_back(scan: tuple[str, list]) -> 
 def test_missing_bank_falls_back_to_labelled_cg_sense(scan: tuple[str, list], tmp_path: Path) -> None:
     header, recon_data = scan
     missing = tmp_path / "no_such_bank.safetensors"
-    images = _run(header, recon_data, _properties(backbone="unet", prior="semantic", bank=str(missing),
-                                                  device="cpu"))
+    images = _run(
+        header, recon_data, _properties(backbone="unet", prior="semantic", bank=str(missing), device="cpu")
+    )
     assert len(images) == SLICES
     for image in images:
         comment = image.meta["GADGETRON_ImageComment"]
@@ -148,10 +158,14 @@ def test_quality_answer_of_an_image_language_prior_goes_into_meta(scan: tuple[st
             return (image[..., 1:, :] - image[..., :-1, :]).abs().mean()
 
         def answer(self, image):
-            return [{"answer": "High-quality", "choice": "high", "p_high": 0.8, "p_low": 0.2}] * image.shape[0]
+            return [{"answer": "High-quality", "choice": "high", "p_high": 0.8, "p_low": 0.2}] * image.shape[
+                0
+            ]
 
     settings = settings_from_configuration(_properties(backbone="zero-filled"))
-    gadget = SemreconGadget(settings, __import__("ismrmrd").xsd.CreateFromDocument(header), prior=AnsweringPrior())
+    gadget = SemreconGadget(
+        settings, __import__("ismrmrd").xsd.CreateFromDocument(header), prior=AnsweringPrior()
+    )
     images = gadget.process(recon_data[0])
     assert images[0].meta["SEMRECON_QualityAnswer"] == "High-quality"
     assert images[0].meta["SEMRECON_QualityChoice"] == "high"
@@ -163,6 +177,7 @@ def test_gadget_module_installs_the_gadgetron_fixes() -> None:
     sys.path.insert(0, gadgets)
     try:
         import semrecon_gadget
+
         from semrecon_core.gadgetron import compat
     finally:
         sys.path.remove(gadgets)

@@ -36,17 +36,56 @@ def shepp_logan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ismrmrd-tools phantom: noise scan, 2× readout oversampling, R = 2 with 24 ACS lines, 4 repetitions."""
     tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
     path = tmp_path_factory.mktemp("sl") / "shepp_logan.h5"
-    subprocess.run([tool, "-m", "128", "-c", "8", "-O", "2", "-a", "2", "-w", "24", "-C", "-r", "2", "-n", "0.05",
-                    "-o", str(path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            tool,
+            "-m",
+            "128",
+            "-c",
+            "8",
+            "-O",
+            "2",
+            "-a",
+            "2",
+            "-w",
+            "24",
+            "-C",
+            "-r",
+            "2",
+            "-n",
+            "0.05",
+            "-o",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`semrecon simulate`: 3 slices, 8 coils, 96×96, R = 3, 24 embedded ACS lines, noise scan, 2× oversampling."""
+    """`semrecon simulate`: 3 slices, 8 coils, 96×96, R = 3, 24 embedded ACS lines, noise scan, 2× RO."""
     path = tmp_path_factory.mktemp("sim") / "sim.h5"
-    assert main(["simulate", str(path), "--matrix", "96", "--slices", "3", "--coils", "8", "--acceleration", "3",
-                 "--seed", "2"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(path),
+                "--matrix",
+                "96",
+                "--slices",
+                "3",
+                "--coils",
+                "8",
+                "--acceleration",
+                "3",
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -54,8 +93,25 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`semrecon simulate`: 2 slices, 4 coils, 64×64, R = 2 (for the plumbing tests)."""
     path = tmp_path_factory.mktemp("small") / "small.h5"
-    assert main(["simulate", str(path), "--matrix", "64", "--slices", "2", "--coils", "4", "--acceleration", "2",
-                 "--acs", "16"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(path),
+                "--matrix",
+                "64",
+                "--slices",
+                "2",
+                "--coils",
+                "4",
+                "--acceleration",
+                "2",
+                "--acs",
+                "16",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -99,8 +155,21 @@ def test_simulated_slices_match_ground_truth(simulated: Path) -> None:
 
 def test_cli_display_chain_writes_series_groups_and_pngs(small: Path, tmp_path: Path) -> None:
     out, pngs = tmp_path / "images.h5", tmp_path / "png"
-    code = main(["replay", str(small), str(out), "--config", str(CONFIG / "semrecon_cgsense.xml"),
-                 "--set", "iterations=5", "--set", "series_index=3", "--png", str(pngs)])
+    code = main(
+        [
+            "replay",
+            str(small),
+            str(out),
+            "--config",
+            str(CONFIG / "semrecon_cgsense.xml"),
+            "--set",
+            "iterations=5",
+            "--set",
+            "series_index=3",
+            "--png",
+            str(pngs),
+        ]
+    )
     assert code == 0
     dataset = ismrmrd.Dataset(str(out), "dataset", mode="r")
     try:
@@ -122,8 +191,11 @@ def test_protocol_replay_gives_the_same_pixels(small: Path) -> None:
     remote = replay(small, overrides=overrides, protocol=True).images
     assert len(remote) == len(local) == 2
     for a, b in zip(local, remote, strict=True):
-        assert (a.image_index, a.slice, a.meta["GADGETRON_ImageComment"]) == \
-            (b.image_index, b.slice, b.meta["GADGETRON_ImageComment"])
+        assert (a.image_index, a.slice, a.meta["GADGETRON_ImageComment"]) == (
+            b.image_index,
+            b.slice,
+            b.meta["GADGETRON_ImageComment"],
+        )
         np.testing.assert_allclose(a.data, b.data, rtol=1e-5, atol=1e-6 * float(a.data.max()))
 
 
@@ -134,8 +206,10 @@ def test_replay_errors_name_the_problem(small: Path, tmp_path: Path, capsys: pyt
     assert main(["replay", str(small), str(out), "--set", "iteratons=3"]) == 2
     assert "iteratons" in capsys.readouterr().err
     chain = tmp_path / "chain.xml"
-    chain.write_text("<configuration><version>2</version><stream><gadget><name>x</name><dll>y</dll>"
-                     "<classname>GrappaGadget</classname></gadget></stream></configuration>")
+    chain.write_text(
+        "<configuration><version>2</version><stream><gadget><name>x</name><dll>y</dll>"
+        "<classname>GrappaGadget</classname></gadget></stream></configuration>"
+    )
     assert main(["replay", str(small), str(out), "--config", str(chain)]) == 2
     err = capsys.readouterr().err
     assert "GrappaGadget" in err and "chain.xml" in err

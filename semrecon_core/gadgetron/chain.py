@@ -81,16 +81,32 @@ GADGETS: dict[str, dict[str, str]] = {
     "NoiseAdjustGadget": {},
     "RemoveROOversamplingGadget": {},
     "AcquisitionAccumulateTriggerGadget": {"trigger_dimension": "", "sorting_dimension": ""},
-    "BucketToBufferGadget": {"N_dimension": "", "S_dimension": "", "split_slices": "false", "verbose": "false"},
+    "BucketToBufferGadget": {
+        "N_dimension": "",
+        "S_dimension": "",
+        "split_slices": "false",
+        "verbose": "false",
+    },
     "AutoScaleGadget": {"max_value": "2048", "histogram_bins": "100"},
     "FloatToUShortGadget": {"max_intensity": "4095", "min_intensity": "0", "intensity_offset": "2048"},
     "ImageFinishGadget": {},
 }
 
-READERS = ("AcquisitionReader", "WaveformReader", "GadgetIsmrmrdAcquisitionMessageReader",
-           "GadgetIsmrmrdWaveformMessageReader")
-WRITERS = ("ImageWriter", "MRIImageWriter", "ImageArrayWriter", "AcquisitionWriter", "WaveformWriter",
-           "IsmrmrdImageArrayWriter", "GadgetIsmrmrdImageWriter")
+READERS = (
+    "AcquisitionReader",
+    "WaveformReader",
+    "GadgetIsmrmrdAcquisitionMessageReader",
+    "GadgetIsmrmrdWaveformMessageReader",
+)
+WRITERS = (
+    "ImageWriter",
+    "MRIImageWriter",
+    "ImageArrayWriter",
+    "AcquisitionWriter",
+    "WaveformWriter",
+    "IsmrmrdImageArrayWriter",
+    "GadgetIsmrmrdImageWriter",
+)
 
 # Encoding counters the accumulate / buffer gadgets can trigger on or map to N and S.
 TRIGGER_DIMENSIONS = ("average", "slice", "contrast", "phase", "repetition", "set", "segment")
@@ -163,7 +179,9 @@ class InProcessConnection:
             self.config = config
             self.header = header
 
-    def __init__(self, items: Iterable[Any], header_xml: str, configuration: str, sink: Callable[[Any], None]) -> None:
+    def __init__(
+        self, items: Iterable[Any], header_xml: str, configuration: str, sink: Callable[[Any], None]
+    ) -> None:
         import ismrmrd
 
         self._items = iter(items)
@@ -232,8 +250,14 @@ def message_id(item: Any) -> int:
     import ismrmrd
     from gadgetron.types import AcquisitionBucket, ImageArray, ReconData
 
-    for kind, mid in ((ismrmrd.Acquisition, 1008), (ismrmrd.Image, 1022), (ReconData, 1023), (ImageArray, 1024),
-                      (ismrmrd.Waveform, 1026), (AcquisitionBucket, 1050)):
+    for kind, mid in (
+        (ismrmrd.Acquisition, 1008),
+        (ismrmrd.Image, 1022),
+        (ReconData, 1023),
+        (ImageArray, 1024),
+        (ismrmrd.Waveform, 1026),
+        (AcquisitionBucket, 1050),
+    ):
         if isinstance(item, kind):
             return mid
     raise TypeError(f"No appropriate writer found for item of type '{type(item)}'")
@@ -248,13 +272,17 @@ def load_target(node: Node) -> Callable[[Any], None]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ChainError(f"<execute name=\"{node.module}\">: cannot import module '{module_name}' ({exc})") from None
+        raise ChainError(
+            f"<execute name=\"{node.module}\">: cannot import module '{module_name}' ({exc})"
+        ) from None
     target = getattr(module, target_name or "", None)
     if inspect.isclass(target):
         cls = target
         return lambda connection: cls().handle(connection)
     if not callable(target):
-        raise ChainError(f"<execute target=\"{target_name}\">: module '{module_name}' has no callable '{target_name}'")
+        raise ChainError(
+            f"<execute target=\"{target_name}\">: module '{module_name}' has no callable '{target_name}'"
+        )
     return target
 
 
@@ -327,7 +355,10 @@ def float_to_ushort(
     import ismrmrd
 
     if image.data.dtype != np.float32:
-        raise ChainError(f"FloatToUShortGadget: expected float images, found {image.data.dtype} (image {image.image_index})")
+        raise ChainError(
+            f"FloatToUShortGadget: expected float images, found {image.data.dtype} "
+            f"(image {image.image_index})"
+        )
     data = image.data.astype(np.float64)
     kind = image.image_type
     meta = ismrmrd.Meta(dict(image.meta))
@@ -335,7 +366,9 @@ def float_to_ushort(
         data = np.abs(data)
     elif kind in (ismrmrd.IMTYPE_REAL, ismrmrd.IMTYPE_IMAG):
         if "GADGETRON_WindowCenter" in meta:
-            meta["GADGETRON_WindowCenter"] = str(int(float(meta["GADGETRON_WindowCenter"])) + int(intensity_offset))
+            meta["GADGETRON_WindowCenter"] = str(
+                int(float(meta["GADGETRON_WindowCenter"])) + int(intensity_offset)
+            )
     elif kind == ismrmrd.IMTYPE_PHASE:
         data = data * intensity_offset / math.pi + intensity_offset
     else:
@@ -412,7 +445,11 @@ def _parse_node(element: ET.Element, where: str) -> Node:
         for child in element:
             if child.tag not in ("execute", "connect", "configuration"):
                 raise ChainError(f"{where}: <external>: unknown element <{child.tag}>")
-        text = ET.tostring(configuration, encoding="unicode") if configuration is not None else "<configuration/>"
+        text = (
+            ET.tostring(configuration, encoding="unicode")
+            if configuration is not None
+            else "<configuration/>"
+        )
         if (execute is None) == (connect is None):
             raise ChainError(f"{where}: <external> needs exactly one of <execute> or <connect>")
         from semrecon_core.gadgetron.properties import parse_properties
@@ -421,19 +458,33 @@ def _parse_node(element: ET.Element, where: str) -> Node:
         if execute is not None:
             kind = execute.get("type", "python")
             if kind != "python":
-                raise ChainError(f"{where}: <execute type=\"{kind}\">: only type=\"python\" can run here")
+                raise ChainError(f'{where}: <execute type="{kind}">: only type="python" can run here')
             module, target = execute.get("name"), execute.get("target")
             if not module or not target:
-                raise ChainError(f"{where}: <execute> needs name=\"MODULE\" and target=\"FUNCTION\"")
-            return Node(kind="external", classname="external", name=module, properties=properties,
-                        module=module, target=target, configuration=text)
+                raise ChainError(f'{where}: <execute> needs name="MODULE" and target="FUNCTION"')
+            return Node(
+                kind="external",
+                classname="external",
+                name=module,
+                properties=properties,
+                module=module,
+                target=target,
+                configuration=text,
+            )
         port = connect.get("port")
         try:
             port_number = int(port or "")
         except ValueError:
-            raise ChainError(f"{where}: <connect port=\"{port}\">: expected a port number") from None
-        return Node(kind="external", classname="external", name="connect", properties=properties,
-                    address=connect.get("address", "localhost"), port=port_number, configuration=text)
+            raise ChainError(f'{where}: <connect port="{port}">: expected a port number') from None
+        return Node(
+            kind="external",
+            classname="external",
+            name="connect",
+            properties=properties,
+            address=connect.get("address", "localhost"),
+            port=port_number,
+            configuration=text,
+        )
     raise ChainError(f"{where}: unknown element <{element.tag}> in <stream>")
 
 
@@ -457,7 +508,9 @@ def _in_process_stage(header_xml: str) -> Callable[[Node, str], Stage]:
 def _bool(node: Node, name: str, where: str) -> bool:
     value = node.properties.get(name, GADGETS[node.classname][name]).lower()
     if value not in ("true", "false", "1", "0"):
-        raise ChainError(f"{where}: gadget '{node.name}': property '{name}': expected true or false, found {value!r}")
+        raise ChainError(
+            f"{where}: gadget '{node.name}': property '{name}': expected true or false, found {value!r}"
+        )
     return value in ("true", "1")
 
 
@@ -466,7 +519,9 @@ def _number(node: Node, name: str, where: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise ChainError(f"{where}: gadget '{node.name}': property '{name}': expected a number, found {value!r}") from None
+        raise ChainError(
+            f"{where}: gadget '{node.name}': property '{name}': expected a number, found {value!r}"
+        ) from None
 
 
 def _image_stage(function: Callable[[Any], Any]) -> Stage:
@@ -485,10 +540,14 @@ def _gadget_stage(node: Node, header: Any, where: str) -> Stage:
         max_value = _number(node, "max_value", where)
         bins = int(_number(node, "histogram_bins", where))
         if bins < 1:
-            raise ChainError(f"{where}: gadget '{node.name}': property 'histogram_bins': expected >= 1, found {bins}")
+            raise ChainError(
+                f"{where}: gadget '{node.name}': property 'histogram_bins': expected >= 1, found {bins}"
+            )
         return _image_stage(lambda image: autoscale(image, max_value=max_value, histogram_bins=bins))
     if name == "FloatToUShortGadget":
-        limits = {key: _number(node, key, where) for key in ("max_intensity", "min_intensity", "intensity_offset")}
+        limits = {
+            key: _number(node, key, where) for key in ("max_intensity", "min_intensity", "intensity_offset")
+        }
         return _image_stage(lambda image: float_to_ushort(image, **limits))
     if name == "ImageFinishGadget":
         return lambda items: items
@@ -512,16 +571,20 @@ def _buffer_stage(node: Node, header: Any, where: str) -> Stage:
                 f"{', '.join(TRIGGER_DIMENSIONS)} (or empty), found {trigger!r}"
             )
         if node.properties.get("sorting_dimension", "").strip():
-            raise ChainError(f"{where}: gadget '{node.name}': property 'sorting_dimension' is not supported offline "
-                             "(leave it empty)")
+            raise ChainError(
+                f"{where}: gadget '{node.name}': property 'sorting_dimension' is not supported offline "
+                "(leave it empty)"
+            )
         return lambda items: buffers.accumulate_trigger(items, trigger)
     # BucketToBufferGadget
     dims = {}
     for prop in ("N_dimension", "S_dimension"):
         value = node.properties.get(prop, "").strip()
         if value and value not in TRIGGER_DIMENSIONS:
-            raise ChainError(f"{where}: gadget '{node.name}': property '{prop}': expected one of "
-                             f"{', '.join(TRIGGER_DIMENSIONS)} (or empty), found {value!r}")
+            raise ChainError(
+                f"{where}: gadget '{node.name}': property '{prop}': expected one of "
+                f"{', '.join(TRIGGER_DIMENSIONS)} (or empty), found {value!r}"
+            )
         dims[prop] = value
     split_slices = _bool(node, "split_slices", where)
     _bool(node, "verbose", where)
@@ -530,8 +593,13 @@ def _buffer_stage(node: Node, header: Any, where: str) -> Stage:
         for bucket in items:
             if isinstance(bucket, buffers.Bucket):
                 if bucket.data:
-                    yield buffers.bucket_to_buffer(bucket, header, n_dimension=dims["N_dimension"],
-                                                   s_dimension=dims["S_dimension"], split_slices=split_slices)
+                    yield buffers.bucket_to_buffer(
+                        bucket,
+                        header,
+                        n_dimension=dims["N_dimension"],
+                        s_dimension=dims["S_dimension"],
+                        split_slices=split_slices,
+                    )
             else:
                 yield bucket
 

@@ -67,19 +67,27 @@ class SemreconGadget:
             return self._reconstruct_bit(bit, config, name=name)
         except Exception as exc:  # noqa: BLE001 - any failure of one buffer becomes a labelled fallback
             reason = _describe(exc)
-            log.error("semrecon: %s could not be reconstructed with %s+%s: %s", name, config.backbone,
-                      config.prior, reason, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error(
+                "semrecon: %s could not be reconstructed with %s+%s: %s",
+                name,
+                config.backbone,
+                config.prior,
+                reason,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
         finally:
             _release_cuda_memory()
-        fallback = ReconConfig(backbone="sense", prior="none", device="cpu", seed=config.seed,
-                               calib_width=config.calib_width)
+        fallback = ReconConfig(
+            backbone="sense", prior="none", device="cpu", seed=config.seed, calib_width=config.calib_width
+        )
         comment = f"FALLBACK CG-SENSE ({config.backbone}+{config.prior} failed: {reason})"
         try:
             return self._reconstruct_bit(bit, fallback, name=name, comment=comment, prior=None)
         except Exception as exc:  # noqa: BLE001 - the last resort below is labelled as well
             second = _describe(exc)
             log.error("semrecon: CG-SENSE fallback for %s failed too: %s", name, second)
-        comment = f"FALLBACK zero-filled RSS ({config.backbone}+{config.prior} failed: {reason}; CG-SENSE: {second})"
+        failed = f"{config.backbone}+{config.prior} failed: {reason}"
+        comment = f"FALLBACK zero-filled RSS ({failed}; CG-SENSE: {second})"
         return self._rss_images(bit, comment)
 
     def handle(self, connection: Any) -> None:
@@ -165,8 +173,11 @@ class SemreconGadget:
         images = []
         for n, s, loc in itertools.product(range(n_count), range(s_count), range(loc_count)):
             coil_images = np.fft.fftshift(
-                np.fft.ifft2(np.fft.ifftshift(data[:, :, e2 // 2, :, n, s, loc], axes=(0, 1)), axes=(0, 1),
-                             norm="ortho"),
+                np.fft.ifft2(
+                    np.fft.ifftshift(data[:, :, e2 // 2, :, n, s, loc], axes=(0, 1)),
+                    axes=(0, 1),
+                    norm="ortho",
+                ),
                 axes=(0, 1),
             )
             rss = np.sqrt((np.abs(coil_images) ** 2).sum(axis=-1))  # (x, y)
@@ -196,14 +207,20 @@ def settings_from_connection(connection: Any, overrides: dict[str, str] | None =
     """Validate the connection's ``<configuration>`` (``connection.config``) into gadget settings."""
     raw = getattr(getattr(connection, "raw_bytes", None), "config", None)
     configuration = raw if raw is not None else connection.config
-    return settings_from_configuration(configuration, overrides=overrides, source="semrecon gadget configuration")
+    return settings_from_configuration(
+        configuration, overrides=overrides, source="semrecon gadget configuration"
+    )
 
 
 def reconstruct(connection: Any) -> None:
     """The Gadgetron target: validate the properties, then reconstruct every buffer of the scan."""
     settings = settings_from_connection(connection)
-    log.info("semrecon gadget: backbone=%s prior=%s device=%s", settings.config.backbone,
-             settings.config.prior, settings.config.device)
+    log.info(
+        "semrecon gadget: backbone=%s prior=%s device=%s",
+        settings.config.backbone,
+        settings.config.prior,
+        settings.config.device,
+    )
     SemreconGadget(settings, connection.header).handle(connection)
 
 
@@ -224,7 +241,9 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
-_ASCII = str.maketrans({"λ": "lambda", "σ": "sigma", "τ": "tau", "×": "x", "→": "->", "≥": ">=", "≤": "<=", "…": "..."})
+_ASCII = str.maketrans(
+    {"λ": "lambda", "σ": "sigma", "τ": "tau", "×": "x", "→": "->", "≥": ">=", "≤": "<=", "…": "..."}
+)
 
 
 def _ascii(text: str) -> str:
@@ -239,7 +258,7 @@ def _window(magnitude: np.ndarray) -> tuple[str, str]:
 
 
 def _add_answer(img: Any, answer: dict[str, Any]) -> None:
-    """Meta ``SEMRECON_QualityAnswer`` / ``SEMRECON_QualityChoice`` / ``SEMRECON_P_<WORD>`` from a prior's answer."""
+    """Meta ``SEMRECON_QualityAnswer``, ``SEMRECON_QualityChoice``, ``SEMRECON_P_<WORD>`` from an answer."""
     if "answer" in answer:
         img.meta["SEMRECON_QualityAnswer"] = _ascii(str(answer["answer"]).strip())
     if "choice" in answer:
@@ -252,8 +271,9 @@ def _add_answer(img: Any, answer: dict[str, Any]) -> None:
 def _centre_crop(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Centre crop or zero-pad the first two axes of ``image`` to ``shape``."""
     out = np.zeros(shape, dtype=image.dtype)
-    src = [slice(max((a - b) // 2, 0), max((a - b) // 2, 0) + min(a, b)) for a, b in zip(image.shape, shape)]
-    dst = [slice(max((b - a) // 2, 0), max((b - a) // 2, 0) + min(a, b)) for a, b in zip(image.shape, shape)]
+    pairs = list(zip(image.shape, shape, strict=True))
+    src = [slice(max((a - b) // 2, 0), max((a - b) // 2, 0) + min(a, b)) for a, b in pairs]
+    dst = [slice(max((b - a) // 2, 0), max((b - a) // 2, 0) + min(a, b)) for a, b in pairs]
     out[tuple(dst)] = image[tuple(src)]
     return out
 

@@ -31,7 +31,9 @@ class GadgetSettings:
     series_index: int = 1
 
 
-def parse_properties(configuration: str | bytes | ET.Element | None, *, source: str = "configuration") -> dict[str, str]:
+def parse_properties(
+    configuration: str | bytes | ET.Element | None, *, source: str = "configuration"
+) -> dict[str, str]:
     """Read ``name -> value`` pairs from a ``<configuration>`` element (or its XML text).
 
     ``None`` or empty text gives no properties. A property without a name, a repeated name or
@@ -57,7 +59,7 @@ def parse_properties(configuration: str | bytes | ET.Element | None, *, source: 
             name = (element.findtext("name") or "").strip()
             value = element.findtext("value")
         if not name:
-            raise ConfigError(f"{source}: a <property> has no name (expected name=\"...\" or <name>...</name>)")
+            raise ConfigError(f'{source}: a <property> has no name (expected name="..." or <name>...</name>)')
         if name in properties:
             raise ConfigError(f"{source}: property '{name}' is given twice")
         properties[name] = "" if value is None else value
@@ -79,7 +81,9 @@ def settings_from_properties(
             try:
                 series_index = int(value)
             except ValueError:
-                raise ConfigError(f"{source}: property 'series_index': cannot parse {value!r} as an integer") from None
+                raise ConfigError(
+                    f"{source}: property 'series_index': cannot parse {value!r} as an integer"
+                ) from None
             if series_index < 0:
                 raise ConfigError(f"{source}: property 'series_index': expected >= 0, found {series_index}")
         else:

@@ -120,8 +120,10 @@ def replay(
     node = parsed.external
     if node is not None and (node.module is None or node.module in BUILTIN_MODULES):
         # semrecon's own gadget: a bad property fails here, before any data are read
-        settings_from_configuration(merge_configuration(node.configuration, overrides or {}),
-                                    source=f"{parsed.source}: <external> configuration")
+        settings_from_configuration(
+            merge_configuration(node.configuration, overrides or {}),
+            source=f"{parsed.source}: <external> configuration",
+        )
     header_xml, acquisitions, count = read_raw(path, group)
     external = _protocol_stage(header_xml) if protocol else None
     start = time.perf_counter()
@@ -129,7 +131,9 @@ def replay(
     seconds = time.perf_counter() - start
     images = [item for item in outputs if _is_image(item)]
     if len(images) != len(outputs):
-        log.warning("replay: %d non-image message(s) left the chain and are not written", len(outputs) - len(images))
+        log.warning(
+            "replay: %d non-image message(s) left the chain and are not written", len(outputs) - len(images)
+        )
     log.info("replay: %d acquisitions → %d images in %.2f s", count, len(images), seconds)
     return ReplayResult(images=images, seconds=seconds, chain=parsed, xml_header=header_xml)
 
@@ -190,15 +194,30 @@ def write_pngs(directory: str | Path, images: list[Any]) -> list[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``semrecon replay``."""
     parser.add_argument("input", help="ISMRMRD raw file (.h5 / .mrd) with a noise scan and acquisitions")
-    parser.add_argument("output", help="ISMRMRD file to write the images to (one group image_<series> per series)")
-    parser.add_argument("--config", metavar="CHAIN.xml",
-                        help="Gadgetron chain (default: the CG-SENSE reconstruction chain without display conversion)")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="set a property of the chain's <external> node (repeatable), e.g. --set backbone=unet")
+    parser.add_argument(
+        "output", help="ISMRMRD file to write the images to (one group image_<series> per series)"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="CHAIN.xml",
+        help="Gadgetron chain (default: the CG-SENSE reconstruction chain without display conversion)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a property of the chain's <external> node (repeatable), e.g. --set backbone=unet",
+    )
     parser.add_argument("--png", metavar="DIR", help="also write one PNG per image into DIR")
-    parser.add_argument("--protocol", action="store_true",
-                        help="run the gadget in a child process over the Gadgetron wire protocol (emulator)")
-    parser.add_argument("--group", default="dataset", help="HDF5 group of the input and output (default: dataset)")
+    parser.add_argument(
+        "--protocol",
+        action="store_true",
+        help="run the gadget in a child process over the Gadgetron wire protocol (emulator)",
+    )
+    parser.add_argument(
+        "--group", default="dataset", help="HDF5 group of the input and output (default: dataset)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
     from semrecon_core.gadgetron.properties import parse_assignments
 
     overrides = parse_assignments(args.set)
-    result = replay(args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group)
+    result = replay(
+        args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group
+    )
     if not result.images:
         raise ValueError(f"{args.input}: the chain produced no images")
     counts = write_image_groups(args.output, result.images, group=args.group, xml_header=result.xml_header)
@@ -229,8 +250,13 @@ def _protocol_stage(header_xml: str) -> Callable[[Node, str], Stage]:
     from semrecon_core.gadgetron import emulator
 
     def make(node: Node, configuration: str) -> Stage:
-        external = emulator.ExternalNode(configuration=configuration, module=node.module, target=node.target,
-                                         address=node.address, port=node.port)
+        external = emulator.ExternalNode(
+            configuration=configuration,
+            module=node.module,
+            target=node.target,
+            address=node.address,
+            port=node.port,
+        )
 
         def stage(items: Iterator[Any]) -> Iterator[Any]:
             run = emulator.run_chain_over_protocol(external, header_xml, items)
