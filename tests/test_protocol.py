@@ -547,7 +547,7 @@ def test_gadget_exits_when_gadgetron_closes_the_socket(gadget_dir: Path) -> None
 def test_unpatched_gadgetron_python_spins(gadget_dir: Path) -> None:
     """The defect the workaround exists for: without it the child spins at 100 % CPU and never exits."""
     exited, cpu = _die_mid_stream("semrecon_unpatched_gadget", "passthrough", [gadget_dir])
-    assert exited is None and cpu > 1.0  # up to 5 s of a busy loop (less on a loaded machine)
+    assert exited is None and cpu > 0.5  # up to 5 s of a busy loop (less on a loaded machine)
 
 
 def test_semrecon_gadget_exits_when_gadgetron_closes_the_socket() -> None:
