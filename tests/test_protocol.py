@@ -253,6 +253,22 @@ def test_control_messages_bytes_and_round_trip() -> None:
     assert readers.read_byte_string(source) == b"<configuration/>"
 
 
+def test_config_image_and_close_match_ismrmrd_protocol_serializer() -> None:
+    from ismrmrd.serialization import ConfigText, ProtocolSerializer
+
+    image = _image()
+    theirs = io.BytesIO()
+    serializer = ProtocolSerializer(theirs)
+    serializer.serialize(ConfigText("<configuration/>"))
+    serializer.serialize(image)
+    serializer.close()  # writes CLOSE
+    ours = io.BytesIO()
+    protocol.write_config(ours, "<configuration/>")
+    protocol.write_image(ours, image)
+    protocol.write_close(ours)
+    assert ours.getvalue() == theirs.getvalue()
+
+
 def test_recon_data_bytes_match_the_specification_and_gadgetron() -> None:
     recon_data = _recon_data()
     ours = io.BytesIO()
@@ -629,3 +645,22 @@ def test_semrecon_gadget_over_the_protocol_matches_in_process_replay(tmp_path: P
         image = remote.data.squeeze()
         psnr = 10 * np.log10(1.0 / np.mean((truth / truth.max() - image / image.max()) ** 2))
         assert psnr > 18.0, f"PSNR {psnr:.1f} dB against the stored phantom (measured 21.7-21.9 dB)"
+
+
+def test_emulator_ends_the_session_when_the_messages_fail(gadget_dir: Path) -> None:
+    def broken():
+        yield _image()
+        raise ValueError("chain stage failed")
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="chain stage failed"):
+        emulator.run_external(
+            "<configuration/>",
+            HEADER_XML,
+            broken(),
+            module="semrecon_test_gadgets",
+            target="passthrough",
+            gadget_path=[gadget_dir],
+            timeout=60,
+        )
+    assert time.monotonic() - start < 30

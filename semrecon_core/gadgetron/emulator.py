@@ -180,6 +180,11 @@ def exchange(
     except OSError as exc:
         if reader.is_alive() or not failure:
             failure.append(exc)
+    except BaseException:
+        # the messages themselves failed (e.g. a chain stage raised): end the session, then re-raise
+        _shutdown(sock)
+        reader.join(timeout)
+        raise
     reader.join()  # bounded: every receive waits at most ``timeout`` seconds
     run.seconds = time.perf_counter() - start
     if failure:
@@ -188,6 +193,13 @@ def exchange(
             raise EmulatorError(f"the gadget was silent for more than {timeout:.0f} s") from exc
         raise EmulatorError(f"the session ended abnormally: {type(exc).__name__}: {exc}") from exc
     return run
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class GadgetProcess:
@@ -312,6 +324,9 @@ def run_external(
             sock.close()
             gadget.stop(grace=5.0)
             raise EmulatorError(f"{exc}\n--- gadget log ---\n{gadget.log()}") from exc
+        except BaseException:
+            sock.close()
+            raise
         sock.close()
         run.returncode = gadget.stop(grace=timeout)
         run.log = gadget.log()
