@@ -371,6 +371,9 @@ def test_unknown_message_id_and_truncated_stream_are_named() -> None:
         protocol.read_message(io.BytesIO(out.getvalue()[:-100]))
     with pytest.raises(protocol.ProtocolError, match="30 dimensions is not plausible"):
         protocol.read_ndarray(io.BytesIO(struct.pack("<Q", 30)), np.complex64)
+    huge = struct.pack("<4Q", 3, 1 << 20, 1 << 20, 1 << 20)
+    with pytest.raises(protocol.ProtocolError, match=r"array of dims \[1048576, 1048576, 1048576\]"):
+        protocol.read_ndarray(io.BytesIO(huge), np.complex64)
 
 
 def test_socket_stream_raises_on_end_of_stream_instead_of_spinning() -> None:

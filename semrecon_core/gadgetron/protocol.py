@@ -46,6 +46,7 @@ _WRITE_BUFFER = 1 << 16
 # Sanity limits that turn a mis-framed stream into a clear error instead of a huge allocation.
 _MAX_NDIM = 16
 _MAX_TEXT = 1 << 30
+_MAX_ARRAY = 1 << 40
 
 
 class MessageId(IntEnum):
@@ -191,7 +192,15 @@ def write_dimensions(destination: Writable, shape: tuple[int, ...]) -> None:
 def read_ndarray(source: Readable, dtype: np.dtype | type) -> np.ndarray:
     """An ``hoNDArray<dtype>`` as a writable, Fortran-ordered numpy array of shape ``dims``."""
     dims = read_dimensions(source)
-    array = np.empty(dims, dtype=np.dtype(dtype), order="F")
+    dtype = np.dtype(dtype)
+    if not dims:
+        return np.empty(0, dtype=dtype)
+    nbytes = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
+    if nbytes > _MAX_ARRAY:
+        raise ProtocolError(
+            f"array of dims {list(dims)} ({nbytes / 2**30:.0f} GiB) is not plausible (mis-framed stream?)"
+        )
+    array = np.empty(dims, dtype=dtype, order="F")
     if array.size:
         flat = array.reshape(-1, order="F").view(np.uint8)
         read_into = getattr(source, "read_into", None)
