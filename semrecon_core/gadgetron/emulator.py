@@ -37,7 +37,7 @@ _LOG_LINES = 200
 
 
 class EmulatorError(RuntimeError):
-    """The gadget did not complete the session (did not connect, crashed, sent ERROR, timed out)."""
+    """The gadget did not complete the session (did not connect, crashed, broke the protocol, timed out)."""
 
 
 @dataclass
@@ -102,7 +102,6 @@ def child_environment(gadget_path: Sequence[str | os.PathLike[str]]) -> dict[str
     parts = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
     parts.extend(str(p) for p in gadget_path)
     env["PYTHONPATH"] = os.pathsep.join(parts)
-    env.setdefault("GADGETRON_EXTERNAL_LOG_LEVEL", "INFO")
     return env
 
 
