@@ -20,8 +20,8 @@ from torch import nn
 class UNetSpec:
     """U-Net architecture: ``depth`` levels, ``width`` channels at the first level (doubling per level).
 
-    ``residual`` adds the input to the output (``x + D(x)``); the paper's U-Net has none, the unrolled
-    network's denoisers use it so that an untrained stage starts close to the identity.
+    ``residual`` adds the input to the output (``x + D(x)``) and zero-initialises the output convolution;
+    the paper's U-Net has none, the unrolled network's denoisers use it so an untrained stage is the identity.
     """
 
     width: int = 64
@@ -76,6 +76,9 @@ class UNet(nn.Module):
             self.upsample.append(nn.ConvTranspose2d(channels * 2, channels, 2, stride=2))
             self.up.append(_double_conv(channels * 2, channels))
         self.output = nn.Conv2d(widths[0], 2, 1)
+        if self.spec.residual:
+            nn.init.zeros_(self.output.weight)
+            nn.init.zeros_(self.output.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Map a complex ``(slices, y, x)`` image to a complex image of the same shape."""
