@@ -187,10 +187,12 @@ CASES = {
 }
 
 
-def run_case(name: str, device_name: str, repeats: int) -> dict:
+def run_case(name: str, device_name: str, repeats: int, threads: int) -> dict:
     """Run one case in this process and return its measurements (incl. peak memory)."""
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device(device_name)
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -218,7 +220,11 @@ def _markdown(runs: dict) -> str:
             f"## {device}: {run['device_name']} ({run['dtype']}, torch {run['torch']}, {run['date']})",
             "",
         ]
-        lines += [f"1-min load average when the run started: {run['load_average_1min_at_start']:.1f}", ""]
+        lines += [
+            f"CPU threads per case: {run['cpu_threads']}; 1-min load average of the (shared) machine "
+            f"when the run started: {run['load_average_1min_at_start']:.1f}",
+            "",
+        ]
         lines += [
             "| case | seconds / call (fwd+bwd) | calls | peak RSS MiB | peak GPU MiB |",
             "|---|---|---|---|---|",
@@ -250,10 +256,16 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-llm", action="store_true", help="skip the real-size LLM call")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per case (0: torch's default); 1 is steadier on a busy machine",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.device, args.repeats)))
+        print(json.dumps(run_case(args.case, args.device, args.repeats, args.threads)))
         return 0
     import torch
 
@@ -274,6 +286,8 @@ def main() -> int:
             args.device,
             "--repeats",
             str(args.repeats),
+            "--threads",
+            str(args.threads),
         ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -300,6 +314,7 @@ def main() -> int:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_1min_at_start": load,
+        "cpu_threads": args.threads or torch.get_num_threads(),
         "cases": cases,
         "ratios": ratios,
     }

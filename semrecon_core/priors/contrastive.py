@@ -28,7 +28,7 @@ DEFAULT_PCA_DIMS = (64, 128, 256)
 
 def cosine_matrix(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Cosine similarities ``(S, M)`` of query vectors ``(S, D)`` and bank vectors ``(M, D)``."""
-    return F.normalize(query, dim=-1) @ F.normalize(bank, dim=-1).transpose(0, 1)
+    return _vector_dot(F.normalize(query, dim=-1), F.normalize(bank, dim=-1))
 
 
 def token_cosine(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -37,9 +37,16 @@ def token_cosine(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"token similarity: query tokens {tuple(query.shape[1:])} != bank tokens {tuple(bank.shape[1:])}"
         )
-    q = F.normalize(query, dim=-1)
-    b = F.normalize(bank, dim=-1)
-    return torch.einsum("std,mtd->sm", q, b) / query.shape[1]
+    return _token_dot(F.normalize(query, dim=-1), F.normalize(bank, dim=-1))
+
+
+def _vector_dot(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    return query @ bank.transpose(0, 1)
+
+
+def _token_dot(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    # Σ_t Σ_d q[s,t,d]·b[m,t,d] / T as one matrix product over the flattened (t, d) axes.
+    return (query.flatten(1) @ bank.flatten(1).transpose(0, 1)) / query.shape[1]
 
 
 def info_nce(
@@ -160,11 +167,12 @@ class ContrastiveLoss:
 
     def similarities(self, features: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per level, the similarities ``(S, |P|)`` and ``(S, |N|)`` of each query slice."""
-        compare = token_cosine if self.similarity == "token-pca" else cosine_matrix
-        return [
-            (compare(q, p), compare(q, n))
-            for q, p, n in zip(self.query(features), self.positives, self.negatives, strict=True)
-        ]
+        dot = _token_dot if self.similarity == "token-pca" else _vector_dot
+        out = []
+        for q, p, n in zip(self.query(features), self.positives, self.negatives, strict=True):
+            q = F.normalize(q, dim=-1)  # the bank was normalised once in __init__
+            out.append((dot(q, p), dot(q, n)))
+        return out
 
     def per_level(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Unweighted, reduced loss per level ``(levels,)``."""
