@@ -214,3 +214,38 @@ def test_replay_errors_name_the_problem(small: Path, tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert "GrappaGadget" in err and "chain.xml" in err
     assert not out.exists()
+
+
+def test_semantic_chain_with_a_tiny_random_janus(small: Path, tmp_path: Path) -> None:
+    """config/semrecon_semantic.xml end to end: U-Net + semantic prior (tiny random Janus, 2 iterations)."""
+    import torch
+
+    from semrecon_core.encoders.janus import JanusImageEncoder
+    from semrecon_core.encoders.tiny import build_tiny_janus
+    from semrecon_core.priors.bank import bank_from_features, embed_images
+
+    tiny = build_tiny_janus(tmp_path / "tiny-janus")
+    encoder = JanusImageEncoder.from_pretrained(str(tiny))
+    generator = torch.Generator().manual_seed(0)
+    positives = [torch.rand(1, 32, 32, generator=generator).to(torch.complex64) for _ in range(2)]
+    negatives = [p + 0.3 * torch.rand(1, 32, 32, generator=generator) for p in positives]
+    bank = bank_from_features(
+        embed_images(encoder, positives),
+        embed_images(encoder, negatives),
+        identity=encoder.identity,
+        similarity="pooled",
+        weights=(0.005, 0.5, 1.0),
+    )
+    overrides = {
+        "encoder": str(tiny),
+        "bank": str(bank.save(tmp_path / "bank.safetensors")),
+        "iterations": "2",
+        "device": "cpu",
+    }
+    images = replay(small, chain=CONFIG / "semrecon_semantic.xml", overrides=overrides).images
+    assert len(images) == 2
+    for image in images:
+        assert image.meta["GADGETRON_DataRole"] == "Image", image.meta["GADGETRON_ImageComment"]
+        assert image.meta["GADGETRON_SeqDescription"] == "_semrecon_unet_semantic"
+        assert "random" in image.meta["GADGETRON_ImageComment"].lower()  # tiny weights are labelled as such
+        assert image.data.dtype == np.uint16 and image.data.max() > 0
