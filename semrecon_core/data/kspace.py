@@ -9,6 +9,7 @@ Named constructors live with their readers (``semrecon_core.data.readers``) and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,23 @@ class KSpace:
         from semrecon_core.data.readers import from_recon_buffer
 
         return from_recon_buffer(bit_data, bit_ref, header)
+
+    def select(self, entries: slice | Sequence[int]) -> KSpace:
+        """A KSpace with only the given slice entries (tensors, headers and ground truth alike)."""
+        from dataclasses import replace
+
+        index = list(range(self.shape[0]))[entries] if isinstance(entries, slice) else list(entries)
+        if not index or not all(0 <= i < self.shape[0] for i in index):
+            name = self.source or "k-space"
+            raise IndexError(f"{name}: entries {index} out of range 0..{self.shape[0] - 1}")
+        return replace(
+            self,
+            data=self.data[index],
+            mask=self.mask[index],
+            calibration=self.calibration[index],
+            headers=tuple(self.headers[i] for i in index) if self.headers else (),
+            ground_truth=None if self.ground_truth is None else self.ground_truth[index],
+        )
 
     def to(self, device: torch.device | str) -> KSpace:
         """A copy with the tensors on ``device``."""
