@@ -232,3 +232,69 @@ def test_fastmri_reader_puts_phase_encoding_on_ky(tmp_path) -> None:
     full = KSpace.from_fastmri(tmp_path / "full.h5")
     rss = ifft2c(full.data).abs().pow(2).sum(1).sqrt().numpy()
     np.testing.assert_allclose(rss, images, atol=1e-4)
+
+
+def test_partial_fourier_lines_are_placed_by_the_encoding_centre(tmp_path) -> None:
+    import h5py
+    import ismrmrd
+
+    from semrecon_core.data.simulate import write_ismrmrd_raw
+
+    full_path = write_ismrmrd_raw(
+        tmp_path / "full.h5",
+        matrix=(40, 32),
+        coils=4,
+        acceleration=1,
+        acs_width=12,
+        noise_scan=False,
+        oversampling=1,
+    )
+    # partial Fourier: lines 0..11 never acquired, the rest renumbered from 0 with the centre at 8
+    with h5py.File(full_path, "r") as file:
+        xml = file["dataset/xml"][0].decode()
+    block = "<minimum>0</minimum><maximum>39</maximum><center>20</center>"
+    assert block in xml
+    reader = ismrmrd.Dataset(str(full_path), "dataset", mode="r")
+    writer = ismrmrd.Dataset(str(tmp_path / "partial.h5"), "dataset", mode="w")
+    writer.write_xml_header(
+        xml.replace(block, "<minimum>0</minimum><maximum>27</maximum><center>8</center>").encode()
+    )
+    for number in range(reader.number_of_acquisitions()):
+        acq = reader.read_acquisition(number)
+        if acq.idx.kspace_encode_step_1 >= 12:
+            acq.idx.kspace_encode_step_1 -= 12
+            writer.append_acquisition(acq)
+    reader.close()
+    writer.close()
+
+    full = KSpace.from_ismrmrd(full_path)
+    partial = KSpace.from_ismrmrd(tmp_path / "partial.h5")
+    rows = partial.mask[0].any(dim=-1)
+    assert not rows[:12].any() and rows[12:].all()
+    assert torch.equal(partial.data[:, :, 12:], full.data[:, :, 12:])
+    assert partial.data[:, :, :12].abs().sum() == 0
+    assert partial.calibration.shape == (1, 4, 12, 32)
+
+
+def test_averages_become_separate_entries(tmp_path) -> None:
+    import ismrmrd
+
+    from semrecon_core.data.simulate import write_ismrmrd_raw
+
+    source = write_ismrmrd_raw(tmp_path / "one.h5", matrix=(32, 32), coils=4, acceleration=2, acs_width=12)
+    reader = ismrmrd.Dataset(str(source), "dataset", mode="r")
+    writer = ismrmrd.Dataset(str(tmp_path / "two.h5"), "dataset", mode="w")
+    writer.write_xml_header(reader.read_xml_header())
+    acquisitions = [reader.read_acquisition(i) for i in range(reader.number_of_acquisitions())]
+    for average in (0, 1):
+        for acq in acquisitions:
+            if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and average:
+                continue
+            acq.idx.average = average
+            writer.append_acquisition(acq)
+    reader.close()
+    writer.close()
+    kspace = KSpace.from_ismrmrd(tmp_path / "two.h5")
+    assert kspace.shape == (2, 4, 32, 32)
+    assert [h.idx.average for h in kspace.headers] == [0, 1]
+    assert torch.equal(kspace.data[0], kspace.data[1])
