@@ -298,3 +298,28 @@ def test_averages_become_separate_entries(tmp_path) -> None:
     assert kspace.shape == (2, 4, 32, 32)
     assert [h.idx.average for h in kspace.headers] == [0, 1]
     assert torch.equal(kspace.data[0], kspace.data[1])
+
+
+def test_ismrmrd_stream_reads_like_the_hdf5_file(tmp_path) -> None:
+    import ismrmrd
+    from ismrmrd.serialization import ProtocolSerializer
+
+    from semrecon_core.data.simulate import write_ismrmrd_raw
+
+    path = write_ismrmrd_raw(
+        tmp_path / "scan.h5", matrix=(32, 32), slices=2, coils=4, acceleration=2, acs_width=12
+    )
+    dataset = ismrmrd.Dataset(str(path), "dataset", mode="r")
+    header = ismrmrd.xsd.CreateFromDocument(dataset.read_xml_header())
+    with open(tmp_path / "scan.mrd", "wb") as handle, ProtocolSerializer(handle) as stream:
+        stream.serialize(header)
+        for number in range(dataset.number_of_acquisitions()):
+            stream.serialize(dataset.read_acquisition(number))
+    dataset.close()
+    from_file = load_kspace(path)
+    from_stream = load_kspace(tmp_path / "scan.mrd")
+    assert from_stream.info == from_file.info
+    assert torch.equal(from_stream.data, from_file.data) and torch.equal(from_stream.mask, from_file.mask)
+    (tmp_path / "junk.mrd").write_bytes(b"\x07\x00garbage")
+    with pytest.raises(ValueError, match="junk.mrd: not an HDF5 file"):
+        load_kspace(tmp_path / "junk.mrd")

@@ -4,6 +4,8 @@
   (noise prewhitening, readout-oversampling removal, accumulation, buffering) → :func:`from_recon_buffer`,
   the one constructor shared with the Gadgetron gadget. Ground truth from ``dataset/phantom``
   (``ismrmrd_generate_cartesian_shepp_logan``) or ``semrecon/ground_truth`` (``semrecon simulate``).
+- ISMRMRD binary streams (``.mrd``/``.bin``/``.dat`` that are not HDF5): header + acquisition messages,
+  through the same buffering.
 - fastMRI HDF5 (``kspace`` ``(slices, coils, rows, cols)`` + ``ismrmrd_header``; readout along rows).
 - ``.npy`` k-space ``(coils, ky, kx)`` or ``(slices, coils, ky, kx)`` with an optional mask ``.npy``.
 - BART ``.cfl``/``.hdr`` (dims: readout, phase 1, phase 2, coils, ..., slice at index 13).
@@ -15,6 +17,7 @@ are only opened for reading.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 #: fewest fully sampled centre lines accepted as a calibration region (ESPIRiT kernel 6 + margin)
 MIN_CALIBRATION = 8
 GROUND_TRUTH_DATASETS = ("semrecon/ground_truth", "dataset/phantom")
+#: suffixes of ISMRMRD binary stream files (non-HDF5 content with these suffixes is read as a stream)
+STREAM_SUFFIXES = (".mrd", ".bin", ".dat")
 
 
 # ------------------------------------------------------------------------------ calibration region
@@ -316,6 +321,15 @@ def concatenate(parts: Sequence[KSpace], *, source: str | None = None) -> KSpace
 
 
 # ------------------------------------------------------------------------------------------- HDF5
+def _is_hdf5(path: Path) -> bool:
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
+
+
 def _open_hdf5(path: Path) -> Any:
     import h5py
 
@@ -401,11 +415,8 @@ def _ground_truth(file: Any, kspace: KSpace, path: Path) -> np.ndarray | None:
     return None
 
 
-def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "repetition") -> KSpace:
-    """Read an ISMRMRD raw file: acquisitions → Gadgetron-equivalent buffers → :func:`from_recon_buffer`.
-
-    Every slice, repetition, average (and other counters) becomes one KSpace slice entry.
-    """
+def _kspace_from_acquisitions(acquisitions: list[Any], xml: str, source: str, trigger: str) -> KSpace:
+    """Acquisitions → Gadgetron-equivalent buffers → one KSpace (every buffer entry a slice)."""
     from semrecon_core.data.buffers import (
         FLAG_NOISE,
         parse_header,
@@ -413,41 +424,79 @@ def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "
         recon_data_from_acquisitions,
     )
 
+    try:
+        header = parse_header(xml)
+        recon_data = recon_data_from_acquisitions(acquisitions, header, trigger=trigger)
+        parts = [
+            from_recon_buffer(bit.data, bit.ref, xml, source=source)
+            for item in recon_data
+            for bit in item.bits
+        ]
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    noise_scans = sum(1 for a in acquisitions if a.flags & (1 << (FLAG_NOISE - 1)))
+    kspace = concatenate(parts, source=source)
+    return replace(
+        kspace, info={"noise_scans": noise_scans, "readout_oversampling": readout_oversampling(header)}
+    )
+
+
+def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "repetition") -> KSpace:
+    """Read an ISMRMRD raw HDF5 file: acquisitions → Gadgetron-equivalent buffers → :func:`from_recon_buffer`.
+
+    Every slice, repetition, average (and other counters) becomes one KSpace slice entry.
+    """
     path = Path(path)
     with _open_hdf5(path) as file:
         if dataset not in file:
-            raise ValueError(
-                f"{path}: no ISMRMRD group '{dataset}' (found: {', '.join(file.keys()) or 'nothing'})"
-            )
+            found = ", ".join(file.keys()) or "nothing"
+            raise ValueError(f"{path}: no ISMRMRD group '{dataset}' (found: {found})")
         group = file[dataset]
         if "xml" not in group:
             raise ValueError(f"{path}: no ISMRMRD XML header ('{dataset}/xml' missing)")
         xml = group["xml"][0]
         xml = xml.decode("utf-8") if isinstance(xml, bytes) else str(xml)
-        try:
-            header = parse_header(xml)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        acquisitions = _read_acquisitions(path, group)
-        noise_scans = sum(1 for a in acquisitions if a.flags & (1 << (FLAG_NOISE - 1)))
-        try:
-            recon_data = recon_data_from_acquisitions(acquisitions, header, trigger=trigger)
-            parts = [
-                from_recon_buffer(bit.data, bit.ref, xml, source=str(path))
-                for item in recon_data
-                for bit in item.bits
-            ]
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        kspace = concatenate(parts, source=str(path))
-        kspace = replace(
-            kspace,
-            info={"noise_scans": noise_scans, "readout_oversampling": readout_oversampling(header)},
-        )
+        kspace = _kspace_from_acquisitions(_read_acquisitions(path, group), xml, str(path), trigger)
         truth = _ground_truth(file, kspace, path)
     if truth is not None:
         kspace = replace(kspace, ground_truth=torch.from_numpy(truth))
     return kspace
+
+
+def read_ismrmrd_stream(path: str | Path, *, trigger: str = "repetition") -> KSpace:
+    """Read an ISMRMRD binary stream file (as written by ``ismrmrd.serialization.ProtocolSerializer``
+    or a client's ``-o`` dump): header message, acquisitions, optional CLOSE."""
+    import ismrmrd
+    from ismrmrd.serialization import ProtocolDeserializer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    xml: str | None = None
+    acquisitions: list[Any] = []
+    with open(path, "rb") as handle:
+        stream = ProtocolDeserializer(handle)
+        try:
+            for item in stream.deserialize():
+                if isinstance(item, ismrmrd.Acquisition):
+                    if xml is None:
+                        raise ValueError(f"{path}: acquisition before the ISMRMRD header in the stream")
+                    _check_finite(np.asarray(item.data), f"{path}: acquisition #{len(acquisitions)}")
+                    acquisitions.append(item)
+                elif isinstance(item, ismrmrd.xsd.ismrmrdHeader):
+                    xml = ismrmrd.xsd.ToXML(item)
+        except EOFError:
+            pass  # streams written without a CLOSE message end here
+        except (ValueError, struct.error) as exc:
+            raise ValueError(
+                f"{path}: not an HDF5 file, and not a readable ISMRMRD stream (after {len(acquisitions)} "
+                f"acquisitions): {exc}"
+            ) from None
+    if xml is None:
+        raise ValueError(
+            f"{path}: not an HDF5 file, and no ISMRMRD header message found (not an ISMRMRD stream)"
+        )
+    return _kspace_from_acquisitions(acquisitions, xml, str(path), trigger)
 
 
 def read_fastmri(path: str | Path) -> KSpace:
@@ -623,7 +672,8 @@ def load_kspace(path: str | Path, **options: Any) -> KSpace:
 
     ``.npy`` → :func:`read_npy`, ``.cfl``/``.hdr`` → :func:`read_bart` (both accept ``mask=``);
     HDF5 with ``kspace`` → :func:`read_fastmri`; HDF5 with an ISMRMRD group → :func:`read_ismrmrd`
-    (accepts ``dataset=``, ``trigger=``). Unknown options are an error.
+    (accepts ``dataset=``, ``trigger=``); a non-HDF5 ``.mrd``/``.bin``/``.dat`` → :func:`read_ismrmrd_stream`.
+    Unknown options are an error.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -631,6 +681,13 @@ def load_kspace(path: str | Path, **options: Any) -> KSpace:
         return _call(read_npy, path, options, ("mask",))
     if suffix in (".cfl", ".hdr"):
         return _call(read_bart, path, options, ("mask",))
+    if path.is_file() and not _is_hdf5(path):
+        if suffix in STREAM_SUFFIXES:
+            return _call(read_ismrmrd_stream, path, options, ("trigger",))
+        raise ValueError(
+            f"{path}: not an HDF5 file (expected ISMRMRD raw or fastMRI .h5, .npy, .cfl, "
+            f"or an ISMRMRD stream {'/'.join(STREAM_SUFFIXES)}); truncated or wrong format?"
+        )
     with _open_hdf5(path) as file:
         is_fastmri = "kspace" in file
         has_ismrmrd = options.get("dataset", "dataset") in file
