@@ -667,3 +667,30 @@ def test_emulator_ends_the_session_when_the_messages_fail(gadget_dir: Path) -> N
             timeout=60,
         )
     assert time.monotonic() - start < 30
+
+
+def test_fast_readers_on_a_gadgetron_connection() -> None:
+    import warnings
+
+    from gadgetron.external.connection import Connection
+
+    compat.install()
+    recon_data, array = _recon_data(), _image_array(with_waveform=True)
+    left, right = socket.socketpair()
+    stream = protocol.SocketStream(right)
+    protocol.write_config(stream, "<configuration/>")
+    protocol.write_header(stream, HEADER_XML)
+    protocol.write_recon_data(stream, recon_data)
+    protocol.write_image_array(stream, array)
+    protocol.write_close(stream)
+    connection = Connection(left)
+    compat.use_fast_readers(connection)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = list(connection)
+    assert [type(item).__name__ for item in items] == ["ReconData", "ImageArray"]
+    _assert_recon_data_equal(items[0], recon_data)
+    assert np.array_equal(items[1].data, array.data) and items[1].meta == array.meta
+    assert not [w for w in caught if "PEP3118" in str(w.message)]
+    left.close()
+    right.close()

@@ -98,6 +98,21 @@ def read_acquisition_bucket(source: Any) -> Any:
     return acquisition_bucket.read_acquisition_bucket(source)
 
 
+def use_fast_readers(connection: Any) -> None:
+    """Read ReconData and ImageArray on ``connection`` with :mod:`~semrecon_core.gadgetron.protocol`.
+
+    gadgetron's readers build the header arrays from lists of ctypes structures (slow, and numpy warns
+    about their buffer format for every buffer); the replacements read them in one piece and fill the
+    data arrays in place. Objects and values are the same.
+    """
+    from gadgetron.external import constants
+
+    from semrecon_core.gadgetron import protocol
+
+    connection.add_reader(constants.GADGET_MESSAGE_RECON_DATA, protocol.read_recon_data)
+    connection.add_reader(constants.GADGET_MESSAGE_IMAGE_ARRAY, protocol.read_image_array)
+
+
 def install() -> None:
     """Patch the ``gadgetron`` package in place (idempotent)."""
     global _installed

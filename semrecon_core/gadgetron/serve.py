@@ -110,6 +110,8 @@ class GadgetServer:
         """One session on an accepted socket; never raises for a failing scan (it is logged)."""
         from gadgetron.external import Connection
 
+        from semrecon_core.gadgetron import compat
+
         _set_kernel_timeouts(sock, self.idle_timeout)
         start = time.perf_counter()
         try:
@@ -120,6 +122,7 @@ class GadgetServer:
             )
             sock.close()
             return
+        compat.use_fast_readers(connection)
         with connection:
             try:
                 gadget = self._gadget_for(connection, name)
