@@ -29,9 +29,9 @@ from semrecon_core.recon import ReconProblem, ReconResult
 Status = dict[str, Any]
 
 # Primal step of the TV solver relative to the image scale (max |zero-filled| = 1); σ = 1 / (τ‖∇‖²).
-TV_PRIMAL_STEP = 1.0
+TV_PRIMAL_STEP = 3.0
 # Warm-started CG iterations for the data-term proximal map per primal-dual iteration.
-TV_INNER_CG = 4
+TV_INNER_CG = 2
 
 
 def pdhg(
