@@ -185,7 +185,7 @@ def main() -> None:
         "",
         "Reference: the `ismrmrd` package reading every acquisition (no processing).",
         "`KSpace.from_ismrmrd` reads the whole table at once, then prewhitens, removes readout oversampling,",
-        "accumulates, buffers and builds the KSpace (imports of the first call included).",
+        "accumulates, buffers and builds the KSpace.",
         "",
         f"Noise prewhitening ({whitening['scan']}), CG-SENSE PSNR vs ground truth:",
         f"{whitening['psnr_with_prewhitening_db']:.2f} dB with, "

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from semrecon_core.data.images import atomic_path
-from semrecon_core.data.kspace import Geometry, KSpace
+if TYPE_CHECKING:
+    from semrecon_core.data.kspace import KSpace
 
 DWELL_TIME_US = 5.0
 RECEIVER_NOISE_BANDWIDTH = 0.793
@@ -64,7 +63,9 @@ def smooth_phase(
 
 
 def _as_images(image: Any) -> np.ndarray:
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if hasattr(image, "detach"):  # a torch tensor
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
     array = np.abs(array).astype(np.float32)
     if array.ndim == 2:
         array = array[None]
@@ -110,6 +111,8 @@ def _coil_kspace(
     images: np.ndarray, coils: int, rng: np.random.Generator, oversampling: int = 1
 ) -> np.ndarray:
     """Noise-free k-space ``(slices, coils, y, oversampling·x)``; the readout FOV is zero padded."""
+    import torch
+
     from semrecon_core.physics.fft import fft2c
 
     slices, ny, nx = images.shape
@@ -146,6 +149,8 @@ def simulate_kspace(
     Returns:
         A ``KSpace`` with ``ground_truth`` = the normalised magnitude image.
     """
+    from semrecon_core.data.kspace import Geometry
+    from semrecon_core.data.readers import from_arrays
     from semrecon_core.physics.masks import sampling_mask
 
     images = _as_images(image)
@@ -158,8 +163,6 @@ def simulate_kspace(
     noise = _noise((coils, slices, ny, nx), _noise_mixing(coils, rng), noise_std, rng)
     full = full + noise.transpose(1, 0, 2, 3)
     mask = sampling_mask(mask_kind, (ny, nx), acceleration, acs_width=acs_width, seed=seed).numpy()
-    from semrecon_core.data.readers import from_arrays
-
     geometry = Geometry((nx, ny, 1), (nx, ny, 1), (float(nx), float(ny), 1.0), (float(nx), float(ny), 1.0))
     return from_arrays(
         full,
@@ -265,6 +268,7 @@ def write_ismrmrd_raw(
     """
     import ismrmrd
 
+    from semrecon_core.data.images import atomic_path
     from semrecon_core.physics.masks import sampling_mask
 
     path = Path(path)
