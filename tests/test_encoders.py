@@ -73,6 +73,13 @@ def test_tiny_checkpoint_loads_offline_and_is_labelled_random(tiny: Path, monkey
     assert processor.tokenizer.image_token == "<image_placeholder>"
 
 
+def test_vision_tower_alone_loads_the_checkpoints_vision_weights(tiny: Path, image_encoder) -> None:
+    full = transformers.JanusForConditionalGeneration.from_pretrained(tiny, local_files_only=True)
+    ours, reference = image_encoder.vision.state_dict(), full.model.vision_model.state_dict()
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
 def test_hidden_state_indexing_matches_the_public_code_layers(image_encoder: JanusImageEncoder) -> None:
     pixels = image_encoder.pixels(_image())
     with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from semrecon_core.encoders import instructions as _instructions
 from semrecon_core.encoders.loading import (
+    EncoderUnavailable,
     fingerprint,
     is_random_checkpoint,
     load_model,
@@ -51,6 +53,34 @@ class _Loaded:
         self.is_random = is_random_checkpoint(self.directory)
         dtype = torch.bfloat16 if (autocast and device.type == "cuda") else torch.float32
         self.model = load_model(JanusForConditionalGeneration, self.directory, dtype=dtype).to(device)
+
+
+def load_vision_tower(directory: Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The ``JanusVisionModel`` of a full Janus checkpoint, reading only its ``model.vision_model.*`` tensors.
+
+    ``JanusVisionModel.from_pretrained`` on a full checkpoint silently keeps random weights (prefix
+    mismatch), and loading the whole model costs the LLM's memory; this reads the vision tensors from the
+    safetensors shards and loads them strictly (every parameter must be present).
+    """
+    from safetensors import safe_open
+    from transformers import JanusConfig, JanusVisionModel
+
+    config = JanusConfig.from_pretrained(directory, local_files_only=True)
+    vision = JanusVisionModel._from_config(config.vision_config, dtype=dtype)
+    prefix = "model.vision_model."
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = handle.get_tensor(key).to(dtype)
+    try:
+        vision.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise EncoderUnavailable(
+            f"encoder '{directory}': vision-tower weights do not match the config: {exc}"
+        ) from None
+    return vision.requires_grad_(False).eval()
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -122,17 +152,16 @@ class JanusImageEncoder:
         autocast: bool = True,
         gradient_checkpointing: bool = False,
     ) -> JanusImageEncoder:
-        """Load a Janus checkpoint (HF id or directory) and keep only its vision tower."""
+        """Load only the vision tower of a Janus checkpoint (HF id or directory)."""
         device = torch.device(device)
-        loaded = _Loaded(name, allow_download=allow_download, device=device, autocast=autocast)
-        vision = loaded.model.model.vision_model
-        del loaded.model
+        directory = resolve_checkpoint(name, allow_download=allow_download)
+        dtype = torch.bfloat16 if (autocast and device.type == "cuda") else torch.float32
         return cls(
-            vision,
+            load_vision_tower(directory, dtype=dtype).to(device),
             name=name,
-            revision=loaded.revision,
+            revision=fingerprint(directory),
             layers=layers,
-            is_random=loaded.is_random,
+            is_random=is_random_checkpoint(directory),
             autocast=autocast,
             gradient_checkpointing=gradient_checkpointing,
         )
