@@ -38,7 +38,7 @@ from semrecon_core.backbones.siren import Adaptor, InrImage, SirenSpec
 from semrecon_core.backbones.unet import UNet
 from semrecon_core.backbones.unrolled import UnrolledNet, ssdu_split
 from semrecon_core.config import ReconConfig
-from semrecon_core.physics.fft import fft2c, ifft2c
+from semrecon_core.physics.cg import conjugate_gradient
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.recon import Callback, ReconProblem, ReconResult
 
@@ -70,15 +70,19 @@ def data_term(predicted: torch.Tensor, measured: torch.Tensor, kind: str) -> tor
     raise ValueError(f"data term: expected 'l2' or 'l1', found {kind!r}")
 
 
-def hard_data_consistency(image: torch.Tensor, kspace: torch.Tensor, op: SenseOp) -> torch.Tensor:
-    """Replace the measured samples in each coil's k-space of ``image`` and coil-combine again.
+def final_data_consistency(
+    image: torch.Tensor, kspace: torch.Tensor, op: SenseOp, *, weight: float = 1e-3, iterations: int = 30
+) -> torch.Tensor:
+    """Data-consistency step: ``argmin_x ‖A x − y‖² + weight·‖x − image‖²`` by conjugate gradient from ``image``.
 
-    ``x ← Σ_j C_jᴴ F⁻¹[(1 − M) F C_j x + y_j]`` (exact for maps with ``Σ_j |C_j|² = 1`` on the support).
+    With a small ``weight`` the result reproduces the measured samples (up to noise the network removed
+    and the conditioning of ``A``) while keeping the network's image in the unmeasured part.
     """
-    mask = op.mask.unsqueeze(-3)
-    coil_kspace = fft2c(op.maps * image.unsqueeze(-3))
-    merged = torch.where(mask, kspace, coil_kspace)
-    return (op.maps.conj() * ifft2c(merged)).sum(dim=-3)
+    measured = kspace * op.mask.unsqueeze(-3)
+    with torch.no_grad():
+        return conjugate_gradient(
+            op.normal, op.adjoint(measured) + weight * image, lam=weight, x0=image, max_iter=iterations
+        )
 
 
 def resolve_prior(config: ReconConfig, device: torch.device, prior: Any = None) -> Any:
@@ -278,7 +282,7 @@ def _finish(
 ) -> ReconResult:
     image = torch.cat(images, dim=0)
     if config.final_dc:
-        image = hard_data_consistency(image, problem.kspace, SenseOp(problem.maps, problem.mask))
+        image = final_data_consistency(image, problem.kspace, SenseOp(problem.maps, problem.mask))
     info = {**info, "iterations": config.iterations, "final_dc": config.final_dc}
     info["data_residual"] = _relative_residual(image, problem)
     return ReconResult(image=image, label=f"{label} + {_prior_label(prior)}", info=info, trace=trace)
