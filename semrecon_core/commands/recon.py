@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,31 @@ def _save_png(path: Path, magnitude: np.ndarray) -> None:
         Image.fromarray((np.clip(montage, 0, 1) * 255).round().astype(np.uint8)).save(temp, format="PNG")
 
 
+class _Progress:
+    """A terminal line on stderr: iteration, ETA and the status' loss terms (at most 4 updates a second)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.start = time.monotonic()
+        self.shown = 0.0
+
+    def update(self, status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.shown < 0.25:
+            return
+        self.shown = now
+        iteration = int(status.get("iteration", 0)) + 1
+        eta = (now - self.start) / iteration * max(self.total - iteration, 0)
+        terms = "  ".join(
+            f"{k} {v:.4g}" for k, v in status.items() if k != "iteration" and isinstance(v, (int, float))
+        )
+        sys.stderr.write(f"\r  iteration {iteration}/{self.total}  ETA {eta:5.1f} s  {terms}"[:160].ljust(80))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, estimate coil maps, reconstruct, write the images; print metrics when there is ground truth."""
     import torch
@@ -160,7 +187,17 @@ def run(args: argparse.Namespace) -> int:
     maps = espirit_maps(kspace, calib_width=width, device=device)
 
     records: list[dict[str, Any]] = []
-    result = reconstruct(kspace, maps, config, callback=records.append if args.trace else None)
+    progress = _Progress(config.resolved().iterations or 0) if sys.stderr.isatty() else None
+
+    def callback(status: dict[str, Any]) -> None:
+        if args.trace is not None:
+            records.append(status)
+        if progress is not None:
+            progress.update(status)
+
+    result = reconstruct(kspace, maps, config, callback=callback if args.trace or progress else None)
+    if progress is not None:
+        progress.close()
     image = crop_to_recon(result.image, kspace)
     meta = {
         "GADGETRON_ImageComment": result.label,

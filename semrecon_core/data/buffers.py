@@ -300,6 +300,11 @@ def _make_buffer(
     first = acqs[0]
     samples, channels = first.number_of_samples, first.active_channels
     for acq in acqs:
+        if acq.encoding_space_ref != 0:
+            raise ValueError(
+                f"{_describe(acq)} belongs to encoding space {acq.encoding_space_ref}; "
+                "only the first <encoding> of the header is supported"
+            )
         if acq.active_channels != channels:
             raise ValueError(
                 f"inconsistent channel counts: {_describe(acq)} has {acq.active_channels} channels, "
