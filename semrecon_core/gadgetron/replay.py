@@ -193,7 +193,7 @@ def write_pngs(directory: str | Path, images: list[Any]) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``semrecon replay``."""
-    parser.add_argument("input", help="ISMRMRD raw file (.h5 / .mrd) with a noise scan and acquisitions")
+    parser.add_argument("input", help="ISMRMRD raw HDF5 file (.h5; noise scan optional)")
     parser.add_argument(
         "output", help="ISMRMRD file to write the images to (one group image_<series> per series)"
     )
