@@ -214,6 +214,7 @@ def run(data: Path, repeats: int, do_tune: bool) -> dict:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "load_average_1min": round(os.getloadavg()[0], 2),
             "repeats": repeats,
         },
@@ -267,7 +268,8 @@ def markdown(record: dict) -> str:
     lines += [
         "",
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads), 1-min load average {machine['load_average_1min']} "
+        f"({machine['torch_threads']} threads; BART OMP_NUM_THREADS={machine['omp_threads']}), "
+        f"1-min load average {machine['load_average_1min']} "
         "at the end; "
         f"times are the best of {machine['repeats']} runs (BART includes its .cfl I/O).",
     ]
@@ -288,7 +290,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best is kept)")
     parser.add_argument("--tune", action="store_true", help="also report the PSNR of every λ of the grids")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for both sides (torch and BART's OpenMP)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if shutil.which("bart") is None:
         parser.error("'bart' is not on PATH (apt-get install bart)")
     if not args.data.is_file():

@@ -106,14 +106,20 @@ def sense(
 ) -> ReconResult:
     """CG-SENSE (prior ``none``) or compressed-sensing TV (prior ``tv``) as ``config`` says.
 
-    ``prior`` may be a prebuilt :class:`~semrecon_core.priors.tv.TVPrior`; otherwise one with weight
-    ``config.lam`` is used for prior ``tv``.
+    For prior ``tv`` the regulariser is ``config.lam · TV``; a prebuilt ``prior`` (a
+    :class:`~semrecon_core.priors.tv.TVPrior`, as :func:`semrecon_core.priors.build_prior` makes with
+    weight 1) multiplies that by its own weight, like λ·prior in the deep engines.
     """
     config = config.resolved()
     if config.prior == "none":
         return _cg_sense(problem, config, callback)
     if config.prior == "tv":
-        tv = prior if isinstance(prior, TVPrior) else TVPrior(weight=float(config.lam))
+        if prior is not None and not isinstance(prior, TVPrior):
+            raise ValueError(
+                f"backbone 'sense' with prior 'tv': expected a TVPrior, found {type(prior).__name__}"
+            )
+        scale = 1.0 if prior is None else prior.weight
+        tv = TVPrior(weight=float(config.lam) * scale)
         return _tv_pdhg(problem, config, tv, callback)
     raise ValueError(f"property 'prior': backbone 'sense' supports none or tv, found {config.prior!r}")
 

@@ -97,11 +97,13 @@ def test_engines_beat_zero_filled_on_a_phantom() -> None:
     assert "CG-SENSE" in cg.label and "TV" in tv.label and "zero-filled" in zero.label
 
 
-def test_tv_engine_uses_a_given_prior_and_rejects_semantic() -> None:
+def test_tv_engine_scales_a_given_prior_by_lambda_and_rejects_others() -> None:
     scan, maps = phantom_scan(n=32)
-    config = ReconConfig(backbone="sense", prior="tv", iterations=3)
-    result = reconstruct(scan, maps, config, prior=TVPrior(0.25))
-    assert "0.25" in result.label
+    config = ReconConfig(backbone="sense", prior="tv", lam=0.1, iterations=3)
+    assert "λ 0.025" in reconstruct(scan, maps, config, prior=TVPrior(0.25)).label
+    assert "λ 0.1" in reconstruct(scan, maps, config).label
+    with pytest.raises(ValueError, match="expected a TVPrior"):
+        reconstruct(scan, maps, config, prior=object())
     from semrecon_core.classical import sense
 
     with pytest.raises(ValueError, match="prior"):
