@@ -159,3 +159,20 @@ def test_output_may_not_overwrite_the_input(scan: Path, capsys) -> None:
     before = _digest(scan)
     _fails(["recon", str(scan), str(scan)], capsys, "would overwrite the input")
     assert _digest(scan) == before
+
+
+def test_failed_coil_maps_are_an_error_not_a_wrong_image(tmp_path: Path, capsys) -> None:
+    from semrecon_core.data.simulate import builtin_anatomy, simulate_kspace
+
+    # a tiny noise-free scan with a 10-line calibration block: ESPIRiT finds (almost) no sensitivities
+    kspace = simulate_kspace(
+        builtin_anatomy((24, 32)), coils=4, acceleration=2, acs_width=9, noise_std=0, mask_kind="equispaced"
+    )
+    np.save(tmp_path / "tiny.npy", kspace.data[0].numpy())
+    _fails(
+        ["recon", str(tmp_path / "tiny.npy"), str(tmp_path / "o.h5")],
+        capsys,
+        "tiny.npy",
+        "coil maps cover only",
+    )
+    assert not (tmp_path / "o.h5").exists()

@@ -125,6 +125,24 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{option} {path}: directory {path.parent} does not exist")
 
 
+def _check_coverage(kspace: Any, maps: Any) -> None:
+    """Refuse coil maps that vanish over most of the object (ESPIRiT failed): never a silent wrong image."""
+    from semrecon_core.physics.fft import ifft2c
+
+    signal = ifft2c(kspace.data).abs().pow(2).sum(dim=1).sqrt()
+    covered = maps.abs().pow(2).sum(dim=1).sqrt() > 0.5
+    for index in range(signal.shape[0]):
+        plane = signal[index]
+        inside = plane > 0.2 * plane.max()
+        fraction = float(covered[index][inside].float().mean()) if inside.any() else 1.0
+        if fraction < 0.3:
+            region = tuple(kspace.calibration.shape[-2:])
+            raise ValueError(
+                f"{kspace.source}: ESPIRiT coil maps cover only {fraction:.0%} of the object in slice "
+                f"{index} (calibration region {region}); more calibration lines are needed"
+            )
+
+
 def _scaled_to(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
     """``image`` magnitude scaled per slice by the least-squares factor onto ``reference``."""
     magnitude = np.abs(image)
@@ -185,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(config.device)
     width = min(config.calib_width, *kspace.calibration.shape[-2:])
     maps = espirit_maps(kspace, calib_width=width, device=device)
+    _check_coverage(kspace, maps)
 
     records: list[dict[str, Any]] = []
     progress = _Progress(config.resolved().iterations or 0) if sys.stderr.isatty() else None
