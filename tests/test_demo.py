@@ -13,6 +13,17 @@ pytest.importorskip("peft")
 from semrecon_core.cli import main  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The small demo runs fastest on one thread, also on a busy CI machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def no_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty HuggingFace cache and no hub access: the real Janus cannot be found."""
