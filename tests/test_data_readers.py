@@ -323,3 +323,14 @@ def test_ismrmrd_stream_reads_like_the_hdf5_file(tmp_path) -> None:
     (tmp_path / "junk.mrd").write_bytes(b"\x07\x00garbage")
     with pytest.raises(ValueError, match="junk.mrd: not an HDF5 file"):
         load_kspace(tmp_path / "junk.mrd")
+
+
+def test_ismrmrd_group_under_another_name_is_found(tmp_path) -> None:
+    import h5py
+
+    from semrecon_core.data.simulate import write_ismrmrd_raw
+
+    path = write_ismrmrd_raw(tmp_path / "scan.h5", matrix=(32, 32), coils=4, acceleration=2, acs_width=12)
+    with h5py.File(path, "r") as source, h5py.File(tmp_path / "renamed.h5", "w") as target:
+        source.copy("dataset", target, name="meas_0042")
+    assert load_kspace(tmp_path / "renamed.h5").shape == load_kspace(path).shape

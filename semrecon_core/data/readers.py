@@ -690,10 +690,12 @@ def load_kspace(path: str | Path, **options: Any) -> KSpace:
         )
     with _open_hdf5(path) as file:
         is_fastmri = "kspace" in file
-        has_ismrmrd = options.get("dataset", "dataset") in file
+        groups = [name for name, item in file.items() if hasattr(item, "keys") and "data" in item]
     if is_fastmri:
         return _call(read_fastmri, path, options, ())
-    if has_ismrmrd:
+    if "dataset" not in options and "dataset" not in groups and len(groups) == 1:
+        options = {**options, "dataset": groups[0]}  # an ISMRMRD group under another name
+    if options.get("dataset", "dataset") in groups:
         return _call(read_ismrmrd, path, options, ("dataset", "trigger"))
     raise ValueError(
         f"{path}: HDF5 file without an ISMRMRD header or fastMRI k-space "
