@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,13 +54,20 @@ def _networks() -> dict[str, dict[str, Any]]:
     from semrecon_core.backbones.unrolled import UnrolledNet
 
     return {
-        "unet": {"make": lambda: {"network": UNet(UNetSpec(width=16, depth=4))},
-                 "describe": "U-Net width 16, depth 4 (paper 64, 5)"},
-        "unrolled": {"make": lambda: {"network": UnrolledNet(UNetSpec(width=16, depth=4, residual=True),
-                                                             cg_iterations=10)},
-                     "describe": "4 stages, residual U-Nets width 16 depth 4, 10 CG iterations (paper 64/5, 20 CG)"},
-        "inr": {"make": lambda: {"spec": SirenSpec(features=128, layers=5)},
-                "describe": "SIREN 5×128, ω0 15 (paper 8×256)"},
+        "unet": {
+            "make": lambda: {"network": UNet(UNetSpec(width=16, depth=4))},
+            "describe": "U-Net width 16, depth 4 (paper 64, 5)",
+        },
+        "unrolled": {
+            "make": lambda: {
+                "network": UnrolledNet(UNetSpec(width=16, depth=4, residual=True), cg_iterations=10)
+            },
+            "describe": "4 stages, residual U-Nets width 16 depth 4, 10 CG iterations (paper 64/5, 20 CG)",
+        },
+        "inr": {
+            "make": lambda: {"spec": SirenSpec(features=128, layers=5)},
+            "describe": "SIREN 5×128, ω0 15 (paper 8×256)",
+        },
     }
 
 
@@ -70,7 +78,9 @@ def _bank(encoder: Any, images: list[np.ndarray], config: Any, seed: int) -> Any
 
     truth = torch.from_numpy(np.stack(images)).to(torch.complex64)
     source = Source(images=truth, kspace=fft2c(truth).unsqueeze(1), sha256="", path=Path("knee"))
-    negatives = [image for image, _ in undersampled_versions(source, np.random.default_rng(seed), acs_width=12)]
+    negatives = [
+        image for image, _ in undersampled_versions(source, np.random.default_rng(seed), acs_width=12)
+    ]
     return bank_from_features(
         embed_images(encoder, list(truth.split(1))),
         embed_images(encoder, negatives),
@@ -80,8 +90,9 @@ def _bank(encoder: Any, images: list[np.ndarray], config: Any, seed: int) -> Any
     )
 
 
-def _step_breakdown(problem: Any, backbone: str, network_kwargs: dict[str, Any], prior: Any,
-                    config: Any, repeats: int) -> dict[str, float]:
+def _step_breakdown(
+    problem: Any, backbone: str, network_kwargs: dict[str, Any], prior: Any, config: Any, repeats: int
+) -> dict[str, float]:
     """Median seconds of each part of one optimisation step (see module docstring)."""
     from semrecon_core.backbones.finetune import data_term
     from semrecon_core.backbones.siren import InrImage
@@ -95,6 +106,7 @@ def _step_breakdown(problem: Any, backbone: str, network_kwargs: dict[str, Any],
     zero_filled = op.adjoint(measured)
     if backbone == "inr":
         net: Any = InrImage(tuple(zero_filled.shape), network_kwargs["spec"])
+
         def forward() -> torch.Tensor:
             return net()
     elif backbone == "unrolled":
@@ -103,15 +115,31 @@ def _step_breakdown(problem: Any, backbone: str, network_kwargs: dict[str, Any],
         op_net, op = SenseOp(problem.maps, theta), SenseOp(problem.maps, held)
         seen, measured = problem.kspace * theta.unsqueeze(-3), problem.kspace * held.unsqueeze(-3)
         start = op_net.adjoint(seen)
+
         def forward() -> torch.Tensor:
             return net(start, seen, op_net)
     else:
         net = network_kwargs["network"]
+
         def forward() -> torch.Tensor:
             return net(zero_filled)
+
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    parts: dict[str, list[float]] = {k: [] for k in ("backbone_fwd", "backbone_bwd", "prior_fwd", "prior_bwd",
-                                                     "dc_fwd", "dc_bwd", "cg_in_forward", "loss", "rest", "total")}
+    parts: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "backbone_fwd",
+            "backbone_bwd",
+            "prior_fwd",
+            "prior_bwd",
+            "dc_fwd",
+            "dc_bwd",
+            "cg_in_forward",
+            "loss",
+            "rest",
+            "total",
+        )
+    }
     for _ in range(repeats):
         marks = [time.perf_counter()]
         optimizer.zero_grad(set_to_none=True)
@@ -121,10 +149,13 @@ def _step_breakdown(problem: Any, backbone: str, network_kwargs: dict[str, Any],
         marks.append(time.perf_counter())
         semantic = prior.loss(image) if prior is not None else None
         marks.append(time.perf_counter())
-        total = data + config.lam * semantic if semantic is not None else data
+        total = data + config.lam * semantic if semantic is not None else data  # noqa: F841 (timed as in a real step)
         marks.append(time.perf_counter())
-        grad_semantic = (torch.autograd.grad(semantic, image, retain_graph=True)[0]
-                         if semantic is not None else torch.zeros_like(image))
+        grad_semantic = (
+            torch.autograd.grad(semantic, image, retain_graph=True)[0]
+            if semantic is not None
+            else torch.zeros_like(image)
+        )
         marks.append(time.perf_counter())
         grad_data = torch.autograd.grad(data, image, retain_graph=True)[0]
         marks.append(time.perf_counter())
@@ -133,8 +164,11 @@ def _step_breakdown(problem: Any, backbone: str, network_kwargs: dict[str, Any],
         optimizer.step()
         marks.append(time.perf_counter())
         d = np.diff(marks)
-        for key, value in zip(("backbone_fwd", "dc_fwd", "prior_fwd", "loss", "prior_bwd", "dc_bwd",
-                               "backbone_bwd", "rest"), d, strict=True):
+        for key, value in zip(
+            ("backbone_fwd", "dc_fwd", "prior_fwd", "loss", "prior_bwd", "dc_bwd", "backbone_bwd", "rest"),
+            d,
+            strict=True,
+        ):
             parts[key].append(float(value))
         parts["total"].append(float(marks[-1] - marks[0]))
         if backbone == "unrolled":
@@ -154,7 +188,13 @@ def main() -> int:
     parser.add_argument("--unet-iterations", type=int, default=200)
     parser.add_argument("--unrolled-iterations", type=int, default=25)
     parser.add_argument("--inr-iterations", type=int, default=300)
-    parser.add_argument("--tv-lam", type=float, default=0.005, help="λ of the TV prior for the deep backbones")
+    for name in ("unet", "unrolled", "inr"):
+        parser.add_argument(
+            f"--{name}-lr", type=float, default=None, help=f"Adam step of {name} (default: preset)"
+        )
+    parser.add_argument(
+        "--tv-lam", type=float, default=0.005, help="λ of the TV prior for the deep backbones"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per cost breakdown")
     args = parser.parse_args()
@@ -184,18 +224,24 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
 
     def record(method: str, prior: str, result_image: torch.Tensor, seconds: float, **extra: Any) -> None:
-        rows.append({
-            "method": method, "prior": prior,
-            "psnr_db": round(metrics.psnr(truth, result_image), 2),
-            "ssim": round(metrics.ssim(truth, result_image), 4),
-            "tenengrad": round(metrics.tenengrad(result_image), 5),
-            "seconds": round(seconds, 2), **extra,
-        })
+        rows.append(
+            {
+                "method": method,
+                "prior": prior,
+                "psnr_db": round(metrics.psnr(truth, result_image), 2),
+                "ssim": round(metrics.ssim(truth, result_image), 4),
+                "tenengrad": round(metrics.tenengrad(result_image), 5),
+                "seconds": round(seconds, 2),
+                **extra,
+            }
+        )
         print(rows[-1], flush=True)
 
-    for method, prior, config in (("zero-filled", "none", ReconConfig(backbone="zero-filled")),
-                                  ("CG-SENSE", "none", ReconConfig(backbone="sense")),
-                                  ("CS-TV", "tv", ReconConfig(backbone="sense", prior="tv"))):
+    for method, prior, config in (
+        ("zero-filled", "none", ReconConfig(backbone="zero-filled")),
+        ("CG-SENSE", "none", ReconConfig(backbone="sense")),
+        ("CS-TV", "tv", ReconConfig(backbone="sense", prior="tv")),
+    ):
         t = time.perf_counter()
         result = reconstruct(kspace, maps, config.replace(device="cpu"))
         record(method, prior, result.image, time.perf_counter() - t, label=result.label)
@@ -203,42 +249,78 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         encoder_dir = build_tiny_janus(Path(tmp) / "tiny")
         semantic_config = ReconConfig(backbone="unet", prior="semantic").resolved()
-        encoder = JanusImageEncoder.from_pretrained(str(encoder_dir), layers=semantic_config.layers, device="cpu")
+        encoder = JanusImageEncoder.from_pretrained(
+            str(encoder_dir), layers=semantic_config.layers, device="cpu"
+        )
         bank_images = [_resize(np.load(f), args.size) for f in files if f != target]
         bank = _bank(encoder, bank_images, semantic_config, seed=0)
-        semantic = SemanticPrior(encoder, bank, weights=semantic_config.level_weights, tau=semantic_config.tau)
+        semantic = SemanticPrior(
+            encoder, bank, weights=semantic_config.level_weights, tau=semantic_config.tau
+        )
         problem = prepare_problem(kspace, maps, torch.device("cpu"))
-        iterations = {"unet": args.unet_iterations, "unrolled": args.unrolled_iterations,
-                      "inr": args.inr_iterations}
+        iterations = {
+            "unet": args.unet_iterations,
+            "unrolled": args.unrolled_iterations,
+            "inr": args.inr_iterations,
+        }
         breakdown: dict[str, dict[str, dict[str, float]]] = {}
         for backbone, spec in _networks().items():
             engine = getattr(finetune, f"reconstruct_{backbone}")
             for prior_name, prior in (("tv", TVPrior()), ("semantic (tiny, RANDOM WEIGHTS)", semantic)):
-                config = ReconConfig(backbone=backbone, prior="tv" if prior_name == "tv" else "semantic",
-                                     iterations=iterations[backbone], device="cpu")
+                config = ReconConfig(
+                    backbone=backbone,
+                    prior="tv" if prior_name == "tv" else "semantic",
+                    iterations=iterations[backbone],
+                    device="cpu",
+                )
                 if prior_name == "tv":
                     config = config.replace(lam=args.tv_lam)
+                if getattr(args, f"{backbone}_lr") is not None:
+                    config = config.replace(lr=getattr(args, f"{backbone}_lr"))
                 config = config.resolved()
                 t = time.perf_counter()
                 result = engine(problem, config, prior=prior, **spec["make"]())
                 seconds = time.perf_counter() - t
-                record(backbone, prior_name, result.image * problem.scale, seconds,
-                       label=result.label, iterations=config.iterations, lam=config.lam,
-                       network=spec["describe"], seconds_per_iteration=round(seconds / config.iterations, 4),
-                       data_residual=round(result.info["data_residual"], 4))
+                record(
+                    backbone,
+                    prior_name,
+                    result.image * problem.scale,
+                    seconds,
+                    label=result.label,
+                    iterations=config.iterations,
+                    lam=config.lam,
+                    lr=config.lr,
+                    network=spec["describe"],
+                    seconds_per_iteration=round(seconds / config.iterations, 4),
+                    data_residual=round(result.info["data_residual"], 4),
+                )
                 breakdown.setdefault(backbone, {})[prior_name] = _step_breakdown(
-                    problem, backbone, spec["make"](), prior, config, args.repeats)
+                    problem, backbone, spec["make"](), prior, config, args.repeats
+                )
 
     reference = {r["method"]: r for r in rows}["zero-filled"]["psnr_db"]
     for row in rows:
         row["gain_over_zero_filled_db"] = round(row["psnr_db"] - reference, 2)
     summary = {
-        "case": {"file": target.name, "size": args.size, "coils": 15, "acceleration": 4, "acs": 24,
-                 "mask": "gaussian (paper code 1-D)", "source": kspace.source, "espirit_seconds": espirit_seconds},
-        "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__,
-                    "device": "cpu"},
+        "command": "python benchmarks/bench_backbones.py " + " ".join(sys.argv[1:]),
+        "case": {
+            "file": target.name,
+            "size": args.size,
+            "coils": 15,
+            "acceleration": 4,
+            "acs": 24,
+            "mask": "gaussian (paper code 1-D)",
+            "source": kspace.source,
+            "espirit_seconds": espirit_seconds,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
         "note": "semantic rows use a tiny RANDOM-WEIGHT Janus (pipeline cost and behaviour, not the paper's prior); "
-                "network sizes and iteration counts are reduced for 2 CPU cores (see 'network', 'iterations').",
+        "network sizes and iteration counts are reduced for 2 CPU cores (see 'network', 'iterations').",
         "rows": rows,
         "cost_breakdown_seconds": breakdown,
     }
@@ -256,17 +338,17 @@ def _markdown(summary: dict[str, Any]) -> str:
         "",
         f"Knee {case['file']} resampled to {case['size']}², {case['coils']} simulated coils, R = {case['acceleration']}, "
         f"{case['acs']} ACS lines, {case['mask']}; ESPIRiT maps. CPU, {summary['machine']['threads']} threads, "
-        f"torch {summary['machine']['torch']}.",
+        f"torch {summary['machine']['torch']}. Command: `{summary['command']}`.",
         "",
         f"_{summary['note']}_",
         "",
-        "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | Tenengrad | iterations | λ | time (s) | network |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | Tenengrad | iterations | λ | lr | time (s) | network |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['method']} | {r['prior']} | {r['psnr_db']:.2f} | {r['gain_over_zero_filled_db']:+.2f} | "
-            f"{r['ssim']:.4f} | {r['tenengrad']:.5f} | {r.get('iterations', '')} | {r.get('lam', '')} | "
+            f"{r['ssim']:.4f} | {r['tenengrad']:.5f} | {r.get('iterations', '')} | {r.get('lam', '')} | {r.get('lr', '')} | "
             f"{r['seconds']:.1f} | {r.get('network', '')} |"
         )
     lines += [

@@ -46,7 +46,9 @@ def case():
     from skimage.data import shepp_logan_phantom
     from skimage.transform import resize
 
-    kspace = simulate_kspace(resize(shepp_logan_phantom(), (SIZE, SIZE)), coils=8, acceleration=4, acs_width=8, seed=0)
+    kspace = simulate_kspace(
+        resize(shepp_logan_phantom(), (SIZE, SIZE)), coils=8, acceleration=4, acs_width=8, seed=0
+    )
     maps = torch.from_numpy(coil_maps(8, (SIZE, SIZE)))[None]
     problem = prepare_problem(kspace, maps, torch.device("cpu"))
     zero_filled = reconstruct(kspace, maps, ReconConfig(backbone="zero-filled")).image
@@ -62,8 +64,12 @@ def _psnr(case, result) -> float:
     ("backbone", "iterations", "lr", "network"),
     [
         ("unet", 250, 3e-3, lambda: {"network": UNet(UNetSpec(width=8, depth=3))}),
-        ("unrolled", 15, 3e-3, lambda: {"network": UnrolledNet(UNetSpec(width=8, depth=3, residual=True),
-                                                                 cg_iterations=10)}),
+        (
+            "unrolled",
+            15,
+            3e-3,
+            lambda: {"network": UnrolledNet(UNetSpec(width=8, depth=3, residual=True), cg_iterations=10)},
+        ),
         ("inr", 150, 1e-3, lambda: {"spec": SirenSpec(features=64, layers=4)}),
     ],
 )
@@ -101,8 +107,14 @@ def test_same_seed_same_output_and_trace(case) -> None:
 
 def test_entry_point_dispatches_paper_unet_and_slice_batches(case) -> None:
     kspace, maps, _, _ = case
-    two = type(kspace)(**{**kspace.__dict__, "data": kspace.data.repeat(2, 1, 1, 1),
-                          "mask": kspace.mask.repeat(2, 1, 1), "calibration": kspace.calibration.repeat(2, 1, 1, 1)})
+    two = type(kspace)(
+        **{
+            **kspace.__dict__,
+            "data": kspace.data.repeat(2, 1, 1, 1),
+            "mask": kspace.mask.repeat(2, 1, 1),
+            "calibration": kspace.calibration.repeat(2, 1, 1, 1),
+        }
+    )
     config = ReconConfig(backbone="unet", prior="none", iterations=2, slice_batch=1, final_dc=True)
     result = reconstruct(two, maps.repeat(2, 1, 1, 1), config)
     assert result.image.shape == (2, SIZE, SIZE)
@@ -134,12 +146,16 @@ def test_warm_start_lora_trains_adapters_only(case, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = UNet(UNetSpec(width=8, depth=3))
     path = save_checkpoint(tmp_path / "unet.safetensors", net, "unet", {"epochs": 0})
-    config = ReconConfig(backbone="unet", prior="tv", iterations=4, lam=0.005, checkpoint=str(path), lora_rank=2)
+    config = ReconConfig(
+        backbone="unet", prior="tv", iterations=4, lam=0.005, checkpoint=str(path), lora_rank=2
+    )
     result = reconstruct_unet(case[2], config)
     assert "LoRA rank 2" in result.label
     assert 0 < result.info["trainable_parameters"] < result.info["total_parameters"] // 3
     full = reconstruct_unet(case[2], config.replace(lora_rank=0))
-    assert "all weights" in full.label and full.info["trainable_parameters"] == sum(p.numel() for p in net.parameters())
+    assert "all weights" in full.label and full.info["trainable_parameters"] == sum(
+        p.numel() for p in net.parameters()
+    )
     with pytest.raises(ValueError, match="trained for backbone 'unet', not 'unrolled'"):
         reconstruct_unrolled(case[2], config.replace(backbone="unrolled"))
 
@@ -166,7 +182,9 @@ def tiny_semantic_prior(tmp_path_factory: pytest.TempPathFactory, case):
     truth = kspace.ground_truth.to(torch.complex64)
     zero_filled = SenseOp(problem.maps, problem.mask).adjoint(problem.kspace)
     rng = np.random.default_rng(0)
-    noisy = [truth + 0.2 * torch.from_numpy(rng.standard_normal(truth.shape).astype(np.float32)) for _ in range(2)]
+    noisy = [
+        truth + 0.2 * torch.from_numpy(rng.standard_normal(truth.shape).astype(np.float32)) for _ in range(2)
+    ]
     bank = bank_from_features(
         embed_images(encoder, [truth, truth.flip(-1)]),
         embed_images(encoder, [zero_filled, *noisy]),
@@ -182,8 +200,9 @@ def test_semantic_loss_decreases_and_residual_bounded(case, tiny_semantic_prior)
     encoder_weights = [p.detach().clone() for p in prior.encoder.vision.parameters()]
     seen: list[dict] = []
     config = ReconConfig(backbone="unet", prior="semantic", iterations=30, lam=5.0, lr=3e-3)
-    result = reconstruct_unet(case[2], config, prior=prior, network=UNet(UNetSpec(width=8, depth=3)),
-                              callback=seen.append)
+    result = reconstruct_unet(
+        case[2], config, prior=prior, network=UNet(UNetSpec(width=8, depth=3)), callback=seen.append
+    )
     assert "RANDOM WEIGHTS" in result.label
     losses = [r["prior"] for r in seen]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses

@@ -156,7 +156,9 @@ class _Optimiser:
         if not self.parameters:
             raise ValueError(f"{description}: no trainable parameters")
         self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA
+        )
         self.iterations = iterations
         self.device = device
         self.prior = prior
@@ -201,7 +203,8 @@ class _Optimiser:
         values = torch.stack([torch.stack([record[n].float() for n in names]) for record in pending]).tolist()
         first = iteration - len(pending) + 1
         records = [
-            {"iteration": first + k, **self.extra, **dict(zip(names, row, strict=True))} for k, row in enumerate(values)
+            {"iteration": first + k, **self.extra, **dict(zip(names, row, strict=True))}
+            for k, row in enumerate(values)
         ]
         records[-1]["lr"] = self.scheduler.get_last_lr()[0]
         records[-1].update(self._semantic_status(image))
@@ -316,15 +319,24 @@ def reconstruct_unet(
         measured = sub.kspace * sub.mask.unsqueeze(-3)
         zero_filled = op.adjoint(measured)
 
-        def closure(net: nn.Module = net, op: SenseOp = op, measured: torch.Tensor = measured,
-                    zero_filled: torch.Tensor = zero_filled) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def closure(
+            net: nn.Module = net,
+            op: SenseOp = op,
+            measured: torch.Tensor = measured,
+            zero_filled: torch.Tensor = zero_filled,
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with _autocast(problem.device, config):
                 image = net(zero_filled)
             return image, _loss_terms(image, op, measured, config, prior)
 
         loop = _Optimiser(
-            list(net.parameters()), lr=config.lr, iterations=config.iterations, device=problem.device,
-            prior=prior, callback=callback, description=f"U-Net slices {part.start}-{part.stop - 1}",
+            list(net.parameters()),
+            lr=config.lr,
+            iterations=config.iterations,
+            device=problem.device,
+            prior=prior,
+            callback=callback,
+            description=f"U-Net slices {part.start}-{part.stop - 1}",
             extra={"slices": [part.start, part.stop]},
         )
         loop.run(closure)
@@ -361,16 +373,26 @@ def reconstruct_unrolled(
         held_out = sub.kspace * held.unsqueeze(-3)
         start = op_net.adjoint(seen)
 
-        def closure(net: nn.Module = net, op_net: SenseOp = op_net, op_loss: SenseOp = op_loss,
-                    seen: torch.Tensor = seen, held_out: torch.Tensor = held_out,
-                    start: torch.Tensor = start) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def closure(
+            net: nn.Module = net,
+            op_net: SenseOp = op_net,
+            op_loss: SenseOp = op_loss,
+            seen: torch.Tensor = seen,
+            held_out: torch.Tensor = held_out,
+            start: torch.Tensor = start,
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with _autocast(problem.device, config):
                 image = net(start, seen, op_net)
             return image, _loss_terms(image, op_loss, held_out, config, prior)
 
         loop = _Optimiser(
-            list(net.parameters()), lr=config.lr, iterations=config.iterations, device=problem.device,
-            prior=prior, callback=callback, description=f"unrolled slices {part.start}-{part.stop - 1}",
+            list(net.parameters()),
+            lr=config.lr,
+            iterations=config.iterations,
+            device=problem.device,
+            prior=prior,
+            callback=callback,
+            description=f"unrolled slices {part.start}-{part.stop - 1}",
             extra={"slices": [part.start, part.stop]},
         )
         loop.run(closure)
@@ -419,15 +441,24 @@ def reconstruct_inr(
         first_prior = TVPrior(INR_TV_WEIGHT) if two_phase else prior
         first_lam = 1.0 if two_phase else config.lam
 
-        def phase1(inr: InrImage = inr, op: SenseOp = op, measured: torch.Tensor = measured,
-                   first_prior: Any = first_prior, first_lam: float = first_lam,
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def phase1(
+            inr: InrImage = inr,
+            op: SenseOp = op,
+            measured: torch.Tensor = measured,
+            first_prior: Any = first_prior,
+            first_lam: float = first_lam,
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             image = inr()
             return image, _loss_terms(image, op, measured, config, first_prior, lam=first_lam)
 
         loop = _Optimiser(
-            list(inr.parameters()), lr=config.lr, iterations=config.iterations, device=problem.device,
-            prior=first_prior, callback=callback, description=f"INR slices {part.start}-{part.stop - 1}",
+            list(inr.parameters()),
+            lr=config.lr,
+            iterations=config.iterations,
+            device=problem.device,
+            prior=first_prior,
+            callback=callback,
+            description=f"INR slices {part.start}-{part.stop - 1}",
             extra={**extra, "phase": 1},
         )
         loop.run(phase1)
@@ -440,15 +471,24 @@ def reconstruct_inr(
             torch.manual_seed(config.seed)
             adaptor = Adaptor().to(problem.device)
 
-            def phase2(adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured,
-                       base_image: torch.Tensor = base_image) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            def phase2(
+                adaptor: Adaptor = adaptor,
+                op: SenseOp = op,
+                measured: torch.Tensor = measured,
+                base_image: torch.Tensor = base_image,
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
                 with _autocast(problem.device, config):
                     refined = adaptor(base_image)
                 return refined, _loss_terms(refined, op, measured, config, prior)
 
             loop = _Optimiser(
-                list(adaptor.parameters()), lr=ADAPTOR_LR, iterations=config.iterations, device=problem.device,
-                prior=prior, callback=callback, description=f"INR adaptor slices {part.start}-{part.stop - 1}",
+                list(adaptor.parameters()),
+                lr=ADAPTOR_LR,
+                iterations=config.iterations,
+                device=problem.device,
+                prior=prior,
+                callback=callback,
+                description=f"INR adaptor slices {part.start}-{part.stop - 1}",
                 extra={**extra, "phase": 2},
             )
             loop.run(phase2)

@@ -48,7 +48,9 @@ def find_images(paths: list[str]) -> list[Path]:
             found.extend(files)
         elif path.is_file():
             if path.suffix not in IMAGE_SUFFIXES:
-                raise ValueError(f"--images {path}: expected a .npy magnitude image, found suffix {path.suffix!r}")
+                raise ValueError(
+                    f"--images {path}: expected a .npy magnitude image, found suffix {path.suffix!r}"
+                )
             found.append(path)
         else:
             raise FileNotFoundError(f"--images {path}: no such file or directory")
@@ -164,9 +166,13 @@ def _sha256(path: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``semrecon pretrain``."""
-    parser.add_argument("out", help="checkpoint to write (.safetensors; metadata goes to the .json beside it)")
+    parser.add_argument(
+        "out", help="checkpoint to write (.safetensors; metadata goes to the .json beside it)"
+    )
     parser.add_argument("--backbone", choices=("unet", "unrolled"), default="unet")
-    parser.add_argument("--images", nargs="+", required=True, help=".npy magnitude images or directories of them")
+    parser.add_argument(
+        "--images", nargs="+", required=True, help=".npy magnitude images or directories of them"
+    )
     parser.add_argument("--width", type=int, default=64, help="U-Net channels at the first level (paper: 64)")
     parser.add_argument("--depth", type=int, default=5, help="U-Net levels (paper: 5)")
     parser.add_argument("--stages", type=int, default=4, help="unrolled stages")
@@ -176,7 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coils", type=int, default=8, help="simulated coils")
     parser.add_argument("--acceleration", type=float, default=4.0)
     parser.add_argument("--acs-width", type=int, default=24)
-    parser.add_argument("--mask", default="gaussian", help="mask kind (equispaced, random, gaussian, poisson)")
+    parser.add_argument(
+        "--mask", default="gaussian", help="mask kind (equispaced, random, gaussian, poisson)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -202,8 +210,13 @@ def run(args: argparse.Namespace) -> int:
             seed = args.seed + len(pairs)
             pairs.append(
                 simulate_pair(
-                    image, coils=args.coils, acceleration=args.acceleration, acs_width=args.acs_width,
-                    mask_kind=args.mask, seed=seed, source=f"{path}[{index}]",
+                    image,
+                    coils=args.coils,
+                    acceleration=args.acceleration,
+                    acs_width=args.acs_width,
+                    mask_kind=args.mask,
+                    seed=seed,
+                    source=f"{path}[{index}]",
                 )
             )
         data.append({"path": str(path), "sha256": _sha256(path), "slices": int(images.shape[0])})
@@ -212,14 +225,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         network = UnrolledNet(
             UNetSpec(width=args.width, depth=args.depth, residual=True),
-            stages=args.stages, cg_iterations=args.cg_iterations,
+            stages=args.stages,
+            cg_iterations=args.cg_iterations,
         )
     history = pretrain(network, pairs, epochs=args.epochs, lr=args.lr, seed=args.seed)
     metadata = {
         "data": data,
         "masks": {
-            "kind": args.mask, "acceleration": args.acceleration, "acs_width": args.acs_width,
-            "seeds": [args.seed, args.seed + len(pairs) - 1], "coils": args.coils,
+            "kind": args.mask,
+            "acceleration": args.acceleration,
+            "acs_width": args.acs_width,
+            "seeds": [args.seed, args.seed + len(pairs) - 1],
+            "coils": args.coils,
             "simulation": "semrecon_core.data.simulate.simulate_kspace; ESPIRiT maps",
         },
         "epochs": args.epochs,
@@ -229,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         "loss_per_epoch": history,
     }
     path = save_checkpoint(args.out, network, args.backbone, metadata)
-    print(f"wrote {path} and {path.with_suffix('.json')} ({len(pairs)} images, {args.epochs} epochs, "
-          f"final L1 {history[-1]:.4g})")
+    print(
+        f"wrote {path} and {path.with_suffix('.json')} ({len(pairs)} images, {args.epochs} epochs, "
+        f"final L1 {history[-1]:.4g})"
+    )
     return 0

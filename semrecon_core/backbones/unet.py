@@ -30,7 +30,9 @@ class UNetSpec:
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 1:
-            raise ValueError(f"U-Net: width and depth must be positive, found width={self.width} depth={self.depth}")
+            raise ValueError(
+                f"U-Net: width and depth must be positive, found width={self.width} depth={self.depth}"
+            )
 
     def to_dict(self) -> dict[str, int | bool]:
         """JSON-serialisable form (checkpoint metadata)."""
@@ -83,7 +85,9 @@ class UNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Map a complex ``(slices, y, x)`` image to a complex image of the same shape."""
         if image.ndim != 3 or not image.is_complex():
-            raise ValueError(f"U-Net input: expected a complex (slices, y, x) image, found {image.dtype} {tuple(image.shape)}")
+            raise ValueError(
+                f"U-Net input: expected a complex (slices, y, x) image, found {image.dtype} {tuple(image.shape)}"
+            )
         height, width = image.shape[-2:]
         multiple = 2 ** (self.spec.depth - 1)
         pad_y, pad_x = (-height) % multiple, (-width) % multiple

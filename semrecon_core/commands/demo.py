@@ -33,13 +33,21 @@ REAL_WEIGHTS_HINT = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``semrecon demo``."""
-    parser.add_argument("--out", default="semrecon-demo", help="output directory (created; default semrecon-demo)")
-    parser.add_argument("--fast", action="store_true", help="small scan and few iterations (smoke run, ~1 min)")
+    parser.add_argument(
+        "--out", default="semrecon-demo", help="output directory (created; default semrecon-demo)"
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="small scan and few iterations (smoke run, ~1 min)"
+    )
     parser.add_argument("--backbone", choices=DEMO_BACKBONES, default="unrolled", help="deep backbone")
     parser.add_argument("--iterations", type=int, default=None, help="iterations of the deep backbone")
     parser.add_argument("--size", type=int, default=None, help="image size (default 128, --fast 64)")
-    parser.add_argument("--encoder", default=None, help="Janus checkpoint (HF id or directory); default Janus-Pro-1B")
-    parser.add_argument("--allow-download", action="store_true", help="allow fetching the encoder from the hub")
+    parser.add_argument(
+        "--encoder", default=None, help="Janus checkpoint (HF id or directory); default Janus-Pro-1B"
+    )
+    parser.add_argument(
+        "--allow-download", action="store_true", help="allow fetching the encoder from the hub"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -98,8 +106,11 @@ def build_demo_bank(encoder_dir: str, kspace: Any, out: Path, device: Any, confi
         identity=encoder.identity,
         similarity=config.similarity,
         weights=config.level_weights,
-        extra={"sources": [{"role": "positive", "path": "simulated demo scan (fully sampled)"}],
-               "negatives": "simulated: zero-filled, gaussian 1-D mask, R~U[3,8]", "seed": seed},
+        extra={
+            "sources": [{"role": "positive", "path": "simulated demo scan (fully sampled)"}],
+            "negatives": "simulated: zero-filled, gaussian 1-D mask, R~U[3,8]",
+            "seed": seed,
+        },
     )
     return bank.save(out / "bank.safetensors")
 
@@ -123,14 +134,15 @@ def _describe_network(kwargs: dict[str, Any], backbone: str) -> str:
     if not kwargs:
         return "paper architecture"
     if "spec" in kwargs:
-        return "SIREN " + ", ".join(f"{k}={v}" for k, v in kwargs["spec"].to_dict().items()) + " (CPU demo size)"
+        return (
+            "SIREN " + ", ".join(f"{k}={v}" for k, v in kwargs["spec"].to_dict().items()) + " (CPU demo size)"
+        )
     spec = kwargs["network"].spec
     return f"U-Net width {spec.width}, depth {spec.depth} (CPU demo size; paper: 64, 5)"
 
 
 def run(args: argparse.Namespace) -> int:
     """Simulate, reconstruct three ways, write figure, table and images."""
-    import torch
 
     from semrecon_core.backbones import finetune
     from semrecon_core.config import ReconConfig
@@ -149,15 +161,27 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     acs = 24 if size >= 128 else 12
-    kspace = simulate_kspace(builtin_anatomy((size, size)), coils=8, acceleration=4, acs_width=acs,
-                             mask_kind="gaussian", seed=args.seed)
+    kspace = simulate_kspace(
+        builtin_anatomy((size, size)),
+        coils=8,
+        acceleration=4,
+        acs_width=acs,
+        mask_kind="gaussian",
+        seed=args.seed,
+    )
     _say(f"scan: {kspace.source}, {acs} ACS lines; coil maps by ESPIRiT")
     maps = espirit_maps(kspace, calib_width=acs)
 
     encoder_name = args.encoder or ReconConfig().encoder
     encoder_dir, random_weights = choose_encoder(encoder_name, args.allow_download, out)
-    semantic = ReconConfig(backbone=args.backbone, prior="semantic", encoder=encoder_dir, iterations=iterations,
-                           device=args.device, seed=args.seed).resolved()
+    semantic = ReconConfig(
+        backbone=args.backbone,
+        prior="semantic",
+        encoder=encoder_dir,
+        iterations=iterations,
+        device=args.device,
+        seed=args.seed,
+    ).resolved()
     _say("building the embedding bank from the simulated scan ...")
     bank = build_demo_bank(encoder_dir, kspace, out, device, semantic, args.seed)
     semantic = semantic.replace(bank=str(bank))
@@ -170,8 +194,14 @@ def run(args: argparse.Namespace) -> int:
     ):
         started = time.perf_counter()
         result = reconstruct(kspace, maps, config)
-        results.append({"method": name, "label": result.label, "image": result.image,
-                        "seconds": time.perf_counter() - started})
+        results.append(
+            {
+                "method": name,
+                "label": result.label,
+                "image": result.image,
+                "seconds": time.perf_counter() - started,
+            }
+        )
 
     network = _demo_network(args.backbone, device)
     engine = getattr(finetune, f"reconstruct_{args.backbone}")
@@ -182,16 +212,27 @@ def run(args: argparse.Namespace) -> int:
     probe = time.perf_counter()
     engine(problem, semantic.replace(iterations=1), prior=prior, **_demo_network(args.backbone, device))
     per_iteration = time.perf_counter() - probe
-    _say(f"deep backbone: {args.backbone} ({_describe_network(network, args.backbone)}) with {prior.label}; "
-         f"{iterations} iterations on {device}: expect about {per_iteration * iterations:.0f} s "
-         f"({per_iteration:.2f} s per iteration measured)")
+    _say(
+        f"deep backbone: {args.backbone} ({_describe_network(network, args.backbone)}) with {prior.label}; "
+        f"{iterations} iterations on {device}: expect about {per_iteration * iterations:.0f} s "
+        f"({per_iteration:.2f} s per iteration measured)"
+    )
     started = time.perf_counter()
     result = engine(problem, semantic, prior=prior, **network)
     result.image = (result.image * problem.scale).detach().cpu()
-    label = result.label if not random_weights or "RANDOM" in result.label else result.label + " RANDOM WEIGHTS"
-    results.append({"method": f"{args.backbone} + semantic" + (" (RANDOM WEIGHTS)" if random_weights else ""),
-                    "label": label, "image": result.image, "seconds": time.perf_counter() - started,
-                    "iterations": iterations, "network": _describe_network(network, args.backbone)})
+    label = (
+        result.label if not random_weights or "RANDOM" in result.label else result.label + " RANDOM WEIGHTS"
+    )
+    results.append(
+        {
+            "method": f"{args.backbone} + semantic" + (" (RANDOM WEIGHTS)" if random_weights else ""),
+            "label": label,
+            "image": result.image,
+            "seconds": time.perf_counter() - started,
+            "iterations": iterations,
+            "network": _describe_network(network, args.backbone),
+        }
+    )
 
     rows = _metrics(kspace.ground_truth, results)
     summary = {
@@ -203,7 +244,9 @@ def run(args: argparse.Namespace) -> int:
         "methods": rows,
     }
     if random_weights:
-        summary["note"] = "semantic result uses a RANDOM-WEIGHT encoder: pipeline check only. " + REAL_WEIGHTS_HINT
+        summary["note"] = (
+            "semantic result uses a RANDOM-WEIGHT encoder: pipeline check only. " + REAL_WEIGHTS_HINT
+        )
     _write_outputs(out, kspace, results, rows, summary, to_ismrmrd_images, write_images)
     _say(_table(rows, summary))
     if random_weights:
@@ -238,15 +281,24 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['method']} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['tenengrad']:.5f} | "
-                     f"{row['seconds']:.1f} | {row['label']} |")
+        lines.append(
+            f"| {row['method']} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['tenengrad']:.5f} | "
+            f"{row['seconds']:.1f} | {row['label']} |"
+        )
     if "note" in summary:
         lines += ["", f"**{summary['note']}**"]
     return "\n".join(lines) + "\n"
 
 
-def _write_outputs(out: Path, kspace: Any, results: list[dict[str, Any]], rows: list[dict[str, Any]],
-                   summary: dict[str, Any], to_ismrmrd_images: Any, write_images: Any) -> None:
+def _write_outputs(
+    out: Path,
+    kspace: Any,
+    results: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    to_ismrmrd_images: Any,
+    write_images: Any,
+) -> None:
     from semrecon_core.data.images import atomic_path
 
     with atomic_path(out / "metrics.json") as temp:
@@ -265,7 +317,9 @@ def _figure(path: Path, truth: Any, results: list[dict[str, Any]], rows: list[di
     try:
         import matplotlib
     except ImportError:
-        _say("matplotlib is not installed (pip install 'semrecon[plot]'): writing a plain image panel instead")
+        _say(
+            "matplotlib is not installed (pip install 'semrecon[plot]'): writing a plain image panel instead"
+        )
         _plain_figure(path, truth, results, rows)
         return
 
@@ -277,7 +331,11 @@ def _figure(path: Path, truth: Any, results: list[dict[str, Any]], rows: list[di
     reference = truth[0].abs().numpy()
     peak = float(reference.max())
     panels = [("ground truth", reference, "")] + [
-        (row["method"], item["image"][0].abs().numpy(), f"PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.3f}")
+        (
+            row["method"],
+            item["image"][0].abs().numpy(),
+            f"PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.3f}",
+        )
         for item, row in zip(results, rows, strict=True)
     ]
     figure, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 6.8))
