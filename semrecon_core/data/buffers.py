@@ -37,12 +37,8 @@ _DIMENSIONS = ("average", "slice", "contrast", "phase", "repetition", "set", "se
 
 
 def _gadgetron_types() -> Any:
-    try:
-        from gadgetron.types import recon_data
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading ISMRMRD raw data needs the Gadgetron Python types: pip install 'semrecon[gadgetron]'"
-        ) from exc
+    from gadgetron.types import recon_data
+
     return recon_data
 
 
