@@ -214,3 +214,30 @@ def test_semantic_loss_decreases_and_residual_bounded(case, tiny_semantic_prior)
     # the encoder is frozen: no gradient reached it and its weights are unchanged
     for before, after in zip(encoder_weights, prior.encoder.vision.parameters(), strict=True):
         assert after.grad is None and torch.equal(before, after.detach())
+
+
+def test_pretrain_cli_writes_checkpoint_the_engine_loads(case, tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    from semrecon_core.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    np.save(images / "a.npy", case[0].ground_truth[0].numpy())
+    np.save(images / "b.npy", case[0].ground_truth[0].numpy()[::-1].copy())
+    out = tmp_path / "warm.safetensors"
+    argv = ["pretrain", str(out), "--images", str(images), "--width", "4", "--depth", "2", "--epochs", "2"]
+    assert main(argv + ["--acs-width", "12"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["backbone"] == "unet" and meta["epochs"] == 2 and len(meta["loss_per_epoch"]) == 2
+    assert meta["data"][0]["sha256"] == hashlib.sha256((images / "a.npy").read_bytes()).hexdigest()
+    assert meta["masks"]["kind"] == "gaussian" and meta["masks"]["acceleration"] == 4.0
+    config = ReconConfig(
+        backbone="unet", prior="tv", iterations=3, lam=0.005, checkpoint=str(out), lora_rank=2
+    )
+    result = reconstruct_unet(case[2], config)
+    assert "warm start, LoRA rank 2" in result.label
+    assert result.info["checkpoint_metadata"]["architecture"]["width"] == 4
+    assert main(["pretrain", str(tmp_path / "x.pt"), "--images", str(images)]) == 2
+    assert main(["pretrain", str(tmp_path / "y.safetensors"), "--images", str(tmp_path / "missing")]) == 2
