@@ -232,7 +232,10 @@ class _Optimiser:
             return status
         embed = getattr(self.prior, "embed", None)
         if embed is not None:
-            status["embedding"] = embed(image).float().cpu().tolist()
+            # the embedding of the last loss evaluation spares a second encoder pass when the prior keeps it
+            cached = getattr(self.prior, "last_embedding", None)
+            embedding = cached if cached is not None and cached.shape[0] == image.shape[0] else embed(image)
+            status["embedding"] = embedding.float().cpu().tolist()
         answer = getattr(self.prior, "answer", None)
         if answer is not None:
             reply = answer(image)
