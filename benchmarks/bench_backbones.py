@@ -11,7 +11,8 @@ written into the results. The per-iteration cost breakdown times one optimisatio
 forward/backward, prior forward/backward (the encoder for the semantic prior), data consistency (data term forward/backward; for the unrolled
 network also its CG steps, which are part of its forward), loss assembly and the rest (optimiser, overhead).
 
-Writes ``benchmarks/results/backbones.json`` and ``benchmarks/results/backbones.md``.
+Writes ``benchmarks/results/backbones.json`` and ``benchmarks/results/backbones.md`` (``backbones.TAG.*`` with
+``--tag TAG``).
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ def main() -> int:
         "--tv-lam", type=float, default=0.005, help="λ of the TV prior for the deep backbones"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="", help="results go to backbones.TAG.{json,md} instead of backbones.*")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per cost breakdown")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -325,8 +327,9 @@ def main() -> int:
         "cost_breakdown_seconds": breakdown,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _atomic_write(RESULTS / "backbones.json", json.dumps(summary, indent=2) + "\n")
-    _atomic_write(RESULTS / "backbones.md", _markdown(summary))
+    stem = f"backbones.{args.tag}" if args.tag else "backbones"
+    _atomic_write(RESULTS / f"{stem}.json", json.dumps(summary, indent=2) + "\n")
+    _atomic_write(RESULTS / f"{stem}.md", _markdown(summary))
     print(_markdown(summary))
     return 0
 
