@@ -216,3 +216,12 @@ def test_espirit_on_real_brain_calibration(shared_data) -> None:
     support = norms > 0
     assert 0.4 < float(support.float().mean()) < 0.95  # the head, not the background
     assert torch.allclose(norms[support], torch.ones(()), atol=0.05)
+
+
+@pytest.mark.cuda
+def test_espirit_on_cuda_matches_cpu() -> None:
+    scan, _ = phantom_scan(n=48, acs=16)
+    cpu = espirit_maps(scan)
+    gpu = espirit_maps(scan, device="cuda")
+    assert gpu.device.type == "cpu" and gpu.dtype == torch.complex64
+    assert float((gpu - cpu).abs().max()) < 1e-3
