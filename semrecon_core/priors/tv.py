@@ -62,7 +62,7 @@ class TVPrior:
         return self.weight * (field.abs().square().sum(dim=-3) + self.eps).sqrt().sum()
 
     def project_dual(self, field: torch.Tensor, radius: float | None = None) -> torch.Tensor:
-        """Project a dual field ``(slices, 2, y, x)`` pointwise onto the ball of ``radius`` (default ``weight``).
+        """Project a dual field ``(slices, 2, y, x)`` pointwise onto the ``radius`` ball (default ``weight``).
 
         This is the proximal map of the convex conjugate of ``radius·‖·‖₂,₁`` (for any step size).
         """
