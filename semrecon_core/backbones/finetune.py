@@ -289,7 +289,11 @@ def _finish(
     image = torch.cat(images, dim=0)
     if config.final_dc:
         image = final_data_consistency(image, problem.kspace, SenseOp(problem.maps, problem.mask))
-    info = {**info, "iterations": config.iterations, "final_dc": config.final_dc}
+    # pixels where no coil is sensitive (ESPIRiT crops its maps) are not determined by the data: zero them
+    support = problem.maps.abs().square().sum(dim=1) > 0
+    outside = int((~support).sum())
+    image = image * support
+    info = {**info, "iterations": config.iterations, "final_dc": config.final_dc, "pixels_outside_maps": outside}
     info["data_residual"] = _relative_residual(image, problem)
     return ReconResult(image=image, label=f"{label} + {_prior_label(prior)}", info=info, trace=trace)
 
