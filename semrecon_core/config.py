@@ -56,9 +56,13 @@ _PRESET_DEFAULTS: dict[str, dict[tuple[str, str | None], object]] = {
     },
 }
 
-# Classical solvers have their own defaults whatever the preset.
-_CLASSICAL_DEFAULTS: dict[str, object] = {"iterations": 100, "lam": 0.0, "lr": 0.0, "data_term": "l2"}
-_CLASSICAL_TV_LAM = 0.005
+# Classical solvers have their own defaults whatever the preset, per prior: CG-SENSE (prior none) with a
+# small Tikhonov weight and early stopping, primal-dual TV with λ relative to max |zero-filled| = 1
+# (tuned on the real 8-coil brain at R = 4: benchmarks/results/classical_vs_bart.md).
+_CLASSICAL_DEFAULTS: dict[str, dict[str, object]] = {
+    "none": {"iterations": 30, "lam": 0.003, "lr": 0.0, "data_term": "l2"},
+    "tv": {"iterations": 100, "lam": 0.003, "lr": 0.0, "data_term": "l2"},
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,11 +165,9 @@ class ReconConfig:
         for f in fields(self):
             if getattr(self, f.name) is not None:
                 continue
-            if self.is_classical and f.name in _CLASSICAL_DEFAULTS:
-                value = _CLASSICAL_DEFAULTS[f.name]
-                if f.name == "lam" and self.prior == "tv":
-                    value = _CLASSICAL_TV_LAM
-                updates[f.name] = value
+            classical = _CLASSICAL_DEFAULTS.get(self.prior, {}) if self.is_classical else {}
+            if f.name in classical:
+                updates[f.name] = classical[f.name]
                 continue
             table = _PRESET_DEFAULTS[self.preset]
             if (f.name, self.backbone) in table:

@@ -31,8 +31,9 @@ def test_explicit_values_win_over_the_preset() -> None:
 
 
 def test_classical_defaults_ignore_network_settings() -> None:
-    assert ReconConfig(backbone="sense", prior="tv").resolved().lam == 0.005
-    assert ReconConfig(backbone="sense").resolved().lam == 0.0
+    assert ReconConfig(backbone="sense", prior="tv").resolved().lam == 0.003
+    assert ReconConfig(backbone="sense").resolved().lam == 0.003
+    assert ReconConfig(backbone="sense").resolved().iterations == 30
 
 
 def test_from_properties_parses_types_and_dashes() -> None:
