@@ -39,7 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action="store_true", help="small scan and few iterations (smoke run, ~1 min)"
     )
-    parser.add_argument("--backbone", choices=DEMO_BACKBONES, default="unrolled", help="deep backbone")
+    parser.add_argument(
+        "--backbone",
+        choices=DEMO_BACKBONES,
+        default="inr",
+        help="deep backbone (default inr: a scan-specific SIREN needs no warm start; unet/unrolled trained "
+        "from scratch fit noise without a pretrained checkpoint)",
+    )
     parser.add_argument("--iterations", type=int, default=None, help="iterations of the deep backbone")
     parser.add_argument("--size", type=int, default=None, help="image size (default 128, --fast 64)")
     parser.add_argument(
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from semrecon_core.recon import prepare_problem, reconstruct, resolve_device
 
     size = args.size or (64 if args.fast else 128)
-    iterations = args.iterations if args.iterations is not None else (8 if args.fast else 120)
+    iterations = args.iterations if args.iterations is not None else (8 if args.fast else 300)
     if size < 32:
         raise ValueError(f"--size: expected at least 32 pixels, found {size}")
     if iterations < 1:
