@@ -133,6 +133,9 @@ def _relative_residual(image: torch.Tensor, problem: ReconProblem) -> float:
     return float((op(image) - measured).norm() / measured.norm().clamp_min(1e-12))
 
 
+_Closure = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 class _Optimiser:
     """Adam + StepLR loop over a closure returning ``(image, {term: tensor})`` with ``"loss"`` the total.
 
@@ -167,7 +170,7 @@ class _Optimiser:
         self.extra = extra
         self.trace: list[dict[str, Any]] = []
 
-    def run(self, closure: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> torch.Tensor:
+    def run(self, closure: _Closure) -> torch.Tensor:
         """Optimise for ``iterations`` steps; returns the detached image of the last step."""
         from tqdm.auto import tqdm
 
@@ -303,6 +306,43 @@ def _finish(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _fit_network(
+    problem: ReconProblem,
+    config: ReconConfig,
+    base: nn.Module,
+    *,
+    prior: Any,
+    callback: Callback | None,
+    name: str,
+    batch: Callable[[nn.Module, ReconProblem], tuple[_Closure, Callable[[], torch.Tensor]]],
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Fit a copy of ``base`` to each slice batch; returns the batches' images and the joint trace.
+
+    ``batch(net, sub)`` gives the training closure of ``net`` on the sub-problem and the function that
+    computes the batch's final image once training is done (run without gradients, under autocast).
+    """
+    images: list[torch.Tensor] = []
+    trace: list[dict[str, Any]] = []
+    for part in _chunks(problem.kspace.shape[0], config.slice_batch):
+        net = copy.deepcopy(base).train()
+        closure, final = batch(net, _sub_problem(problem, part))
+        loop = _Optimiser(
+            list(net.parameters()),
+            lr=config.lr,
+            iterations=config.iterations,
+            device=problem.device,
+            prior=prior,
+            callback=callback,
+            description=f"{name} slices {part.start}-{part.stop - 1}",
+            extra={"slices": [part.start, part.stop]},
+        )
+        loop.run(closure)
+        with torch.no_grad(), _autocast(problem.device, config):
+            images.append(final().detach())
+        trace.extend(loop.trace)
+    return images, trace
+
+
 def reconstruct_unet(
     problem: ReconProblem,
     config: ReconConfig,
@@ -316,40 +356,22 @@ def reconstruct_unet(
     torch.manual_seed(config.seed)
     prior = resolve_prior(config, problem.device, prior)
     base, label, info = _prepare_network(network, config, "unet", UNet)
-    base = base.to(problem.device)
-    images: list[torch.Tensor] = []
-    trace: list[dict[str, Any]] = []
-    for part in _chunks(problem.kspace.shape[0], config.slice_batch):
-        sub = _sub_problem(problem, part)
-        net = copy.deepcopy(base).train()
+
+    def batch(net: nn.Module, sub: ReconProblem) -> tuple[_Closure, Callable[[], torch.Tensor]]:
         op = SenseOp(sub.maps, sub.mask)
         measured = sub.kspace * sub.mask.unsqueeze(-3)
         zero_filled = op.adjoint(measured)
 
-        def closure(
-            net: nn.Module = net,
-            op: SenseOp = op,
-            measured: torch.Tensor = measured,
-            zero_filled: torch.Tensor = zero_filled,
-        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def closure() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with _autocast(problem.device, config):
                 image = net(zero_filled)
             return image, _loss_terms(image, op, measured, config, prior)
 
-        loop = _Optimiser(
-            list(net.parameters()),
-            lr=config.lr,
-            iterations=config.iterations,
-            device=problem.device,
-            prior=prior,
-            callback=callback,
-            description=f"U-Net slices {part.start}-{part.stop - 1}",
-            extra={"slices": [part.start, part.stop]},
-        )
-        loop.run(closure)
-        with torch.no_grad(), _autocast(problem.device, config):
-            images.append(net(zero_filled).detach())
-        trace.extend(loop.trace)
+        return closure, lambda: net(zero_filled)
+
+    images, trace = _fit_network(
+        problem, config, base.to(problem.device), prior=prior, callback=callback, name="U-Net", batch=batch
+    )
     return _finish(images, problem, config, label, prior, info, trace)
 
 
@@ -366,49 +388,34 @@ def reconstruct_unrolled(
     torch.manual_seed(config.seed)
     prior = resolve_prior(config, problem.device, prior)
     base, label, info = _prepare_network(network, config, "unrolled", UnrolledNet)
-    base = base.to(problem.device)
     generator = torch.Generator().manual_seed(config.seed)
-    images: list[torch.Tensor] = []
-    trace: list[dict[str, Any]] = []
     learned: list[float] = []
-    for part in _chunks(problem.kspace.shape[0], config.slice_batch):
-        sub = _sub_problem(problem, part)
-        net = copy.deepcopy(base).train()
+
+    def batch(net: nn.Module, sub: ReconProblem) -> tuple[_Closure, Callable[[], torch.Tensor]]:
         theta, held = ssdu_split(sub.mask, holdout=SSDU_HOLDOUT, generator=generator)
         op_net, op_loss = SenseOp(sub.maps, theta), SenseOp(sub.maps, held)
         seen = sub.kspace * theta.unsqueeze(-3)
         held_out = sub.kspace * held.unsqueeze(-3)
         start = op_net.adjoint(seen)
+        op_full = SenseOp(sub.maps, sub.mask)
+        measured = sub.kspace * sub.mask.unsqueeze(-3)
+        zero_filled = op_full.adjoint(measured)
 
-        def closure(
-            net: nn.Module = net,
-            op_net: SenseOp = op_net,
-            op_loss: SenseOp = op_loss,
-            seen: torch.Tensor = seen,
-            held_out: torch.Tensor = held_out,
-            start: torch.Tensor = start,
-        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def closure() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with _autocast(problem.device, config):
                 image = net(start, seen, op_net)
             return image, _loss_terms(image, op_loss, held_out, config, prior)
 
-        loop = _Optimiser(
-            list(net.parameters()),
-            lr=config.lr,
-            iterations=config.iterations,
-            device=problem.device,
-            prior=prior,
-            callback=callback,
-            description=f"unrolled slices {part.start}-{part.stop - 1}",
-            extra={"slices": [part.start, part.stop]},
-        )
-        loop.run(closure)
-        op_full = SenseOp(sub.maps, sub.mask)
-        measured = sub.kspace * sub.mask.unsqueeze(-3)
-        with torch.no_grad(), _autocast(problem.device, config):
-            images.append(net(op_full.adjoint(measured), measured, op_full).detach())
-        learned.append(float(net.lam.detach().abs()))
-        trace.extend(loop.trace)
+        def final() -> torch.Tensor:
+            """The trained network on all measured samples; records its learned data-consistency weight."""
+            learned.append(float(net.lam.detach().abs()))
+            return net(zero_filled, measured, op_full)
+
+        return closure, final
+
+    images, trace = _fit_network(
+        problem, config, base.to(problem.device), prior=prior, callback=callback, name="unrolled", batch=batch
+    )
     info["learned_dc_weight"] = learned
     info["ssdu_holdout"] = SSDU_HOLDOUT
     return _finish(images, problem, config, label, prior, info, trace)
