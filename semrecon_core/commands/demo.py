@@ -349,8 +349,13 @@ def _figure(path: Path, truth: Any, results: list[dict[str, Any]], rows: list[di
         axes[0, column].imshow(image, cmap="gray", vmin=0, vmax=peak)
         color = "red" if "RANDOM" in title else "black"
         axes[0, column].set_title(f"{title}\n{subtitle}", fontsize=8, color=color)
-        axes[1, column].imshow(abs(image - reference), cmap="magma", vmin=0, vmax=0.3 * peak)
-        axes[1, column].set_title("|error| (×3)" if column else "", fontsize=8)
+        if column:
+            axes[1, column].imshow(abs(image - reference), cmap="magma", vmin=0, vmax=0.3 * peak)
+        else:
+            axes[1, 0].text(
+                0.5, 0.5, "this row: |image − ground truth|\n(colour scale 0–30 % of max) →",
+                ha="center", va="center", fontsize=9, transform=axes[1, 0].transAxes,
+            )
         for row in axes[:, column]:
             row.axis("off")
     if any("RANDOM" in row["label"] for row in rows):
