@@ -8,15 +8,21 @@ pixel mapping uses the checkpoint's ``image_mean`` / ``image_std`` when it ships
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from semrecon_core.encoders.common import (
+    autocast_context,
+    checked_layers,
+    input_size,
+    load_dtype,
+    preprocessing_identity,
+)
 from semrecon_core.encoders.loading import fingerprint, is_random_checkpoint, load_model, resolve_checkpoint
-from semrecon_core.encoders.preprocess import PREPROCESSING_VERSION, to_pixels
+from semrecon_core.encoders.preprocess import to_pixels
 
 
 class HFVisionEncoder:
@@ -49,15 +55,10 @@ class HFVisionEncoder:
         is_random: bool = False,
         autocast: bool = True,
     ) -> None:
-        depth = int(vision_model.config.num_hidden_layers)
-        if not layers or any(not 0 <= k <= depth for k in layers):
-            raise ValueError(
-                f"property 'layers': expected indices in 0..{depth} for {name}, found {tuple(layers)}"
-            )
+        self.layers = checked_layers(layers, int(vision_model.config.num_hidden_layers), name)
         self.vision = vision_model.requires_grad_(False).eval()
         self.name = name
         self.revision = revision
-        self.layers = tuple(int(k) for k in layers)
         self.image_size = image_size
         self.mean, self.std = mean, std
         self.is_random = is_random
@@ -83,11 +84,8 @@ class HFVisionEncoder:
 
         device = torch.device(device)
         directory = resolve_checkpoint(name, allow_download=allow_download)
-        dtype = torch.bfloat16 if (autocast and device.type == "cuda") else torch.float32
-        model = load_model(AutoModel, directory, dtype=dtype).to(device)
+        model = load_model(AutoModel, directory, dtype=load_dtype(device, autocast)).to(device)
         vision = model.vision_model if hasattr(model, "get_image_features") else model
-        config = vision.config
-        size = config.image_size
         mean, std = 0.5, 0.5
         processor_file = directory / "preprocessor_config.json"
         if processor_file.is_file():
@@ -99,7 +97,7 @@ class HFVisionEncoder:
             name=name,
             revision=fingerprint(directory),
             layers=layers,
-            image_size=(size, size) if isinstance(size, int) else tuple(size),
+            image_size=input_size(vision.config.image_size),
             mean=mean,
             std=std,
             is_random=is_random_checkpoint(directory),
@@ -121,8 +119,7 @@ class HFVisionEncoder:
             "kind": self.kind,
             "layers": list(self.layers),
             "preprocessing": (
-                f"{PREPROCESSING_VERSION};size={self.image_size[0]}x{self.image_size[1]};"
-                f"mean={self.mean:g};std={self.std:g}"
+                f"{preprocessing_identity(self.image_size)};mean={self.mean:g};std={self.std:g}"
             ),
             "random_weights": self.is_random,
         }
@@ -130,10 +127,7 @@ class HFVisionEncoder:
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Per-level token states ``(slices, tokens, dim)`` of a complex ``(slices, y, x)`` image."""
         pixels = to_pixels(image.to(self.device), self.image_size, mean=self.mean, std=self.std)
-        context: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if self.autocast and pixels.device.type == "cuda":
-            context = torch.autocast("cuda", dtype=torch.bfloat16)
-        with context:
+        with autocast_context(pixels.device, self.autocast):
             dtype = next(self.vision.parameters()).dtype
             states = self.vision(pixel_values=pixels.to(dtype), output_hidden_states=True).hidden_states
         return [states[k].float() for k in self.layers]

@@ -14,7 +14,6 @@ and optionally checkpoint their transformer blocks to trade compute for activati
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from semrecon_core.encoders import instructions as _instructions
+from semrecon_core.encoders.common import (
+    autocast_context,
+    checked_layers,
+    input_size,
+    load_dtype,
+    preprocessing_identity,
+)
 from semrecon_core.encoders.loading import (
     EncoderUnavailable,
     fingerprint,
@@ -30,7 +36,7 @@ from semrecon_core.encoders.loading import (
     load_model,
     resolve_checkpoint,
 )
-from semrecon_core.encoders.preprocess import PREPROCESSING_VERSION, to_pixels
+from semrecon_core.encoders.preprocess import to_pixels
 
 DEFAULT_MODEL = "deepseek-community/Janus-Pro-1B"
 # The DeepSeek conversation format of the original Janus code ("deepseek" sft format, default system prompt).
@@ -51,7 +57,7 @@ class _Loaded:
         self.directory = resolve_checkpoint(name, allow_download=allow_download)
         self.revision = fingerprint(self.directory)
         self.is_random = is_random_checkpoint(self.directory)
-        dtype = torch.bfloat16 if (autocast and device.type == "cuda") else torch.float32
+        dtype = load_dtype(device, autocast)
         self.model = load_model(JanusForConditionalGeneration, self.directory, dtype=dtype).to(device)
 
 
@@ -81,12 +87,6 @@ def load_vision_tower(directory: Path, *, dtype: torch.dtype = torch.float32) ->
             f"encoder '{directory}': vision-tower weights do not match the config: {exc}"
         ) from None
     return vision.requires_grad_(False).eval()
-
-
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _run_block(block: torch.nn.Module, hidden: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
@@ -123,20 +123,14 @@ class JanusImageEncoder:
         autocast: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
-        depth = len(vision_model.encoder.layers)
-        if not layers or any(not 0 <= k <= depth for k in layers):
-            raise ValueError(
-                f"property 'layers': expected indices in 0..{depth} for {name}, found {tuple(layers)}"
-            )
+        self.layers = checked_layers(layers, len(vision_model.encoder.layers), name)
         self.vision = vision_model.requires_grad_(False).eval()
         self.name = name
         self.revision = revision
-        self.layers = tuple(int(k) for k in layers)
         self.is_random = is_random
         self.autocast = autocast
         self.gradient_checkpointing = gradient_checkpointing
-        size = vision_model.config.image_size
-        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.image_size = input_size(vision_model.config.image_size)
         self.label = f"Janus image-only encoder ({name}, layers {'/'.join(map(str, self.layers))})"
         if is_random:
             self.label += " RANDOM WEIGHTS"
@@ -155,9 +149,8 @@ class JanusImageEncoder:
         """Load only the vision tower of a Janus checkpoint (HF id or directory)."""
         device = torch.device(device)
         directory = resolve_checkpoint(name, allow_download=allow_download)
-        dtype = torch.bfloat16 if (autocast and device.type == "cuda") else torch.float32
         return cls(
-            load_vision_tower(directory, dtype=dtype).to(device),
+            load_vision_tower(directory, dtype=load_dtype(device, autocast)).to(device),
             name=name,
             revision=fingerprint(directory),
             layers=layers,
@@ -180,7 +173,7 @@ class JanusImageEncoder:
             "revision": self.revision,
             "kind": self.kind,
             "layers": list(self.layers),
-            "preprocessing": f"{PREPROCESSING_VERSION};size={self.image_size[0]}x{self.image_size[1]}",
+            "preprocessing": preprocessing_identity(self.image_size),
             "random_weights": self.is_random,
         }
 
@@ -192,7 +185,7 @@ class JanusImageEncoder:
         """Hidden states ``(slices, tokens, dim)`` (float32) at each of ``layers``."""
         wanted = set(self.layers)
         states: dict[int, torch.Tensor] = {}
-        with _autocast(pixels.device, self.autocast):
+        with autocast_context(pixels.device, self.autocast):
             hidden = self.vision.embeddings(pixels.to(self.vision.embeddings.patch_embedding.weight.dtype))
             if 0 in wanted:
                 states[0] = hidden
@@ -248,8 +241,7 @@ class JanusLanguageEncoder:
             )
             # HF checkpoints blocks only in training mode; the LLM has no dropout, so nothing else changes.
             self.model.model.language_model.train()
-        size = model.config.vision_config.image_size
-        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.image_size = input_size(model.config.vision_config.image_size)
         self.num_image_tokens = int(model.config.vision_config.num_image_tokens)
         self.input_ids, self.image_start = self._prompt_ids()
         self.choice_ids = [self._answer_token_ids(word) for word in self.choices]
@@ -299,7 +291,7 @@ class JanusLanguageEncoder:
             "revision": self.revision,
             "kind": self.kind,
             "layers": ["llm-final-last-token"],
-            "preprocessing": f"{PREPROCESSING_VERSION};size={self.image_size[0]}x{self.image_size[1]}",
+            "preprocessing": preprocessing_identity(self.image_size),
             "instruction": self.instruction,
             "random_weights": self.is_random,
         }
@@ -343,7 +335,7 @@ class JanusLanguageEncoder:
     def merged_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings ``(slices, tokens, hidden)`` with the image features in the image positions."""
         inner = self.model.model
-        with _autocast(pixels.device, self.autocast):
+        with autocast_context(pixels.device, self.autocast):
             weight_dtype = inner.aligner.fc1.weight.dtype
             features = inner.get_image_features(pixels.to(weight_dtype), return_dict=True).pooler_output
             text = inner.get_input_embeddings()(self.input_ids.to(pixels.device))
@@ -363,7 +355,7 @@ class JanusLanguageEncoder:
         return mask
 
     def _final_state(self, embeddings: torch.Tensor) -> torch.Tensor:
-        with _autocast(embeddings.device, self.autocast):
+        with autocast_context(embeddings.device, self.autocast):
             out = self.model.model.language_model(inputs_embeds=embeddings, use_cache=False)
         return out.last_hidden_state[:, -1].float()
 
@@ -407,7 +399,7 @@ class JanusLanguageEncoder:
         lm, head = self.model.model.language_model, self.model.lm_head
         results = []
         for embedding in embeddings:
-            with _autocast(embedding.device, self.autocast):
+            with autocast_context(embedding.device, self.autocast):
                 out = lm(inputs_embeds=embedding.unsqueeze(0), use_cache=True)
                 logits = head(out.last_hidden_state[:, -1]).float()[0]
             scores = torch.stack(
@@ -422,7 +414,7 @@ class JanusLanguageEncoder:
                     break
                 tokens.append(token)
                 step = lm.get_input_embeddings()(torch.tensor([[token]], device=embedding.device))
-                with _autocast(embedding.device, self.autocast):
+                with autocast_context(embedding.device, self.autocast):
                     out = lm(inputs_embeds=step.to(embedding.dtype), cache=cache, use_cache=True)
                     logits = head(out.last_hidden_state[:, -1]).float()[0]
                 cache = _cache_of(out)
