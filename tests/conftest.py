@@ -35,3 +35,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def shepp_logan_raw(path: Path, *, matrix: int, coils: int, acs: int, repetitions: int) -> Path:
+    """Write ``ismrmrd_generate_cartesian_shepp_logan``'s raw file to a fresh ``path`` (skip without the tool).
+
+    Always with a noise scan (``-C``), 2× readout oversampling, acceleration 2 and noise 0.05; the tool
+    stores the true phantom and coil maps beside the acquisitions. It appends to existing files, so
+    ``path`` must not exist.
+    """
+    import subprocess
+
+    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
+    args = ["-m", matrix, "-c", coils, "-O", 2, "-a", 2, "-w", acs, "-C", "-r", repetitions, "-n", 0.05]
+    subprocess.run([tool, *map(str, args), "-o", str(path)], check=True, capture_output=True, timeout=120)
+    return path

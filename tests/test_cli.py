@@ -33,7 +33,9 @@ def test_every_subcommand_module_provides_the_cli_hooks() -> None:
 
     for name, (module_name, _) in cli.COMMANDS.items():
         module = importlib.import_module(module_name)
-        assert callable(getattr(module, "add_arguments", None)), f"{name}: {module_name}.add_arguments missing"
+        assert callable(getattr(module, "add_arguments", None)), (
+            f"{name}: {module_name}.add_arguments missing"
+        )
         assert callable(getattr(module, "run", None)), f"{name}: {module_name}.run missing"
 
 

@@ -38,7 +38,13 @@ def test_classical_defaults_ignore_network_settings() -> None:
 
 def test_from_properties_parses_types_and_dashes() -> None:
     config = ReconConfig.from_properties(
-        {"backbone": "unrolled", "level-weights": "0.1, 0.2, 1", "final_dc": "true", "lam": "2.5", "seed": "3"}
+        {
+            "backbone": "unrolled",
+            "level-weights": "0.1, 0.2, 1",
+            "final_dc": "true",
+            "lam": "2.5",
+            "seed": "3",
+        }
     )
     assert config.backbone == "unrolled"
     assert config.level_weights == (0.1, 0.2, 1.0)

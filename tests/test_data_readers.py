@@ -16,7 +16,7 @@ from semrecon_core.data.buffers import (
 )
 from semrecon_core.data.readers import calibration_region, load_kspace
 from semrecon_core.metrics import psnr
-from tests.conftest import require_tool
+from tests.conftest import require_tool, shepp_logan_raw
 
 
 def _scaled(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -31,11 +31,7 @@ def _scaled(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
 def shepp_logan_file(tmp_path_factory: pytest.TempPathFactory):
     """The tool's file (64² to stay fast; the issue's example uses 128²): noise scan,
     2× readout oversampling, R = 2 with 24 ACS lines, 2 × 2 repetitions."""
-    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
-    path = tmp_path_factory.mktemp("sl") / "sl.h5"  # the tool appends to existing files: always a fresh path
-    args = [tool, "-m", "64", "-c", "8", "-O", "2", "-a", "2", "-w", "24", "-C", "-r", "2", "-n", "0.05"]
-    subprocess.run([*args, "-o", str(path)], check=True, capture_output=True)
-    return path
+    return shepp_logan_raw(tmp_path_factory.mktemp("sl") / "sl.h5", matrix=64, coils=8, acs=24, repetitions=2)
 
 
 def test_shepp_logan_file_loads_with_prewhitening_oversampling_and_calibration(shepp_logan_file) -> None:

@@ -598,40 +598,13 @@ def test_exchange_times_out_on_a_silent_gadget() -> None:
 def test_semrecon_gadget_over_the_protocol_matches_in_process_replay(tmp_path: Path) -> None:
     """Shepp-Logan raw file (noise scan, 2x readout oversampling, R=2, 16 ACS lines, 2 interleaved
     repetitions) → chain equivalents → ReconData → the gadget launched as ``python -m gadgetron``."""
-    import subprocess
 
     import h5py
-    from conftest import require_tool
 
     from semrecon_core.gadgetron.replay import replay
+    from tests.conftest import shepp_logan_raw
 
-    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
-    path = tmp_path / "phantom.h5"
-    subprocess.run(
-        [
-            tool,
-            "-m",
-            "32",
-            "-c",
-            "4",
-            "-O",
-            "2",
-            "-a",
-            "2",
-            "-w",
-            "16",
-            "-C",
-            "-r",
-            "1",
-            "-n",
-            "0.05",
-            "-o",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    path = shepp_logan_raw(tmp_path / "phantom.h5", matrix=32, coils=4, acs=16, repetitions=1)
     in_process = replay(path)
     over_protocol = replay(path, protocol=True)
     assert len(in_process.images) == len(over_protocol.images) == 2

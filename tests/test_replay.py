@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import shepp_logan_raw
 
 ismrmrd = pytest.importorskip("ismrmrd")
 pytest.importorskip("gadgetron")
@@ -34,31 +33,8 @@ def _digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def shepp_logan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ismrmrd-tools phantom: noise scan, 2× readout oversampling, R = 2 with 24 ACS lines, 4 repetitions."""
-    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
-    path = tmp_path_factory.mktemp("sl") / "shepp_logan.h5"
-    subprocess.run(
-        [
-            tool,
-            "-m",
-            "128",
-            "-c",
-            "8",
-            "-O",
-            "2",
-            "-a",
-            "2",
-            "-w",
-            "24",
-            "-C",
-            "-r",
-            "2",
-            "-n",
-            "0.05",
-            "-o",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
+    path = shepp_logan_raw(
+        tmp_path_factory.mktemp("sl") / "shepp_logan.h5", matrix=128, coils=8, acs=24, repetitions=2
     )
     return path
 

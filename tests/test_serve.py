@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_tool
+
+from tests.conftest import shepp_logan_raw
 
 pytest.importorskip("gadgetron")
 ismrmrd = pytest.importorskip("ismrmrd")
@@ -30,32 +31,8 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
     """A small Shepp-Logan raw file (4 coils, 32², R=2, 16 ACS lines) as ``(xml header, [ReconData])``."""
     from semrecon_core.data.buffers import recon_data_from_acquisitions
 
-    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
-    path = tmp_path_factory.mktemp("serve") / "phantom.h5"
-    subprocess.run(
-        [
-            tool,
-            "-m",
-            "32",
-            "-c",
-            "4",
-            "-O",
-            "2",
-            "-a",
-            "2",
-            "-w",
-            "16",
-            "-C",
-            "-r",
-            "1",
-            "-n",
-            "0.05",
-            "-o",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
+    path = shepp_logan_raw(
+        tmp_path_factory.mktemp("serve") / "phantom.h5", matrix=32, coils=4, acs=16, repetitions=1
     )
     dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
     try:
