@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def shepp_logan_raw(path: Path, *, matrix: int, coils: int, acs: int, repetitions: int) -> Path:
-    """Write ``ismrmrd_generate_cartesian_shepp_logan``'s raw file to a fresh ``path`` (skip without the tool).
+    """Write ``ismrmrd_generate_cartesian_shepp_logan``'s raw file to a fresh ``path``; skip without the tool.
 
     Always with a noise scan (``-C``), 2× readout oversampling, acceleration 2 and noise 0.05; the tool
     stores the true phantom and coil maps beside the acquisitions. It appends to existing files, so
