@@ -8,8 +8,9 @@ compressed-sensing TV. Each backbone (U-Net, unrolled, SIREN INR) is fitted with
 semantic prior of a tiny RANDOM-WEIGHT Janus (bank: the other knee PD slices as positives, their zero-filled
 versions at R ∈ [3, 8] as negatives). Network sizes and iteration counts are reduced for 2 CPU cores and are
 written into the results. The per-iteration cost breakdown times one optimisation step split into backbone
-forward/backward, prior forward/backward (the encoder for the semantic prior), data consistency (data term forward/backward; for the unrolled
-network also its CG steps, which are part of its forward), loss assembly and the rest (optimiser, overhead).
+forward/backward, prior forward/backward (the encoder for the semantic prior), data consistency (data term
+forward/backward; for the unrolled network also its CG steps, which are part of its forward), loss assembly and
+the rest (optimiser, overhead).
 
 Writes ``benchmarks/results/backbones.json`` and ``benchmarks/results/backbones.md`` (``backbones.TAG.*`` with
 ``--tag TAG``).
@@ -339,19 +340,22 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# Backbones on a knee case",
         "",
-        f"Knee {case['file']} resampled to {case['size']}², {case['coils']} simulated coils, R = {case['acceleration']}, "
+        f"Knee {case['file']} resampled to {case['size']}², {case['coils']} simulated coils, "
+        f"R = {case['acceleration']}, "
         f"{case['acs']} ACS lines, {case['mask']}; ESPIRiT maps. CPU, {summary['machine']['threads']} threads, "
         f"torch {summary['machine']['torch']}. Command: `{summary['command']}`.",
         "",
         f"_{summary['note']}_",
         "",
-        "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | Tenengrad | iterations | λ | lr | time (s) | network |",
+        "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | Tenengrad | iterations | λ | lr | "
+        "time (s) | network |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['method']} | {r['prior']} | {r['psnr_db']:.2f} | {r['gain_over_zero_filled_db']:+.2f} | "
-            f"{r['ssim']:.4f} | {r['tenengrad']:.5f} | {r.get('iterations', '')} | {r.get('lam', '')} | {r.get('lr', '')} | "
+            f"{r['ssim']:.4f} | {r['tenengrad']:.5f} | {r.get('iterations', '')} | {r.get('lam', '')} | "
+            f"{r.get('lr', '')} | "
             f"{r['seconds']:.1f} | {r.get('network', '')} |"
         )
     lines += [
@@ -362,8 +366,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         "network the CG data-consistency steps run inside the backbone forward/backward (their no-grad cost "
         "is shown separately as `CG in fwd`). `rest` = optimiser step and bookkeeping.",
         "",
-        "| backbone | prior | backbone fwd | backbone bwd | prior (encoder) fwd | prior (encoder) bwd | DC fwd | DC bwd | loss | "
-        "rest | CG in fwd | total |",
+        "| backbone | prior | backbone fwd | backbone bwd | prior (encoder) fwd | prior (encoder) bwd | "
+        "DC fwd | DC bwd | loss | rest | CG in fwd | total |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for backbone, per_prior in summary["cost_breakdown_seconds"].items():
