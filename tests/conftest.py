@@ -50,3 +50,29 @@ def shepp_logan_raw(path: Path, *, matrix: int, coils: int, acs: int, repetition
     args = ["-m", matrix, "-c", coils, "-O", 2, "-a", 2, "-w", acs, "-C", "-r", repetitions, "-n", 0.05]
     subprocess.run([tool, *map(str, args), "-o", str(path)], check=True, capture_output=True, timeout=120)
     return path
+
+
+def tiny_janus_with_bank(folder: Path) -> tuple[Path, Path]:
+    """A tiny random Janus in ``folder`` and a pooled image-only bank built with it from random images.
+
+    Returns ``(model directory, bank path)``; for pipeline tests of the semantic prior (random weights).
+    """
+    import torch
+
+    from semrecon_core.encoders.janus import JanusImageEncoder
+    from semrecon_core.encoders.tiny import build_tiny_janus
+    from semrecon_core.priors.bank import bank_from_features, embed_images
+
+    tiny = build_tiny_janus(folder / "tiny-janus")
+    encoder = JanusImageEncoder.from_pretrained(str(tiny))
+    generator = torch.Generator().manual_seed(0)
+    positives = [torch.rand(1, 32, 32, generator=generator).to(torch.complex64) for _ in range(2)]
+    negatives = [p + 0.3 * torch.rand(1, 32, 32, generator=generator) for p in positives]
+    bank = bank_from_features(
+        embed_images(encoder, positives),
+        embed_images(encoder, negatives),
+        identity=encoder.identity,
+        similarity="pooled",
+        weights=(0.005, 0.5, 1.0),
+    )
+    return tiny, bank.save(folder / "bank.safetensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import shepp_logan_raw
+from tests.conftest import shepp_logan_raw, tiny_janus_with_bank
 
 ismrmrd = pytest.importorskip("ismrmrd")
 pytest.importorskip("gadgetron")
@@ -167,27 +167,10 @@ def test_replay_errors_name_the_problem(small: Path, tmp_path: Path, capsys: pyt
 
 def test_semantic_chain_with_a_tiny_random_janus(tmp_path: Path) -> None:
     """config/semrecon_semantic.xml end to end: U-Net + semantic prior (tiny random Janus, 1 iteration)."""
-    import torch
-
-    from semrecon_core.encoders.janus import JanusImageEncoder
-    from semrecon_core.encoders.tiny import build_tiny_janus
-    from semrecon_core.priors.bank import bank_from_features, embed_images
-
-    tiny = build_tiny_janus(tmp_path / "tiny-janus")
-    encoder = JanusImageEncoder.from_pretrained(str(tiny))
-    generator = torch.Generator().manual_seed(0)
-    positives = [torch.rand(1, 32, 32, generator=generator).to(torch.complex64) for _ in range(2)]
-    negatives = [p + 0.3 * torch.rand(1, 32, 32, generator=generator) for p in positives]
-    bank = bank_from_features(
-        embed_images(encoder, positives),
-        embed_images(encoder, negatives),
-        identity=encoder.identity,
-        similarity="pooled",
-        weights=(0.005, 0.5, 1.0),
-    )
+    tiny, bank = tiny_janus_with_bank(tmp_path)
     overrides = {
         "encoder": str(tiny),
-        "bank": str(bank.save(tmp_path / "bank.safetensors")),
+        "bank": str(bank),
         "iterations": "1",
         "device": "cpu",
     }

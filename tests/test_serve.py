@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import shepp_logan_raw
+from tests.conftest import shepp_logan_raw, tiny_janus_with_bank
 
 pytest.importorskip("gadgetron")
 ismrmrd = pytest.importorskip("ismrmrd")
@@ -46,26 +46,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
 @pytest.fixture(scope="module")
 def semantic_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Properties of a semantic reconstruction with a tiny random Janus and a bank built from it."""
-    import torch
-
-    from semrecon_core.encoders.janus import JanusImageEncoder
-    from semrecon_core.encoders.tiny import build_tiny_janus
-    from semrecon_core.priors.bank import bank_from_features, embed_images
-
-    folder = tmp_path_factory.mktemp("model")
-    tiny = build_tiny_janus(folder / "tiny-janus")
-    encoder = JanusImageEncoder.from_pretrained(str(tiny))
-    generator = torch.Generator().manual_seed(0)
-    positives = [torch.rand(1, 32, 32, generator=generator).to(torch.complex64) for _ in range(2)]
-    negatives = [p + 0.3 * torch.rand(1, 32, 32, generator=generator) for p in positives]
-    bank = bank_from_features(
-        embed_images(encoder, positives),
-        embed_images(encoder, negatives),
-        identity=encoder.identity,
-        similarity="pooled",
-        weights=(0.005, 0.5, 1.0),
-    )
-    path = bank.save(folder / "bank.safetensors")
+    tiny, path = tiny_janus_with_bank(tmp_path_factory.mktemp("model"))
     return {
         "backbone": "unet",
         "prior": "semantic",
