@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from semrecon_core.gadgetron.protocol import recv_exactly
+
 logger = logging.getLogger(__name__)
 
 _installed = False
@@ -34,16 +36,10 @@ _installed = False
 def _read_exactly(self: Any, nbytes: int) -> bytes:
     """``SocketWrapper.read`` replacement: exactly ``nbytes``, :class:`ConnectionError` on end of stream."""
     buffer = bytearray(nbytes)
-    view = memoryview(buffer)
-    done = 0
-    while done < nbytes:
-        received = self.socket.recv_into(view[done:], nbytes - done)
-        if received == 0:
-            raise ConnectionError(
-                f"Gadgetron closed the connection (got {done} of {nbytes} bytes of a message); "
-                "ending the external Python process"
-            )
-        done += received
+    try:
+        recv_exactly(self.socket, memoryview(buffer), peer="Gadgetron")
+    except ConnectionError as exc:
+        raise ConnectionError(f"{exc}; ending the external Python process") from None
     return bytes(buffer)
 
 

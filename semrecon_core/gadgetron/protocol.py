@@ -81,6 +81,24 @@ class Writable(Protocol):
     def write(self, data: Any, /) -> Any: ...
 
 
+def recv_exactly(sock: socket.socket, view: memoryview, *, peer: str = "the peer") -> None:
+    """Fill the writable byte view ``view`` from ``sock``; :class:`ConnectionError` naming ``peer`` on end of stream.
+
+    Never loops on an empty ``recv``: a vanished peer ends the read at once.
+    """
+    total = len(view)
+    done = 0
+    while done < total:
+        received = sock.recv_into(view[done:], total - done)
+        if received == 0:
+            raise ConnectionError(
+                f"{peer} closed the connection in the middle of a message (got {done} of {total} bytes)"
+                if done
+                else f"{peer} closed the connection"
+            )
+        done += received
+
+
 class SocketStream:
     """A connected socket with exact reads, explicit end-of-stream errors and gathered small writes.
 
@@ -103,17 +121,7 @@ class SocketStream:
 
     def read_into(self, view: memoryview) -> None:
         """Fill the writable byte view ``view`` completely from the peer."""
-        total = len(view)
-        done = 0
-        while done < total:
-            received = self.socket.recv_into(view[done:], total - done)
-            if received == 0:
-                raise ConnectionError(
-                    f"the peer closed the connection in the middle of a message (got {done} of {total} bytes)"
-                    if done
-                    else "the peer closed the connection"
-                )
-            done += received
+        recv_exactly(self.socket, view)
 
     def write(self, data: Any) -> None:
         """Queue or send a bytes-like object (``bytes``, ``memoryview``, ctypes structure)."""
