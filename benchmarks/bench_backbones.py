@@ -61,9 +61,7 @@ def _networks() -> dict[str, dict[str, Any]]:
             "describe": "U-Net width 16, depth 4 (paper 64, 5)",
         },
         "unrolled": {
-            "make": lambda: {
-                "network": UnrolledNet(UNetSpec(width=16, depth=4, residual=True), cg_iterations=10)
-            },
+            "make": lambda: {"network": UnrolledNet(UNetSpec(width=16, depth=4, residual=True), cg_iterations=10)},
             "describe": "4 stages, residual U-Nets width 16 depth 4, 10 CG iterations (paper 64/5, 20 CG)",
         },
         "inr": {
@@ -80,9 +78,7 @@ def _bank(encoder: Any, images: list[np.ndarray], config: Any, seed: int) -> Any
 
     truth = torch.from_numpy(np.stack(images)).to(torch.complex64)
     source = Source(images=truth, kspace=fft2c(truth).unsqueeze(1), sha256="", path=Path("knee"))
-    negatives = [
-        image for image, _ in undersampled_versions(source, np.random.default_rng(seed), acs_width=12)
-    ]
+    negatives = [image for image, _ in undersampled_versions(source, np.random.default_rng(seed), acs_width=12)]
     return bank_from_features(
         embed_images(encoder, list(truth.split(1))),
         embed_images(encoder, negatives),
@@ -191,12 +187,8 @@ def main() -> int:
     parser.add_argument("--unrolled-iterations", type=int, default=25)
     parser.add_argument("--inr-iterations", type=int, default=300)
     for name in ("unet", "unrolled", "inr"):
-        parser.add_argument(
-            f"--{name}-lr", type=float, default=None, help=f"Adam step of {name} (default: preset)"
-        )
-    parser.add_argument(
-        "--tv-lam", type=float, default=0.005, help="λ of the TV prior for the deep backbones"
-    )
+        parser.add_argument(f"--{name}-lr", type=float, default=None, help=f"Adam step of {name} (default: preset)")
+    parser.add_argument("--tv-lam", type=float, default=0.005, help="λ of the TV prior for the deep backbones")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="results go to backbones.TAG.{json,md} instead of backbones.*")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per cost breakdown")
@@ -252,14 +244,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         encoder_dir = build_tiny_janus(Path(tmp) / "tiny")
         semantic_config = ReconConfig(backbone="unet", prior="semantic").resolved()
-        encoder = JanusImageEncoder.from_pretrained(
-            str(encoder_dir), layers=semantic_config.layers, device="cpu"
-        )
+        encoder = JanusImageEncoder.from_pretrained(str(encoder_dir), layers=semantic_config.layers, device="cpu")
         bank_images = [_resize(np.load(f), args.size) for f in files if f != target]
         bank = _bank(encoder, bank_images, semantic_config, seed=0)
-        semantic = SemanticPrior(
-            encoder, bank, weights=semantic_config.level_weights, tau=semantic_config.tau
-        )
+        semantic = SemanticPrior(encoder, bank, weights=semantic_config.level_weights, tau=semantic_config.tau)
         problem = prepare_problem(kspace, maps, torch.device("cpu"))
         iterations = {
             "unet": args.unet_iterations,

@@ -149,12 +149,9 @@ def tune(case: Case, bart_maps: torch.Tensor, workdir: Path) -> dict[str, dict[s
         "ours_cg": {str(lam): round(ours("none", lam, CG_ITERATIONS), 3) for lam in GRID_CG},
         "ours_tv": {str(lam): round(ours("tv", lam, TV_ITERATIONS), 3) for lam in GRID_TV},
         "bart_cg": {
-            str(lam): round(bart(["-l2", "-r", str(lam), "-i", str(CG_ITERATIONS)]), 3)
-            for lam in BART_GRID_CG
+            str(lam): round(bart(["-l2", "-r", str(lam), "-i", str(CG_ITERATIONS)]), 3) for lam in BART_GRID_CG
         },
-        "bart_tv": {
-            str(lam): round(bart(["-R", f"T:3:0:{lam}", "-i", str(TV_ITERATIONS)]), 3) for lam in BART_GRID_TV
-        },
+        "bart_tv": {str(lam): round(bart(["-R", f"T:3:0:{lam}", "-i", str(TV_ITERATIONS)]), 3) for lam in BART_GRID_TV},
     }
 
 
@@ -185,12 +182,8 @@ def run(data: Path, repeats: int, do_tune: bool) -> dict:
             ours_s, ours = _best_time(lambda c=config: reconstruct(case.kspace, case.maps, c), repeats)
             row = {"ours": {"seconds": round(ours_s, 3), "lam": config.lam, **_quality(case, ours.image)}}
             if options is not None:
-                bart_s, image = _best_time(
-                    lambda o=options: bart_pics(case.kspace, bart_maps, o, workdir), repeats
-                )
-                row["bart"] = {
-                    "seconds": round(bart_s, 3), "options": " ".join(options), **_quality(case, image)
-                }
+                bart_s, image = _best_time(lambda o=options: bart_pics(case.kspace, bart_maps, o, workdir), repeats)
+                row["bart"] = {"seconds": round(bart_s, 3), "options": " ".join(options), **_quality(case, image)}
                 row["psnr_gap_db"] = round(row["ours"]["psnr_db"] - row["bart"]["psnr_db"], 3)
                 row["time_ratio_ours_over_bart"] = round(ours_s / bart_s, 3)
             rows[name] = row
@@ -208,8 +201,7 @@ def run(data: Path, repeats: int, do_tune: bool) -> dict:
             "data": "brain_t1_8coil/kspace.npy (real 8-coil T1 brain, 230 x 180)",
             "mask": f"{MASK_KIND} 1-D, R={ACCELERATION:g}, {ACS} ACS lines, seed {MASK_SEED}",
             "achieved_acceleration": round(case.kspace.acceleration, 3),
-            "reference": "RSS of the fully sampled coil images; magnitudes normalised to its max; "
-            "whole image",
+            "reference": "RSS of the fully sampled coil images; magnitudes normalised to its max; whole image",
         },
         "coil_maps": {
             "espirit_sigpy_seconds": round(espirit_s, 3),
@@ -248,8 +240,7 @@ def markdown(record: dict) -> str:
         ours, bart = row["ours"], row.get("bart")
         if bart is None:
             lines.append(
-                f"| {name} | {ours['psnr_db']:.2f} | – | – | {ours['ssim']:.4f} | – | {ours['seconds']:.3f} "
-                "| – | – |"
+                f"| {name} | {ours['psnr_db']:.2f} | – | – | {ours['ssim']:.4f} | – | {ours['seconds']:.3f} | – | – |"
             )
             continue
         lines.append(
@@ -311,9 +302,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best is kept)")
     parser.add_argument("--tune", action="store_true", help="also report the PSNR of every λ of the grids")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="threads for both sides (torch and BART's OpenMP)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="threads for both sides (torch and BART's OpenMP)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -137,14 +137,10 @@ def _prewhitening(folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"scan": "simulated 128², 8 coils, 2 slices, R = 3, noise 0.02 (correlated coils)"}
     for label, kspace in (("with", KSpace.from_ismrmrd(path)), ("without", _without_prewhitening(path))):
         maps = espirit_maps(kspace)
-        image = reconstruct(
-            kspace, maps, ReconConfig(backbone="sense", iterations=30, device="cpu")
-        ).image.numpy()
+        image = reconstruct(kspace, maps, ReconConfig(backbone="sense", iterations=30, device="cpu")).image.numpy()
         truth = kspace.ground_truth.numpy()
         magnitude = np.abs(image)
-        scale = (magnitude * truth).sum(axis=(-2, -1), keepdims=True) / (magnitude**2).sum(
-            axis=(-2, -1), keepdims=True
-        )
+        scale = (magnitude * truth).sum(axis=(-2, -1), keepdims=True) / (magnitude**2).sum(axis=(-2, -1), keepdims=True)
         out[f"psnr_{label}_prewhitening_db"] = psnr(truth, magnitude * scale)
     out["gain_db"] = out["psnr_with_prewhitening_db"] - out["psnr_without_prewhitening_db"]
     return out

@@ -60,9 +60,7 @@ def _image(device):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return torch.complex(torch.randn(1, 320, 320, generator=g), torch.randn(1, 320, 320, generator=g)).to(
-        device
-    )
+    return torch.complex(torch.randn(1, 320, 320, generator=g), torch.randn(1, 320, 320, generator=g)).to(device)
 
 
 def _encoder_step(encoder, device):
@@ -95,9 +93,7 @@ def case_real_vision(device, repeats: int) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vision = JanusVisionModel(JanusVisionConfig()).to(device, dtype)  # Janus-Pro-1B vision defaults
-    encoder = JanusImageEncoder(
-        vision, name="Janus-Pro-1B vision architecture", revision="random", is_random=True
-    )
+    encoder = JanusImageEncoder(vision, name="Janus-Pro-1B vision architecture", revision="random", is_random=True)
     cold = device.type == "cpu"
     result = _timed(_encoder_step(encoder, device), device, 1 if cold else repeats, warmup=0 if cold else 1)
     result["parameters"] = sum(p.numel() for p in vision.parameters())
@@ -301,12 +297,8 @@ def main() -> int:
         if "seconds" in cases.get(loss, {}) and "seconds" in cases.get(encoder, {}):
             ratios[f"{loss} / {encoder} time"] = cases[loss]["seconds"] / cases[encoder]["seconds"]
     if "seconds" in cases.get("real-vision", {}) and "seconds" in cases.get("tiny-image", {}):
-        ratios["real-vision / tiny-image time"] = (
-            cases["real-vision"]["seconds"] / cases["tiny-image"]["seconds"]
-        )
-    device_name = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
-    )
+        ratios["real-vision / tiny-image time"] = cases["real-vision"]["seconds"] / cases["tiny-image"]["seconds"]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     run = {
         "device_name": device_name,
         "dtype": "bfloat16 autocast (bf16 weights)" if args.device.startswith("cuda") else "float32",

@@ -160,9 +160,7 @@ def case_round_trip(recon_data: Any, header_xml: str) -> float:
         gadget_path=[],
         timeout=600,
     )
-    assert len(run.items) == 1 and np.array_equal(
-        run.items[0].bits[0].data.data, recon_data.bits[0].data.data
-    )
+    assert len(run.items) == 1 and np.array_equal(run.items[0].bits[0].data.data, recon_data.bits[0].data.data)
     return run.seconds
 
 
@@ -255,9 +253,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="transfers per case under 100 MB (median reported)"
-    )
+    parser.add_argument("--repeats", type=int, default=5, help="transfers per case under 100 MB (median reported)")
     parser.add_argument("--skip-volume", action="store_true", help="only the one-slice buffer")
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in SIZES.items() if not (args.skip_volume and k == "knee-volume")}

@@ -86,9 +86,7 @@ def prepare_buffers(path: Path) -> tuple[str, list[Any]]:
     from semrecon_core.gadgetron.replay import read_raw
 
     header, acquisitions, _ = read_raw(path)
-    return header, recon_data_from_acquisitions(
-        list(acquisitions), header, trigger="repetition", split_slices=True
-    )
+    return header, recon_data_from_acquisitions(list(acquisitions), header, trigger="repetition", split_slices=True)
 
 
 def reconstruction_only(header: str, buffers: list[Any]) -> tuple[float, float, int]:
@@ -159,9 +157,7 @@ def main() -> int:
             if not args.skip_protocol:
                 seconds, _, n_protocol = timed_replay(path, protocol=True)
                 if n_protocol != n_recon:
-                    raise RuntimeError(
-                        f"{name}: protocol replay gave {n_protocol} images, expected {n_recon}"
-                    )
+                    raise RuntimeError(f"{name}: protocol replay gave {n_protocol} images, expected {n_recon}")
                 row["protocol_replay_s"] = seconds
                 row["protocol_overhead"] = (seconds - recon) / recon
             rows.append(row)

@@ -115,18 +115,14 @@ def sense(
         return _cg_sense(problem, config, callback)
     if config.prior == "tv":
         if prior is not None and not isinstance(prior, TVPrior):
-            raise ValueError(
-                f"backbone 'sense' with prior 'tv': expected a TVPrior, found {type(prior).__name__}"
-            )
+            raise ValueError(f"backbone 'sense' with prior 'tv': expected a TVPrior, found {type(prior).__name__}")
         scale = 1.0 if prior is None else prior.weight
         tv = TVPrior(weight=float(config.lam) * scale)
         return _tv_pdhg(problem, config, tv, callback)
     raise ValueError(f"property 'prior': backbone 'sense' supports none or tv, found {config.prior!r}")
 
 
-def _cg_sense(
-    problem: ReconProblem, config: ReconConfig, callback: Callable[[Status], None] | None
-) -> ReconResult:
+def _cg_sense(problem: ReconProblem, config: ReconConfig, callback: Callable[[Status], None] | None) -> ReconResult:
     op = SenseOp(problem.maps, problem.mask)
     trace: list[Status] = []
 

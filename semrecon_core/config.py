@@ -200,8 +200,7 @@ class ReconConfig:
             changes[name] = _parse_value(name, raw_value, hints[name])
         if unknown:
             raise ConfigError(
-                f"unknown configuration properties: {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(sorted(known))})"
+                f"unknown configuration properties: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
             )
         return dataclasses.replace(base, **changes)
 

@@ -106,9 +106,7 @@ def test_lora_adapts_convolutions_only_adapters_train() -> None:
     counts = count_parameters(net)
     assert full["trainable"] == full["total"]
     assert 0 < counts["trainable"] < full["total"] // 3
-    lora_convs = [
-        name for name, m in net.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
-    ]
+    lora_convs = [name for name, m in net.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in UNet(UNetSpec(width=4, depth=3)).modules())
     assert len(lora_convs) == n_convs
     trainable = [name for name, p in net.named_parameters() if p.requires_grad]

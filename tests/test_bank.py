@@ -27,9 +27,7 @@ def _phantom(seed: int, size: int = 48) -> torch.Tensor:
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     image = torch.zeros(size, size)
     for _ in range(4):
-        cy, cx, r = torch.rand(3, generator=g) * torch.tensor([1.0, 1.0, 0.4]) - torch.tensor(
-            [0.5, 0.5, -0.2]
-        )
+        cy, cx, r = torch.rand(3, generator=g) * torch.tensor([1.0, 1.0, 0.4]) - torch.tensor([0.5, 0.5, -0.2])
         image += ((y - cy) ** 2 + (x - cx) ** 2 < r**2).float()
     return image[None].to(torch.complex64)
 
@@ -61,9 +59,7 @@ def features(encoder: JanusImageEncoder) -> tuple[list[torch.Tensor], list[torch
 
 
 @pytest.mark.parametrize("similarity", ["pooled", "token-pca"])
-def test_saved_and_loaded_bank_reproduces_the_loss(
-    encoder, features, tmp_path: Path, similarity: str
-) -> None:
+def test_saved_and_loaded_bank_reproduces_the_loss(encoder, features, tmp_path: Path, similarity: str) -> None:
     bank = bank_from_features(
         *features, identity=encoder.identity, similarity=similarity, weights=WEIGHTS, pca_dims=(8, 16, 16)
     )
@@ -123,9 +119,9 @@ def test_bank_built_with_another_encoder_is_refused(tiny, encoder, features, tmp
 def test_corrupt_or_foreign_bank_files_give_clear_errors(encoder, features, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    path = bank_from_features(
-        *features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS
-    ).save(tmp_path / "bank.safetensors")
+    path = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS).save(
+        tmp_path / "bank.safetensors"
+    )
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(BankError, match="truncated.safetensors"):
@@ -167,9 +163,9 @@ def test_build_prior_none_tv_semantic_and_cache(tiny, encoder, features, tmp_pat
     assert build_prior(ReconConfig(prior="tv"), "cpu").label.startswith("TV")
     with pytest.raises(ConfigError, match="bank"):
         build_prior(ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny)), "cpu")
-    path = bank_from_features(
-        *features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS
-    ).save(tmp_path / "bank.safetensors")
+    path = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS).save(
+        tmp_path / "bank.safetensors"
+    )
     config = ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny), bank=str(path))
     clear_cache()
     prior = build_prior(config, "cpu")

@@ -86,8 +86,7 @@ def test_unknown_gadget_is_named() -> None:
     with pytest.raises(ChainError, match="unknown gadget 'GenericReconCartesianGrappaGadget'"):
         parse_chain(
             _chain(
-                "<gadget><name>g</name><dll>x</dll>"
-                "<classname>GenericReconCartesianGrappaGadget</classname></gadget>"
+                "<gadget><name>g</name><dll>x</dll><classname>GenericReconCartesianGrappaGadget</classname></gadget>"
             )
         )
 
@@ -124,15 +123,13 @@ def test_unknown_elements_and_bad_values_are_errors() -> None:
 
 def test_unknown_external_property_is_named() -> None:
     configuration = (
-        "<configuration><property name='backbone' value='unet'/><property name='lamda' value='1'/>"
-        "</configuration>"
+        "<configuration><property name='backbone' value='unet'/><property name='lamda' value='1'/></configuration>"
     )
     with pytest.raises(ConfigError, match="lamda"):
         settings_from_configuration(configuration)
     with pytest.raises(ConfigError, match="given twice"):
         settings_from_configuration(
-            "<configuration><property name='seed' value='1'/>"
-            "<property name='seed' value='2'/></configuration>"
+            "<configuration><property name='seed' value='1'/><property name='seed' value='2'/></configuration>"
         )
 
 

@@ -33,15 +33,11 @@ def test_every_subcommand_module_provides_the_cli_hooks() -> None:
 
     for name, (module_name, _) in cli.COMMANDS.items():
         module = importlib.import_module(module_name)
-        assert callable(getattr(module, "add_arguments", None)), (
-            f"{name}: {module_name}.add_arguments missing"
-        )
+        assert callable(getattr(module, "add_arguments", None)), f"{name}: {module_name}.add_arguments missing"
         assert callable(getattr(module, "run", None)), f"{name}: {module_name}.run missing"
 
 
 def test_unknown_subcommand_is_an_error() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "semrecon_core.cli", "frobnicate"], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "semrecon_core.cli", "frobnicate"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid choice: 'frobnicate'" in proc.stderr

@@ -20,9 +20,7 @@ def _cmake() -> str:
     return path
 
 
-def _install(
-    tmp_path: Path, *configure_args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
+def _install(tmp_path: Path, *configure_args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmake = _cmake()
     build = tmp_path / "build"
     configured = subprocess.run(
@@ -39,19 +37,13 @@ def test_install_into_a_prefix_puts_files_where_gadgetron_looks(tmp_path: Path) 
     _install(tmp_path, f"-DCMAKE_INSTALL_PREFIX={prefix}")
     python_dir = prefix / "share" / "gadgetron" / "python"
     config_dir = prefix / "share" / "gadgetron" / "config"
-    assert sorted(p.name for p in python_dir.iterdir()) == sorted(
-        p.name for p in (ROOT / "gadgets").glob("*.py")
-    )
-    assert sorted(p.name for p in config_dir.iterdir()) == sorted(
-        p.name for p in (ROOT / "config").glob("*.xml")
-    )
+    assert sorted(p.name for p in python_dir.iterdir()) == sorted(p.name for p in (ROOT / "gadgets").glob("*.py"))
+    assert sorted(p.name for p in config_dir.iterdir()) == sorted(p.name for p in (ROOT / "config").glob("*.xml"))
     for name in ("semrecon_semantic.xml", "semrecon_tv.xml", "semrecon_cgsense.xml", "semrecon_connect.xml"):
         assert (config_dir / name).read_bytes() == (ROOT / "config" / name).read_bytes()
     # What Gadgetron does for <execute name="semrecon_gadget" target="reconstruct">: import the module
     # with share/gadgetron/python on PYTHONPATH.
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(python_dir)]))
-    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(python_dir)])))
     probe = subprocess.run(
         [
             sys.executable,

@@ -37,8 +37,7 @@ def test_multi_level_loss_equals_direct_eq3_on_random_data() -> None:
     pooled_n = [n.mean(1) for n in negatives]
     loss = ContrastiveLoss(pooled_p, pooled_n, weights=weights, similarity="pooled", tau=0.07)(tokens)
     expected = sum(
-        w * _eq3_direct(q.mean(1), p, n, 0.07)
-        for w, q, p, n in zip(weights, tokens, pooled_p, pooled_n, strict=True)
+        w * _eq3_direct(q.mean(1), p, n, 0.07) for w, q, p, n in zip(weights, tokens, pooled_p, pooled_n, strict=True)
     )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -82,9 +81,7 @@ def test_token_pca_similarity_is_mean_per_token_cosine() -> None:
         for m in range(6):
             direct = sum(_cos(projected_q[s, t].tolist(), projected_b[m, t].tolist()) for t in range(7)) / 7
             assert sims[s, m].item() == pytest.approx(direct, abs=1e-5)
-    loss = ContrastiveLoss(
-        [projected_b[:3]], [projected_b[3:]], weights=[1.0], similarity="token-pca", pca=[pca]
-    )
+    loss = ContrastiveLoss([projected_b[:3]], [projected_b[3:]], weights=[1.0], similarity="token-pca", pca=[pca])
     expected = info_nce(sims[:, :3], sims[:, 3:], tau=0.07).mean()
     assert loss([query]).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -100,9 +97,7 @@ def test_pca_captures_the_dominant_direction() -> None:
 def test_loss_is_stable_at_tiny_temperature_and_gradients_are_finite() -> None:
     g = torch.Generator().manual_seed(5)
     query = torch.randn(2, 8, generator=g, requires_grad=True)
-    loss = ContrastiveLoss(
-        [torch.randn(3, 8, generator=g)], [torch.randn(3, 8, generator=g)], weights=[1.0], tau=1e-4
-    )
+    loss = ContrastiveLoss([torch.randn(3, 8, generator=g)], [torch.randn(3, 8, generator=g)], weights=[1.0], tau=1e-4)
     value = loss([query])
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(query.grad).all()

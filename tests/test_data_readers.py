@@ -75,9 +75,7 @@ def test_prewhitening_decorrelates_coil_noise() -> None:
     mixing = np.eye(4) + 0.5 * rng.standard_normal((4, 4))
     noise = [
         ismrmrd.Acquisition.from_array(
-            (mixing @ (rng.standard_normal((4, 512)) + 1j * rng.standard_normal((4, 512)))).astype(
-                np.complex64
-            ),
+            (mixing @ (rng.standard_normal((4, 512)) + 1j * rng.standard_normal((4, 512)))).astype(np.complex64),
             sample_time_us=5.0,
         )
         for _ in range(8)
@@ -110,9 +108,7 @@ def test_recon_data_has_the_gadgetron_wire_layout(tmp_path) -> None:
     from semrecon_core.data.readers import _read_acquisitions
     from semrecon_core.data.simulate import write_ismrmrd_raw
 
-    path = write_ismrmrd_raw(
-        tmp_path / "s.h5", matrix=(32, 40), slices=2, coils=4, acceleration=2, acs_width=12
-    )
+    path = write_ismrmrd_raw(tmp_path / "s.h5", matrix=(32, 40), slices=2, coils=4, acceleration=2, acs_width=12)
     with h5py.File(path, "r") as file:
         acquisitions = _read_acquisitions(path, file["dataset"])
         xml = file["dataset/xml"][0].decode()
@@ -163,9 +159,7 @@ def test_npy_reader_with_mask_and_input_left_alone(tmp_path) -> None:
 
 def test_bart_cfl_reader(tmp_path) -> None:
     rng = np.random.default_rng(2)
-    kspace = (rng.standard_normal((2, 4, 30, 20)) + 1j * rng.standard_normal((2, 4, 30, 20))).astype(
-        np.complex64
-    )
+    kspace = (rng.standard_normal((2, 4, 30, 20)) + 1j * rng.standard_normal((2, 4, 30, 20))).astype(np.complex64)
     # BART order: (readout x, phase y, z, coils, 1 ... , slices at dim 13)
     bart = np.zeros((20, 30, 1, 4) + (1,) * 9 + (2,), np.complex64)
     bart[:, :, 0, :, ..., :] = np.transpose(kspace, (3, 2, 1, 0)).reshape(20, 30, 4, *(1,) * 9, 2)
@@ -178,9 +172,7 @@ def test_bart_cfl_reader(tmp_path) -> None:
 
 def test_bart_tool_output_reads(tmp_path) -> None:
     bart = require_tool("bart")
-    subprocess.run(
-        [bart, "phantom", "-x", "32", "-s", "4", str(tmp_path / "img")], check=True, capture_output=True
-    )
+    subprocess.run([bart, "phantom", "-x", "32", "-s", "4", str(tmp_path / "img")], check=True, capture_output=True)
     subprocess.run([bart, "fft", "-u", "3", str(tmp_path / "img"), str(tmp_path / "ksp")], check=True)
     kspace = load_kspace(tmp_path / "ksp.cfl")
     assert kspace.shape == (1, 4, 32, 32) and kspace.mask.all()
@@ -252,9 +244,7 @@ def test_partial_fourier_lines_are_placed_by_the_encoding_centre(tmp_path) -> No
     assert block in xml
     reader = ismrmrd.Dataset(str(full_path), "dataset", mode="r")
     writer = ismrmrd.Dataset(str(tmp_path / "partial.h5"), "dataset", mode="w")
-    writer.write_xml_header(
-        xml.replace(block, "<minimum>0</minimum><maximum>27</maximum><center>8</center>").encode()
-    )
+    writer.write_xml_header(xml.replace(block, "<minimum>0</minimum><maximum>27</maximum><center>8</center>").encode())
     for number in range(reader.number_of_acquisitions()):
         acq = reader.read_acquisition(number)
         if acq.idx.kspace_encode_step_1 >= 12:
@@ -302,9 +292,7 @@ def test_ismrmrd_stream_reads_like_the_hdf5_file(tmp_path) -> None:
 
     from semrecon_core.data.simulate import write_ismrmrd_raw
 
-    path = write_ismrmrd_raw(
-        tmp_path / "scan.h5", matrix=(32, 32), slices=2, coils=4, acceleration=2, acs_width=12
-    )
+    path = write_ismrmrd_raw(tmp_path / "scan.h5", matrix=(32, 32), slices=2, coils=4, acceleration=2, acs_width=12)
     dataset = ismrmrd.Dataset(str(path), "dataset", mode="r")
     header = ismrmrd.xsd.CreateFromDocument(dataset.read_xml_header())
     with open(tmp_path / "scan.mrd", "wb") as handle, ProtocolSerializer(handle) as stream:

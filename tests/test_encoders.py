@@ -102,9 +102,7 @@ def test_gradients_reach_the_complex_image_and_weights_stay_frozen(image_encoder
     assert all(not p.requires_grad and p.grad is None for p in image_encoder.vision.parameters())
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(
-    tiny: Path, image_encoder: JanusImageEncoder
-) -> None:
+def test_gradient_checkpointing_gives_the_same_gradients(tiny: Path, image_encoder: JanusImageEncoder) -> None:
     checkpointed = JanusImageEncoder.from_pretrained(str(tiny), gradient_checkpointing=True)
     grads = []
     for encoder in (image_encoder, checkpointed):
@@ -171,9 +169,7 @@ def test_answer_reports_the_two_choice_probabilities(language_encoder: JanusLang
         sequence = language_encoder.merged_embeddings(language_encoder.pixels(image[:1]))
         tokens = []
         for _ in range(3):
-            token = int(
-                language_encoder.model.lm_head(lm(inputs_embeds=sequence).last_hidden_state[0, -1]).argmax()
-            )
+            token = int(language_encoder.model.lm_head(lm(inputs_embeds=sequence).last_hidden_state[0, -1]).argmax())
             if token == language_encoder.tokenizer.eos_token_id:
                 break
             tokens.append(token)
@@ -207,9 +203,7 @@ def test_generic_hf_vision_encoder_follows_the_protocol(tmp_path: Path) -> None:
     image = _image(2, 50, 70).requires_grad_(True)
     features = encoder.encode(image)
     with torch.no_grad():
-        reference = encoder.vision(
-            pixel_values=to_pixels(image.detach(), (64, 64)), output_hidden_states=True
-        )
+        reference = encoder.vision(pixel_values=to_pixels(image.detach(), (64, 64)), output_hidden_states=True)
     assert [f.shape for f in features] == [(2, 16, 32)] * 2
     assert torch.allclose(features[1], reference.hidden_states[3], atol=1e-5)
     features[1].sum().backward()

@@ -46,9 +46,7 @@ def case():
     from skimage.data import shepp_logan_phantom
     from skimage.transform import resize
 
-    kspace = simulate_kspace(
-        resize(shepp_logan_phantom(), (SIZE, SIZE)), coils=8, acceleration=4, acs_width=8, seed=0
-    )
+    kspace = simulate_kspace(resize(shepp_logan_phantom(), (SIZE, SIZE)), coils=8, acceleration=4, acs_width=8, seed=0)
     maps = torch.from_numpy(coil_maps(8, (SIZE, SIZE)))[None]
     problem = prepare_problem(kspace, maps, torch.device("cpu"))
     zero_filled = reconstruct(kspace, maps, ReconConfig(backbone="zero-filled")).image
@@ -146,16 +144,12 @@ def test_warm_start_lora_trains_adapters_only(case, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = UNet(UNetSpec(width=8, depth=3))
     path = save_checkpoint(tmp_path / "unet.safetensors", net, "unet", {"epochs": 0})
-    config = ReconConfig(
-        backbone="unet", prior="tv", iterations=4, lam=0.005, checkpoint=str(path), lora_rank=2
-    )
+    config = ReconConfig(backbone="unet", prior="tv", iterations=4, lam=0.005, checkpoint=str(path), lora_rank=2)
     result = reconstruct_unet(case[2], config)
     assert "LoRA rank 2" in result.label
     assert 0 < result.info["trainable_parameters"] < result.info["total_parameters"] // 3
     full = reconstruct_unet(case[2], config.replace(lora_rank=0))
-    assert "all weights" in full.label and full.info["trainable_parameters"] == sum(
-        p.numel() for p in net.parameters()
-    )
+    assert "all weights" in full.label and full.info["trainable_parameters"] == sum(p.numel() for p in net.parameters())
     with pytest.raises(ValueError, match="trained for backbone 'unet', not 'unrolled'"):
         reconstruct_unrolled(case[2], config.replace(backbone="unrolled"))
 
@@ -182,9 +176,7 @@ def tiny_semantic_prior(tmp_path_factory: pytest.TempPathFactory, case):
     truth = kspace.ground_truth.to(torch.complex64)
     zero_filled = SenseOp(problem.maps, problem.mask).adjoint(problem.kspace)
     rng = np.random.default_rng(0)
-    noisy = [
-        truth + 0.2 * torch.from_numpy(rng.standard_normal(truth.shape).astype(np.float32)) for _ in range(2)
-    ]
+    noisy = [truth + 0.2 * torch.from_numpy(rng.standard_normal(truth.shape).astype(np.float32)) for _ in range(2)]
     bank = bank_from_features(
         embed_images(encoder, [truth, truth.flip(-1)]),
         embed_images(encoder, [zero_filled, *noisy]),
@@ -233,9 +225,7 @@ def test_pretrain_cli_writes_checkpoint_the_engine_loads(case, tmp_path: Path) -
     assert meta["backbone"] == "unet" and meta["epochs"] == 2 and len(meta["loss_per_epoch"]) == 2
     assert meta["data"][0]["sha256"] == hashlib.sha256((images / "a.npy").read_bytes()).hexdigest()
     assert meta["masks"]["kind"] == "gaussian" and meta["masks"]["acceleration"] == 4.0
-    config = ReconConfig(
-        backbone="unet", prior="tv", iterations=3, lam=0.005, checkpoint=str(out), lora_rank=2
-    )
+    config = ReconConfig(backbone="unet", prior="tv", iterations=3, lam=0.005, checkpoint=str(out), lora_rank=2)
     result = reconstruct_unet(case[2], config)
     assert "warm start, LoRA rank 2" in result.label
     assert result.info["checkpoint_metadata"]["architecture"]["width"] == 4

@@ -61,9 +61,7 @@ def _properties(**values: str) -> str:
 def test_images_per_slice_with_geometry_and_meta(scan: tuple[str, list]) -> None:
     header, recon_data = scan
     acquisition = ismrmrd.Acquisition.from_array(np.ones((4, 16), np.complex64))
-    sent = _run(
-        header, [acquisition, *recon_data], _properties(backbone="sense", iterations="10", series_index="5")
-    )
+    sent = _run(header, [acquisition, *recon_data], _properties(backbone="sense", iterations="10", series_index="5"))
     assert isinstance(sent[0], ismrmrd.Acquisition) and np.array_equal(sent[0].data, acquisition.data)
     images = sent[1:]
     assert len(images) == SLICES
@@ -136,9 +134,7 @@ def test_buffer_without_calibration_lines_falls_back(scan: tuple[str, list]) -> 
 def test_missing_bank_falls_back_to_labelled_cg_sense(scan: tuple[str, list], tmp_path: Path) -> None:
     header, recon_data = scan
     missing = tmp_path / "no_such_bank.safetensors"
-    images = _run(
-        header, recon_data, _properties(backbone="unet", prior="semantic", bank=str(missing), device="cpu")
-    )
+    images = _run(header, recon_data, _properties(backbone="unet", prior="semantic", bank=str(missing), device="cpu"))
     assert len(images) == SLICES
     for image in images:
         comment = image.meta["GADGETRON_ImageComment"]
@@ -158,14 +154,10 @@ def test_quality_answer_of_an_image_language_prior_goes_into_meta(scan: tuple[st
             return (image[..., 1:, :] - image[..., :-1, :]).abs().mean()
 
         def answer(self, image):
-            return [{"answer": "High-quality", "choice": "high", "p_high": 0.8, "p_low": 0.2}] * image.shape[
-                0
-            ]
+            return [{"answer": "High-quality", "choice": "high", "p_high": 0.8, "p_low": 0.2}] * image.shape[0]
 
     settings = settings_from_configuration(_properties(backbone="zero-filled"))
-    gadget = SemreconGadget(
-        settings, __import__("ismrmrd").xsd.CreateFromDocument(header), prior=AnsweringPrior()
-    )
+    gadget = SemreconGadget(settings, __import__("ismrmrd").xsd.CreateFromDocument(header), prior=AnsweringPrior())
     images = gadget.process(recon_data[0])
     assert images[0].meta["SEMRECON_QualityAnswer"] == "High-quality"
     assert images[0].meta["SEMRECON_QualityChoice"] == "high"

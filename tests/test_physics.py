@@ -24,9 +24,7 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> complex:
     return complex((a.conj() * b).sum())
 
 
-def phantom_scan(
-    n: int = 64, coils: int = 8, acceleration: float = 1.0, acs: int = 24
-) -> tuple[KSpace, torch.Tensor]:
+def phantom_scan(n: int = 64, coils: int = 8, acceleration: float = 1.0, acs: int = 24) -> tuple[KSpace, torch.Tensor]:
     """A Shepp-Logan phantom with birdcage coils and a smooth phase, sampled with a gaussian 1-D mask."""
     import sigpy.mri
 
@@ -106,9 +104,7 @@ def test_cg_solves_known_spd_system() -> None:
     expected = torch.linalg.solve(matrix + lam * torch.eye(12, dtype=matrix.dtype), rhs[0])
     assert torch.allclose(x[0], expected, atol=1e-9)
     residuals: list[float] = []
-    conjugate_gradient(
-        lambda v: v @ matrix.T, rhs, max_iter=5, callback=lambda i, x, r: residuals.append(float(r))
-    )
+    conjugate_gradient(lambda v: v @ matrix.T, rhs, max_iter=5, callback=lambda i, x, r: residuals.append(float(r)))
     assert len(residuals) == 5 and residuals[-1] < residuals[0]
 
 
@@ -194,8 +190,11 @@ def test_espirit_maps_match_simulated_coils() -> None:
 def test_espirit_rejects_calibration_smaller_than_kernel() -> None:
     scan, _ = phantom_scan(n=32, acs=24)
     small = KSpace(
-        data=scan.data, mask=scan.mask, calibration=scan.calibration[:, :, 10:14, :],
-        geometry=scan.geometry, source="tiny-acs.h5",
+        data=scan.data,
+        mask=scan.mask,
+        calibration=scan.calibration[:, :, 10:14, :],
+        geometry=scan.geometry,
+        source="tiny-acs.h5",
     )
     with pytest.raises(ValueError, match=r"tiny-acs.h5: calibration region 4×32 .* smaller than the ESPIRiT"):
         espirit_maps(small)
@@ -207,7 +206,8 @@ def test_espirit_on_real_brain_calibration(shared_data) -> None:
     full = torch.from_numpy(np.load(shared_data / "brain_t1_8coil" / "kspace.npy")).permute(0, 2, 1)[None]
     start = full.shape[-2] // 2 - 12
     scan = KSpace(
-        data=full, mask=torch.ones(1, *full.shape[-2:], dtype=torch.bool),
+        data=full,
+        mask=torch.ones(1, *full.shape[-2:], dtype=torch.bool),
         calibration=full[:, :, start : start + 24, :].contiguous(),
         geometry=Geometry((230, 180, 1), (230, 180, 1), (230.0, 180.0, 5.0), (230.0, 180.0, 5.0)),
     )

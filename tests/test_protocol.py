@@ -87,9 +87,7 @@ UNPATCHED = textwrap.dedent(
 )
 
 
-def _buffer(
-    rng: np.random.Generator, e0: int = 16, e1: int = 12, cha: int = 3, loc: int = 2, extras: bool = False
-):
+def _buffer(rng: np.random.Generator, e0: int = 16, e1: int = 12, cha: int = 3, loc: int = 2, extras: bool = False):
     shape = (e0, e1, 1, cha, 1, 1, loc)
     data = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     headers = np.empty((e1, 1, 1, 1, loc), dtype=object)
@@ -139,9 +137,7 @@ def _expected_buffer_bytes(buffer: ReconBuffer) -> bytes:
 
     out = ndarray(buffer.data, "<c8")
     for optional in (buffer.trajectory, buffer.density):
-        out += struct.pack("<?", optional is not None) + (
-            b"" if optional is None else ndarray(optional, "<f4")
-        )
+        out += struct.pack("<?", optional is not None) + (b"" if optional is None else ndarray(optional, "<f4"))
     headers = buffer.headers
     out += struct.pack("<Q", headers.ndim) + struct.pack(f"<{headers.ndim}Q", *headers.shape)
     out += b"".join(bytes(h) for h in headers.reshape(-1, order="F"))
@@ -180,9 +176,7 @@ def _assert_recon_data_equal(a: ReconData, b: ReconData) -> None:
 
 def _image(seed: int = 1):
     data = np.random.default_rng(seed).random((12, 16)).astype(np.float32)
-    image = ismrmrd.Image.from_array(
-        data, image_type=ismrmrd.IMTYPE_MAGNITUDE, field_of_view=(200.0, 150.0, 5.0)
-    )
+    image = ismrmrd.Image.from_array(data, image_type=ismrmrd.IMTYPE_MAGNITUDE, field_of_view=(200.0, 150.0, 5.0))
     image.image_index, image.image_series_index, image.slice = 3, 7, 1
     image.meta = {
         "GADGETRON_DataRole": "Image",
@@ -193,9 +187,7 @@ def _image(seed: int = 1):
 
 
 def _waveform(seed: int = 2):
-    waveform = ismrmrd.Waveform.from_array(
-        np.random.default_rng(seed).integers(0, 2**31, (2, 5), dtype=np.uint32)
-    )
+    waveform = ismrmrd.Waveform.from_array(np.random.default_rng(seed).integers(0, 2**31, (2, 5), dtype=np.uint32))
     waveform.waveform_id, waveform.time_stamp = 4, 1234
     return waveform
 
@@ -314,9 +306,7 @@ def test_image_with_meta_round_trip() -> None:
     attributes = image.attribute_string.encode()
     assert raw[:2] == struct.pack("<H", 1022)
     assert raw[2:200] == bytes(image.getHead())
-    assert (
-        raw[200:208] == struct.pack("<Q", len(attributes)) and raw[208 : 208 + len(attributes)] == attributes
-    )
+    assert raw[200:208] == struct.pack("<Q", len(attributes)) and raw[208 : 208 + len(attributes)] == attributes
     assert raw[208 + len(attributes) :] == image.data.astype("<f4").tobytes()
     for parsed in (readers.read_image(io.BytesIO(raw[2:])), protocol.read_message(io.BytesIO(raw))[1]):
         assert np.array_equal(parsed.data, image.data)
@@ -325,9 +315,7 @@ def test_image_with_meta_round_trip() -> None:
 
 
 def test_acquisition_and_waveform_round_trip() -> None:
-    acquisition = ismrmrd.Acquisition.from_array(
-        np.random.default_rng(0).standard_normal((3, 16)).astype(np.complex64)
-    )
+    acquisition = ismrmrd.Acquisition.from_array(np.random.default_rng(0).standard_normal((3, 16)).astype(np.complex64))
     acquisition.idx.kspace_encode_step_1 = 5
     out = io.BytesIO()
     protocol.write_item(out, acquisition)
@@ -355,9 +343,7 @@ def test_image_array_is_read_by_gadgetron(with_waveform: bool) -> None:
         assert [bytes(h) for h in parsed.acq_headers.flat] == [bytes(h) for h in array.acq_headers.flat]
         if with_waveform:
             assert [w.waveform_id for w in parsed.waveform] == [4, 4]
-            assert all(
-                np.array_equal(p.data, w.data) for p, w in zip(parsed.waveform, array.waveform, strict=True)
-            )
+            assert all(np.array_equal(p.data, w.data) for p, w in zip(parsed.waveform, array.waveform, strict=True))
         else:
             assert parsed.waveform is None
 

@@ -33,9 +33,7 @@ def _digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def shepp_logan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ismrmrd-tools phantom: noise scan, 2× readout oversampling, R = 2 with 24 ACS lines, 4 repetitions."""
-    path = shepp_logan_raw(
-        tmp_path_factory.mktemp("sl") / "shepp_logan.h5", matrix=128, coils=8, acs=24, repetitions=2
-    )
+    path = shepp_logan_raw(tmp_path_factory.mktemp("sl") / "shepp_logan.h5", matrix=128, coils=8, acs=24, repetitions=2)
     return path
 
 
@@ -175,10 +173,7 @@ def test_semantic_chain_with_a_tiny_random_janus(tmp_path: Path) -> None:
         "device": "cpu",
     }
     scan = tmp_path / "one_slice.h5"
-    assert (
-        main(["simulate", str(scan), "--matrix", "48", "--coils", "4", "--acceleration", "2", "--acs", "12"])
-        == 0
-    )
+    assert main(["simulate", str(scan), "--matrix", "48", "--coils", "4", "--acceleration", "2", "--acs", "12"]) == 0
     images = replay(scan, chain=CONFIG / "semrecon_semantic.xml", overrides=overrides).images
     assert len(images) == 1
     for image in images:

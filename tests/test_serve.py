@@ -31,9 +31,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
     """A small Shepp-Logan raw file (4 coils, 32², R=2, 16 ACS lines) as ``(xml header, [ReconData])``."""
     from semrecon_core.data.buffers import recon_data_from_acquisitions
 
-    path = shepp_logan_raw(
-        tmp_path_factory.mktemp("serve") / "phantom.h5", matrix=32, coils=4, acs=16, repetitions=1
-    )
+    path = shepp_logan_raw(tmp_path_factory.mktemp("serve") / "phantom.h5", matrix=32, coils=4, acs=16, repetitions=1)
     dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
     try:
         header = dataset.read_xml_header().decode("utf-8")
@@ -78,9 +76,7 @@ def server_thread() -> Iterator:
         assert not thread.is_alive(), "the server thread did not stop"
 
 
-def test_two_scans_in_a_row_load_the_model_once(
-    scan, semantic_properties, server_thread, monkeypatch
-) -> None:
+def test_two_scans_in_a_row_load_the_model_once(scan, semantic_properties, server_thread, monkeypatch) -> None:
     import semrecon_core.priors as priors
     from semrecon_core.priors import bank as bank_module
 
@@ -104,9 +100,7 @@ def test_two_scans_in_a_row_load_the_model_once(
         server.preload()
         assert loads == {"encoder": 1, "bank": 1}
         for number in (1, 2):
-            run = emulator.run_connect(
-                "<configuration/>", header, buffers[:1], port=server.address[1], timeout=120
-            )
+            run = emulator.run_connect("<configuration/>", header, buffers[:1], port=server.address[1], timeout=120)
             assert run.errors == [] and len(run.images) == 1
             image = run.images[0]
             comment = image.meta["GADGETRON_ImageComment"]
@@ -120,9 +114,7 @@ def test_two_scans_in_a_row_load_the_model_once(
 
 def test_scan_configuration_overrides_base_and_set_wins(scan, server_thread) -> None:
     header, buffers = scan
-    server = server_thread(
-        properties={"backbone": "sense", "iterations": "3"}, overrides={"series_index": "9"}
-    )
+    server = server_thread(properties={"backbone": "sense", "iterations": "3"}, overrides={"series_index": "9"})
     configuration = "<configuration><property name='backbone' value='zero-filled'/></configuration>"
     run = emulator.run_connect(configuration, header, buffers[:1], port=server.address[1], timeout=60)
     assert run.errors == [] and len(run.images) == 1
@@ -181,9 +173,7 @@ def test_cli_serve_binds_loopback_and_stops_on_sigterm(scan, tmp_path: Path) -> 
         line = _read_line(process, timeout=60)
         match = re.match(r"semrecon serve: listening on 127\.0\.0\.1:(\d+)", line)
         assert match, line
-        run = emulator.run_connect(
-            "<configuration/>", header, buffers[:1], port=int(match.group(1)), timeout=60
-        )
+        run = emulator.run_connect("<configuration/>", header, buffers[:1], port=int(match.group(1)), timeout=60)
         assert len(run.images) == 1
         process.terminate()
         assert process.wait(timeout=10) == 0

@@ -76,9 +76,7 @@ def test_raw_file_round_trip_with_slices_noise_scan_and_oversampling(tmp_path) -
     assert kspace.ground_truth.shape == (3, 48, 48)
 
     maps = espirit_maps(kspace)
-    image = reconstruct(
-        kspace, maps, ReconConfig(backbone="sense", iterations=30, device="cpu")
-    ).image.numpy()
+    image = reconstruct(kspace, maps, ReconConfig(backbone="sense", iterations=30, device="cpu")).image.numpy()
     zero_filled = reconstruct(kspace, maps, ReconConfig(backbone="zero-filled", device="cpu")).image.numpy()
     truth = kspace.ground_truth.numpy()
     value = psnr(truth, _scaled(truth, image))

@@ -93,9 +93,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"checkpoint metadata {sidecar}: not valid JSON ({exc})") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"checkpoint metadata {sidecar}: expected format {FORMAT!r}, found {meta.get('format')!r}"
-        )
+        raise ValueError(f"checkpoint metadata {sidecar}: expected format {FORMAT!r}, found {meta.get('format')!r}")
     return meta
 
 
@@ -108,15 +106,11 @@ def load_backbone(path: str | Path, backbone: str) -> tuple[nn.Module, dict[str,
 
     meta = read_metadata(path)
     if meta.get("backbone") != backbone:
-        raise ValueError(
-            f"checkpoint {path}: trained for backbone {meta.get('backbone')!r}, not {backbone!r}"
-        )
+        raise ValueError(f"checkpoint {path}: trained for backbone {meta.get('backbone')!r}, not {backbone!r}")
     model = build_backbone(backbone, meta["architecture"])
     state = load_file(str(path))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(
-            f"checkpoint {path}: weights do not match the architecture in its metadata ({exc})"
-        ) from None
+        raise ValueError(f"checkpoint {path}: weights do not match the architecture in its metadata ({exc})") from None
     return model, meta

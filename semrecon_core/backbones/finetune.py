@@ -159,9 +159,7 @@ class _Optimiser:
         if not self.parameters:
             raise ValueError(f"{description}: no trainable parameters")
         self.optimizer = torch.optim.Adam(self.parameters, lr=lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA
-        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA)
         self.iterations = iterations
         self.device = device
         self.prior = prior
@@ -206,8 +204,7 @@ class _Optimiser:
         values = torch.stack([torch.stack([record[n].float() for n in names]) for record in pending]).tolist()
         first = iteration - len(pending) + 1
         records = [
-            {"iteration": first + k, **self.extra, **dict(zip(names, row, strict=True))}
-            for k, row in enumerate(values)
+            {"iteration": first + k, **self.extra, **dict(zip(names, row, strict=True))} for k, row in enumerate(values)
         ]
         records[-1]["lr"] = self.scheduler.get_last_lr()[0]
         records[-1].update(self._semantic_status(image))

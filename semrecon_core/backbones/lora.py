@@ -33,9 +33,7 @@ def apply_lora(model: nn.Module, rank: int, *, alpha: float | None = None) -> nn
         raise ValueError(f"LoRA: {type(model).__name__} has no Conv2d or Linear layer to adapt")
     # a regular expression matches qualified names exactly (a list would match name suffixes too)
     pattern = "|".join(re.escape(name) for name in targets)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=pattern, bias="none"
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=pattern, bias="none")
     inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)

@@ -48,9 +48,7 @@ def find_images(paths: list[str]) -> list[Path]:
             found.extend(files)
         elif path.is_file():
             if path.suffix not in IMAGE_SUFFIXES:
-                raise ValueError(
-                    f"--images {path}: expected a .npy magnitude image, found suffix {path.suffix!r}"
-                )
+                raise ValueError(f"--images {path}: expected a .npy magnitude image, found suffix {path.suffix!r}")
             found.append(path)
         else:
             raise FileNotFoundError(f"--images {path}: no such file or directory")
@@ -166,13 +164,9 @@ def _sha256(path: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``semrecon pretrain``."""
-    parser.add_argument(
-        "out", help="checkpoint to write (.safetensors; metadata goes to the .json beside it)"
-    )
+    parser.add_argument("out", help="checkpoint to write (.safetensors; metadata goes to the .json beside it)")
     parser.add_argument("--backbone", choices=("unet", "unrolled"), default="unet")
-    parser.add_argument(
-        "--images", nargs="+", required=True, help=".npy magnitude images or directories of them"
-    )
+    parser.add_argument("--images", nargs="+", required=True, help=".npy magnitude images or directories of them")
     parser.add_argument("--width", type=int, default=64, help="U-Net channels at the first level (paper: 64)")
     parser.add_argument("--depth", type=int, default=5, help="U-Net levels (paper: 5)")
     parser.add_argument("--stages", type=int, default=4, help="unrolled stages")
@@ -182,9 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coils", type=int, default=8, help="simulated coils")
     parser.add_argument("--acceleration", type=float, default=4.0)
     parser.add_argument("--acs-width", type=int, default=24)
-    parser.add_argument(
-        "--mask", default="gaussian", help="mask kind (equispaced, random, gaussian, poisson)"
-    )
+    parser.add_argument("--mask", default="gaussian", help="mask kind (equispaced, random, gaussian, poisson)")
     parser.add_argument("--seed", type=int, default=0)
 
 

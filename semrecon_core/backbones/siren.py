@@ -71,9 +71,7 @@ class Siren(nn.Module):
 
 def coordinate_grid(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Pixel-centre coordinates ``(slices, y, x, 3)`` in [-1, 1] (slice axis 0 when there is one slice)."""
-    axes = [
-        torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape
-    ]
+    axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 

@@ -30,9 +30,7 @@ class UNetSpec:
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 1:
-            raise ValueError(
-                f"U-Net: width and depth must be positive, found width={self.width} depth={self.depth}"
-            )
+            raise ValueError(f"U-Net: width and depth must be positive, found width={self.width} depth={self.depth}")
 
     def to_dict(self) -> dict[str, int | bool]:
         """JSON-serialisable form (checkpoint metadata)."""

@@ -81,9 +81,7 @@ def ssdu_split(
     candidates = mask.clone()
     ky, kx = mask.shape[-2:]
     cy, cx = keep_centre
-    candidates[
-        ..., ky // 2 - cy // 2 : ky // 2 + (cy + 1) // 2, kx // 2 - cx // 2 : kx // 2 + (cx + 1) // 2
-    ] = False
+    candidates[..., ky // 2 - cy // 2 : ky // 2 + (cy + 1) // 2, kx // 2 - cx // 2 : kx // 2 + (cx + 1) // 2] = False
     scores = torch.rand(mask.shape, generator=generator, device="cpu").to(mask.device)
     held = torch.zeros_like(mask)
     for s in range(mask.shape[0]):

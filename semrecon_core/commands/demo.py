@@ -33,12 +33,8 @@ REAL_WEIGHTS_HINT = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``semrecon demo``."""
-    parser.add_argument(
-        "--out", default="semrecon-demo", help="output directory (created; default semrecon-demo)"
-    )
-    parser.add_argument(
-        "--fast", action="store_true", help="small scan and few iterations (smoke run, ~1 min)"
-    )
+    parser.add_argument("--out", default="semrecon-demo", help="output directory (created; default semrecon-demo)")
+    parser.add_argument("--fast", action="store_true", help="small scan and few iterations (smoke run, ~1 min)")
     parser.add_argument(
         "--backbone",
         choices=DEMO_BACKBONES,
@@ -48,12 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--iterations", type=int, default=None, help="iterations of the deep backbone")
     parser.add_argument("--size", type=int, default=None, help="image size (default 128, --fast 64)")
-    parser.add_argument(
-        "--encoder", default=None, help="Janus checkpoint (HF id or directory); default Janus-Pro-1B"
-    )
-    parser.add_argument(
-        "--allow-download", action="store_true", help="allow fetching the encoder from the hub"
-    )
+    parser.add_argument("--encoder", default=None, help="Janus checkpoint (HF id or directory); default Janus-Pro-1B")
+    parser.add_argument("--allow-download", action="store_true", help="allow fetching the encoder from the hub")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -140,9 +132,7 @@ def _describe_network(kwargs: dict[str, Any], backbone: str) -> str:
     if not kwargs:
         return "paper architecture"
     if "spec" in kwargs:
-        return (
-            "SIREN " + ", ".join(f"{k}={v}" for k, v in kwargs["spec"].to_dict().items()) + " (CPU demo size)"
-        )
+        return "SIREN " + ", ".join(f"{k}={v}" for k, v in kwargs["spec"].to_dict().items()) + " (CPU demo size)"
     spec = kwargs["network"].spec
     return f"U-Net width {spec.width}, depth {spec.depth} (CPU demo size; paper: 64, 5)"
 
@@ -226,9 +216,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = engine(problem, semantic, prior=prior, **network)
     result.image = (result.image * problem.scale).detach().cpu()
-    label = (
-        result.label if not random_weights or "RANDOM" in result.label else result.label + " RANDOM WEIGHTS"
-    )
+    label = result.label if not random_weights or "RANDOM" in result.label else result.label + " RANDOM WEIGHTS"
     results.append(
         {
             "method": f"{args.backbone} + semantic" + (" (RANDOM WEIGHTS)" if random_weights else ""),
@@ -250,9 +238,7 @@ def run(args: argparse.Namespace) -> int:
         "methods": rows,
     }
     if random_weights:
-        summary["note"] = (
-            "semantic result uses a RANDOM-WEIGHT encoder: pipeline check only. " + REAL_WEIGHTS_HINT
-        )
+        summary["note"] = "semantic result uses a RANDOM-WEIGHT encoder: pipeline check only. " + REAL_WEIGHTS_HINT
     _write_outputs(out, kspace, results, rows, summary, to_ismrmrd_images, write_images)
     _say(_table(rows, summary))
     if random_weights:
@@ -323,9 +309,7 @@ def _figure(path: Path, truth: Any, results: list[dict[str, Any]], rows: list[di
     try:
         import matplotlib
     except ImportError:
-        _say(
-            "matplotlib is not installed (pip install 'semrecon[plot]'): writing a plain image panel instead"
-        )
+        _say("matplotlib is not installed (pip install 'semrecon[plot]'): writing a plain image panel instead")
         _plain_figure(path, truth, results, rows)
         return
 
@@ -353,8 +337,13 @@ def _figure(path: Path, truth: Any, results: list[dict[str, Any]], rows: list[di
             axes[1, column].imshow(abs(image - reference), cmap="magma", vmin=0, vmax=0.3 * peak)
         else:
             axes[1, 0].text(
-                0.5, 0.5, "this row: |image − ground truth|\n(colour scale 0–30 % of max) →",
-                ha="center", va="center", fontsize=9, transform=axes[1, 0].transAxes,
+                0.5,
+                0.5,
+                "this row: |image − ground truth|\n(colour scale 0–30 % of max) →",
+                ha="center",
+                va="center",
+                fontsize=9,
+                transform=axes[1, 0].transAxes,
             )
         for row in axes[:, column]:
             row.axis("off")

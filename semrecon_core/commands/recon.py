@@ -46,15 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="any ReconConfig field, e.g. --set lr=1e-4 (repeatable)",
     )
-    parser.add_argument(
-        "--series-index", type=int, default=1, help="image_series_index of the images (default 1)"
-    )
-    parser.add_argument(
-        "--npy", type=Path, metavar="OUT.npy", help="also save the complex image (slices, y, x)"
-    )
-    parser.add_argument(
-        "--png", type=Path, metavar="OUT.png", help="also save the magnitude images side by side"
-    )
+    parser.add_argument("--series-index", type=int, default=1, help="image_series_index of the images (default 1)")
+    parser.add_argument("--npy", type=Path, metavar="OUT.npy", help="also save the complex image (slices, y, x)")
+    parser.add_argument("--png", type=Path, metavar="OUT.png", help="also save the magnitude images side by side")
     parser.add_argument("--trace", type=Path, metavar="TRACE.json", help="save the per-iteration records")
 
 
@@ -177,9 +171,7 @@ class _Progress:
         self.shown = now
         iteration = int(status.get("iteration", 0)) + 1
         eta = (now - self.start) / iteration * max(self.total - iteration, 0)
-        terms = "  ".join(
-            f"{k} {v:.4g}" for k, v in status.items() if k != "iteration" and isinstance(v, (int, float))
-        )
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in status.items() if k != "iteration" and isinstance(v, (int, float)))
         sys.stderr.write(f"\r  iteration {iteration}/{self.total}  ETA {eta:5.1f} s  {terms}"[:160].ljust(80))
         sys.stderr.flush()
 

@@ -67,9 +67,7 @@ def _is(acq: Any, flag: int) -> bool:
 
 
 def _describe(acq: Any, number: int | None = None) -> str:
-    where = (
-        f"acquisition #{number}" if number is not None else f"acquisition (scan counter {acq.scan_counter})"
-    )
+    where = f"acquisition #{number}" if number is not None else f"acquisition (scan counter {acq.scan_counter})"
     idx = acq.idx
     return f"{where} (line {idx.kspace_encode_step_1}, slice {idx.slice}, repetition {idx.repetition})"
 
@@ -109,8 +107,7 @@ def noise_prewhitener(
     for acq in noise:
         if acq.active_channels != channels:
             raise ValueError(
-                f"noise scan: inconsistent channel counts ({acq.active_channels} vs {channels}) "
-                f"in {_describe(acq)}"
+                f"noise scan: inconsistent channel counts ({acq.active_channels} vs {channels}) in {_describe(acq)}"
             )
     samples = np.concatenate([np.asarray(acq.data, dtype=np.complex128) for acq in noise], axis=1)
     if not np.isfinite(samples).all():
@@ -142,9 +139,7 @@ def noise_adjust(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
     for acq in acquisitions:
         if _is(acq, FLAG_NOISE):
             if whitener is not None:
-                raise ValueError(
-                    f"noise scan after imaging data ({_describe(acq)}); expected noise scans first"
-                )
+                raise ValueError(f"noise scan after imaging data ({_describe(acq)}); expected noise scans first")
             noise.append(acq)
             continue
         if noise and whitener is None:
@@ -169,11 +164,7 @@ def readout_oversampling(header: Any) -> float:
     encoding = _encoding(parse_header(header))
     encoded = float(encoding.encodedSpace.fieldOfView_mm.x)
     recon = float(encoding.reconSpace.fieldOfView_mm.x)
-    if (
-        recon <= 0
-        or encoded <= recon * 1.01
-        or encoding.encodedSpace.matrixSize.x <= encoding.reconSpace.matrixSize.x
-    ):
+    if recon <= 0 or encoded <= recon * 1.01 or encoding.encodedSpace.matrixSize.x <= encoding.reconSpace.matrixSize.x:
         return 1.0
     return encoded / recon
 
@@ -232,9 +223,7 @@ def accumulate_trigger(acquisitions: Iterable[Any], trigger: str = "repetition")
     navigator, phase-correction, feedback and dummy lines are dropped.
     """
     if trigger != "none" and trigger not in _DIMENSIONS:
-        raise ValueError(
-            f"trigger dimension: expected none or one of {', '.join(_DIMENSIONS)}, found {trigger!r}"
-        )
+        raise ValueError(f"trigger dimension: expected none or one of {', '.join(_DIMENSIONS)}, found {trigger!r}")
     bucket = Bucket()
     current: int | None = None
     for acq in acquisitions:
@@ -336,8 +325,7 @@ def _make_buffer(
         partition = acq.idx.kspace_encode_step_2 + e2_offset
         if not (0 <= line < e1 and 0 <= partition < e2):
             raise ValueError(
-                f"{_describe(acq)} lies outside the encoded matrix {e1}×{e2} "
-                f"(encoding limits centre {e1_center})"
+                f"{_describe(acq)} lies outside the encoded matrix {e1}×{e2} (encoding limits centre {e1_center})"
             )
         start = e0 // 2 - acq.center_sample if samples < e0 else 0
         start = min(max(start, 0), e0 - samples)
@@ -434,9 +422,7 @@ def recon_data_from_acquisitions(
     header = parse_header(header)
     stream = remove_ro_oversampling(noise_adjust(acquisitions, header), header)
     return [
-        bucket_to_buffer(
-            bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices
-        )
+        bucket_to_buffer(bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices)
         for bucket in accumulate_trigger(stream, trigger)
         if bucket.data
     ]

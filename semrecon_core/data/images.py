@@ -94,9 +94,7 @@ def to_ismrmrd_images(
                 "GADGETRON_WindowWidth": f"{float(plane.max()):.6g}",
             }
         )
-        values.update(
-            {key: value if isinstance(value, list) else str(value) for key, value in (meta or {}).items()}
-        )
+        values.update({key: value if isinstance(value, list) else str(value) for key, value in (meta or {}).items()})
         img.meta = values
         images.append(img)
     return images

@@ -78,8 +78,7 @@ def _check_finite(data: np.ndarray, source: str) -> None:
     if not finite.all():
         position = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise ValueError(
-            f"{source}: k-space contains NaN or Inf samples ({int((~finite).sum())} values, "
-            f"first at index {position})"
+            f"{source}: k-space contains NaN or Inf samples ({int((~finite).sum())} values, first at index {position})"
         )
 
 
@@ -116,9 +115,7 @@ def from_arrays(
         calibration=torch.from_numpy(np.ascontiguousarray(data[:, :, rows, cols])),
         geometry=geometry,
         headers=tuple(headers),
-        ground_truth=None
-        if ground_truth is None
-        else torch.from_numpy(np.ascontiguousarray(ground_truth, np.float32)),
+        ground_truth=None if ground_truth is None else torch.from_numpy(np.ascontiguousarray(ground_truth, np.float32)),
         xml_header=xml_header,
         source=source,
         info=dict(info or {}),
@@ -165,9 +162,7 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
     parsed = parse_header(header)
     array = np.asarray(data.data)
     if array.ndim != 7:
-        raise ValueError(
-            f"{source}: expected buffer data [E0, E1, E2, CHA, N, S, LOC], found shape {array.shape}"
-        )
+        raise ValueError(f"{source}: expected buffer data [E0, E1, E2, CHA, N, S, LOC], found shape {array.shape}")
     e0, e1, e2, channels, n_size, s_size, loc_size = array.shape
     if e2 != 1:
         raise ValueError(f"{source}: 3-D encodings (E2 = {e2}) are not supported; expected E2 = 1")
@@ -178,9 +173,7 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
     for loc in range(loc_size):
         for s in range(s_size):
             for n in range(n_size):
-                kspace = np.ascontiguousarray(
-                    array[:, :, 0, :, n, s, loc].transpose(2, 1, 0)
-                )  # (CHA, E1, E0)
+                kspace = np.ascontiguousarray(array[:, :, 0, :, n, s, loc].transpose(2, 1, 0))  # (CHA, E1, E0)
                 line_headers = [headers[y, 0, n, s, loc] for y in range(e1)]
                 rows = np.array([_filled(h) for h in line_headers])
                 if not rows.any():
@@ -199,9 +192,7 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
     mask = np.stack(masks)
 
     if ref is not None:
-        calibration = _calibration_from_ref(
-            ref, offsets, (n_size, s_size, loc_size), (channels, e1, e0), source
-        )
+        calibration = _calibration_from_ref(ref, offsets, (n_size, s_size, loc_size), (channels, e1, e0), source)
     else:
         rows, cols = calibration_region(mask.all(axis=0))
         _check_calibration(rows, cols, source)
@@ -248,9 +239,7 @@ def _calibration_from_ref(
             f"imaging lines {want_channels}"
         )
     if r0 != e0:
-        raise ValueError(
-            f"{source}: reference readout length {r0} differs from the imaging readout length {e0}"
-        )
+        raise ValueError(f"{source}: reference readout length {r0} differs from the imaging readout length {e0}")
     _check_finite(array, f"{source} (reference lines)")
     headers = np.asarray(ref.headers, dtype=object).reshape(array.shape[1], array.shape[2], *array.shape[4:])
     blocks = []
@@ -371,9 +360,7 @@ def _read_acquisitions(path: Path, group: Any) -> list[Any]:
             )
         traj = None
         if head.trajectory_dimensions:
-            traj = np.asarray(row["traj"], np.float32).reshape(
-                head.number_of_samples, head.trajectory_dimensions
-            )
+            traj = np.asarray(row["traj"], np.float32).reshape(head.number_of_samples, head.trajectory_dimensions)
         acquisitions.append(ismrmrd.Acquisition(head, data.copy(), traj))
     return acquisitions
 
@@ -427,18 +414,12 @@ def _kspace_from_acquisitions(acquisitions: list[Any], xml: str, source: str, tr
     try:
         header = parse_header(xml)
         recon_data = recon_data_from_acquisitions(acquisitions, header, trigger=trigger)
-        parts = [
-            from_recon_buffer(bit.data, bit.ref, xml, source=source)
-            for item in recon_data
-            for bit in item.bits
-        ]
+        parts = [from_recon_buffer(bit.data, bit.ref, xml, source=source) for item in recon_data for bit in item.bits]
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
     noise_scans = sum(1 for a in acquisitions if a.flags & (1 << (FLAG_NOISE - 1)))
     kspace = concatenate(parts, source=source)
-    return replace(
-        kspace, info={"noise_scans": noise_scans, "readout_oversampling": readout_oversampling(header)}
-    )
+    return replace(kspace, info={"noise_scans": noise_scans, "readout_oversampling": readout_oversampling(header)})
 
 
 def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "repetition") -> KSpace:
@@ -493,9 +474,7 @@ def read_ismrmrd_stream(path: str | Path, *, trigger: str = "repetition") -> KSp
                 f"acquisitions): {exc}"
             ) from None
     if xml is None:
-        raise ValueError(
-            f"{path}: not an HDF5 file, and no ISMRMRD header message found (not an ISMRMRD stream)"
-        )
+        raise ValueError(f"{path}: not an HDF5 file, and no ISMRMRD header message found (not an ISMRMRD stream)")
     return _kspace_from_acquisitions(acquisitions, xml, str(path), trigger)
 
 
@@ -522,13 +501,9 @@ def read_fastmri(path: str | Path) -> KSpace:
         if kspace.ndim == 3:
             raise ValueError(f"{path}: single-coil fastMRI data (slices, rows, cols) are not supported")
         if kspace.ndim != 4:
-            raise ValueError(
-                f"{path}: 'kspace' expected (slices, coils, rows, cols), found shape {kspace.shape}"
-            )
+            raise ValueError(f"{path}: 'kspace' expected (slices, coils, rows, cols), found shape {kspace.shape}")
         column_mask = np.asarray(file["mask"][()], dtype=bool) if "mask" in file else None
-        truth = (
-            np.asarray(file["reconstruction_rss"][()], np.float32) if "reconstruction_rss" in file else None
-        )
+        truth = np.asarray(file["reconstruction_rss"][()], np.float32) if "reconstruction_rss" in file else None
     _check_finite(kspace, str(path))
     data = np.swapaxes(kspace, -1, -2)  # (slices, coils, cols = ky, rows = kx)
     if column_mask is None:
@@ -569,9 +544,7 @@ def _plain_geometry(ny: int, nx: int) -> Geometry:
     return Geometry((nx, ny, 1), (nx, ny, 1), (float(nx), float(ny), 1.0), (float(nx), float(ny), 1.0))
 
 
-def _load_mask(
-    mask: str | Path | np.ndarray | None, shape: tuple[int, int, int], source: str
-) -> np.ndarray | None:
+def _load_mask(mask: str | Path | np.ndarray | None, shape: tuple[int, int, int], source: str) -> np.ndarray | None:
     """A mask broadcast to ``(slices, ky, kx)``; 1-D masks select ky lines."""
     if mask is None:
         return None
@@ -619,9 +592,7 @@ def read_npy(path: str | Path, mask: str | Path | np.ndarray | None = None) -> K
     if not np.iscomplexobj(data):
         raise ValueError(f"{path}: expected complex k-space, found dtype {data.dtype}")
     slices, _, ny, nx = data.shape
-    return from_arrays(
-        data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path)
-    )
+    return from_arrays(data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path))
 
 
 def read_cfl(path: str | Path) -> np.ndarray:
@@ -639,9 +610,7 @@ def read_cfl(path: str | Path) -> np.ndarray:
     count = int(np.prod(dims))
     data = np.fromfile(cfl, dtype=np.complex64)
     if data.size != count:
-        raise ValueError(
-            f"{cfl}: holds {data.size} complex values, the header {hdr.name} says {dims} = {count}"
-        )
+        raise ValueError(f"{cfl}: holds {data.size} complex values, the header {hdr.name} says {dims} = {count}")
     return data.reshape(dims, order="F")
 
 
@@ -657,14 +626,10 @@ def read_bart(path: str | Path, mask: str | Path | np.ndarray | None = None) -> 
             f"{path}: unsupported BART dimensions {extra} (sizes {[dims[i] for i in extra]}); "
             "expected readout, phase, coils and slices only"
         )
-    data = array.reshape(
-        dims[0], dims[1], dims[3], -1, order="F"
-    )  # (x, y, coils, slices) as dims 0, 1, 3, 13
+    data = array.reshape(dims[0], dims[1], dims[3], -1, order="F")  # (x, y, coils, slices) as dims 0, 1, 3, 13
     data = np.ascontiguousarray(np.transpose(data, (3, 2, 1, 0)))  # (slices, coils, ky, kx)
     slices, _, ny, nx = data.shape
-    return from_arrays(
-        data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path)
-    )
+    return from_arrays(data, _load_mask(mask, (slices, ny, nx), str(path)), _plain_geometry(ny, nx), source=str(path))
 
 
 def load_kspace(path: str | Path, **options: Any) -> KSpace:

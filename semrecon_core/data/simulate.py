@@ -51,9 +51,7 @@ def coil_maps(coils: int, shape: tuple[int, int]) -> np.ndarray:
     return maps / np.sqrt((np.abs(maps) ** 2).sum(axis=0, keepdims=True))
 
 
-def smooth_phase(
-    shape: tuple[int, int], rng: np.random.Generator, amplitude: float = np.pi / 2
-) -> np.ndarray:
+def smooth_phase(shape: tuple[int, int], rng: np.random.Generator, amplitude: float = np.pi / 2) -> np.ndarray:
     """A smooth random phase map (2nd-order polynomial), radians, ``(y, x)``."""
     y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     terms = np.stack([np.ones_like(x), x, y, x * y, x**2, y**2])
@@ -70,9 +68,7 @@ def _as_images(image: Any) -> np.ndarray:
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
-        raise ValueError(
-            f"image: expected a magnitude image (y, x) or (slices, y, x), found shape {array.shape}"
-        )
+        raise ValueError(f"image: expected a magnitude image (y, x) or (slices, y, x), found shape {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError("image: contains NaN or Inf values")
     peak = float(array.max())
@@ -95,9 +91,7 @@ def _check_sizes(shape: tuple[int, int], acs_width: int, coils: int) -> None:
 
 def _noise_mixing(coils: int, rng: np.random.Generator) -> np.ndarray:
     """A coil noise mixing matrix (covariance ``M Mᴴ``) with realistic correlations and level spread."""
-    mixing = np.eye(coils) + 0.15 * (
-        rng.standard_normal((coils, coils)) + 1j * rng.standard_normal((coils, coils))
-    )
+    mixing = np.eye(coils) + 0.15 * (rng.standard_normal((coils, coils)) + 1j * rng.standard_normal((coils, coils)))
     return (mixing * rng.uniform(0.8, 1.2, size=(coils, 1))).astype(np.complex64)
 
 
@@ -107,9 +101,7 @@ def _noise(shape: tuple[int, ...], mixing: np.ndarray, std: float, rng: np.rando
     return np.tensordot(mixing, white, axes=(1, 0)).astype(np.complex64)
 
 
-def _coil_kspace(
-    images: np.ndarray, coils: int, rng: np.random.Generator, oversampling: int = 1
-) -> np.ndarray:
+def _coil_kspace(images: np.ndarray, coils: int, rng: np.random.Generator, oversampling: int = 1) -> np.ndarray:
     """Noise-free k-space ``(slices, coils, y, oversampling·x)``; the readout FOV is zero padded."""
     import torch
 
@@ -289,9 +281,7 @@ def write_ismrmrd_raw(
     rng = np.random.default_rng(seed)
     mixing = _noise_mixing(coils, rng)
     full = _coil_kspace(images, coils, rng, oversampling)  # (slices, coils, ny, nx·os)
-    lines = (
-        sampling_mask(mask_kind, (ny, nx), acceleration, acs_width=acs_width, seed=seed).numpy().any(axis=1)
-    )
+    lines = sampling_mask(mask_kind, (ny, nx), acceleration, acs_width=acs_width, seed=seed).numpy().any(axis=1)
     acs = np.zeros(ny, dtype=bool)
     acs[ny // 2 - acs_width // 2 : ny // 2 - acs_width // 2 + acs_width] = True
     samples = nx * oversampling
@@ -333,9 +323,7 @@ def write_ismrmrd_raw(
     if noise_scan:
         for _ in range(NOISE_SCAN_LINES):
             acquisitions.append(
-                acquisition(
-                    _noise((coils, samples), mixing, noise_std, rng), [ismrmrd.ACQ_IS_NOISE_MEASUREMENT]
-                )
+                acquisition(_noise((coils, samples), mixing, noise_std, rng), [ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
             )
     for s in range(slices):
         plan: list[tuple[int, list[int]]] = []
@@ -396,9 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, default=1, help="slices (default 1)")
     parser.add_argument("--acceleration", type=float, default=4.0, help="R (default 4)")
     parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines (default 24)")
-    parser.add_argument(
-        "--mask", choices=LINE_MASK_KINDS, default="gaussian", help="line mask (default gaussian)"
-    )
+    parser.add_argument("--mask", choices=LINE_MASK_KINDS, default="gaussian", help="line mask (default gaussian)")
     parser.add_argument(
         "--calibration",
         choices=("embedded", "separate"),
@@ -411,9 +397,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="write a noise scan for prewhitening (default on)",
     )
-    parser.add_argument(
-        "--oversampling", type=int, choices=(1, 2), default=2, help="readout oversampling (default 2)"
-    )
+    parser.add_argument("--oversampling", type=int, choices=(1, 2), default=2, help="readout oversampling (default 2)")
     parser.add_argument("--noise", type=float, default=0.005, help="k-space noise std relative to image max")
     parser.add_argument(
         "--image", type=Path, help="magnitude image .npy (y, x) or (slices, y, x) instead of the phantom"
@@ -430,9 +414,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{args.image}: cannot read the image .npy: {exc}") from None
         if image.ndim not in (2, 3):
-            raise ValueError(
-                f"{args.image}: expected a magnitude image (y, x) or (slices, y, x), found {image.shape}"
-            )
+            raise ValueError(f"{args.image}: expected a magnitude image (y, x) or (slices, y, x), found {image.shape}")
         if args.matrix is not None and tuple(image.shape[-2:]) != args.matrix:
             from skimage.transform import resize
 

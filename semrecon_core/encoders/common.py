@@ -30,9 +30,7 @@ def autocast_context(device: torch.device, enabled: bool) -> contextlib.Abstract
 def checked_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
     """``layers`` as ints after checking each is a hidden-state index ``0..depth`` of model ``name``."""
     if not layers or any(not 0 <= k <= depth for k in layers):
-        raise ValueError(
-            f"property 'layers': expected indices in 0..{depth} for {name}, found {tuple(layers)}"
-        )
+        raise ValueError(f"property 'layers': expected indices in 0..{depth} for {name}, found {tuple(layers)}")
     return tuple(int(k) for k in layers)
 
 

@@ -63,9 +63,7 @@ class HFVisionEncoder:
         self.mean, self.std = mean, std
         self.is_random = is_random
         self.autocast = autocast
-        self.label = (
-            f"{type(vision_model).__name__} encoder ({name}, layers {'/'.join(map(str, self.layers))})"
-        )
+        self.label = f"{type(vision_model).__name__} encoder ({name}, layers {'/'.join(map(str, self.layers))})"
         if is_random:
             self.label += " RANDOM WEIGHTS"
 
@@ -118,9 +116,7 @@ class HFVisionEncoder:
             "revision": self.revision,
             "kind": self.kind,
             "layers": list(self.layers),
-            "preprocessing": (
-                f"{preprocessing_identity(self.image_size)};mean={self.mean:g};std={self.std:g}"
-            ),
+            "preprocessing": (f"{preprocessing_identity(self.image_size)};mean={self.mean:g};std={self.std:g}"),
             "random_weights": self.is_random,
         }
 

@@ -53,7 +53,5 @@ def resolve(name_or_text: str) -> tuple[str, tuple[str, str]]:
     if name_or_text in NAMED:
         return NAMED[name_or_text]
     if not name_or_text.strip():
-        raise ValueError(
-            "instruction: expected a name (" + ", ".join(list(NAMED)[:4]) + ", ...) or text, found ''"
-        )
+        raise ValueError("instruction: expected a name (" + ", ".join(list(NAMED)[:4]) + ", ...) or text, found ''")
     return name_or_text, ("high", "low")

@@ -305,10 +305,7 @@ class JanusLanguageEncoder:
         text = _PROMPT.format(system=SYSTEM_PROMPT, image=image, instruction=self.instruction)
         ids = torch.tensor(tok(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
         positions = (ids == self.model.config.image_token_id).nonzero().flatten()
-        if (
-            positions.numel() != self.num_image_tokens
-            or int(positions[-1] - positions[0]) + 1 != positions.numel()
-        ):
+        if positions.numel() != self.num_image_tokens or int(positions[-1] - positions[0]) + 1 != positions.numel():
             raise ValueError(
                 f"encoder '{self.name}': tokenizer produced {positions.numel()} contiguous image tokens "
                 f"(id {self.model.config.image_token_id}), expected {self.num_image_tokens}"
@@ -323,9 +320,7 @@ class JanusLanguageEncoder:
             if encoded and encoded[0] != unk:
                 ids.add(int(encoded[0]))
         if not ids:
-            raise ValueError(
-                f"encoder '{self.name}': the tokenizer has no token for the answer word '{word}'"
-            )
+            raise ValueError(f"encoder '{self.name}': the tokenizer has no token for the answer word '{word}'")
         return torch.tensor(sorted(ids), dtype=torch.long)
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
@@ -402,9 +397,7 @@ class JanusLanguageEncoder:
             with autocast_context(embedding.device, self.autocast):
                 out = lm(inputs_embeds=embedding.unsqueeze(0), use_cache=True)
                 logits = head(out.last_hidden_state[:, -1]).float()[0]
-            scores = torch.stack(
-                [torch.logsumexp(logits[ids.to(logits.device)], 0) for ids in self.choice_ids]
-            )
+            scores = torch.stack([torch.logsumexp(logits[ids.to(logits.device)], 0) for ids in self.choice_ids])
             probabilities = torch.softmax(scores, 0)
             tokens = []
             cache = _cache_of(out)

@@ -35,14 +35,10 @@ def resolve_checkpoint(name: str, *, allow_download: bool = False) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise EncoderUnavailable(
-                f"encoder '{name}': directory has no config.json (not a HuggingFace checkpoint)"
-            )
+            raise EncoderUnavailable(f"encoder '{name}': directory has no config.json (not a HuggingFace checkpoint)")
         return path
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise EncoderUnavailable(
-            f"encoder '{name}': no such directory (and not a HuggingFace id 'owner/name')"
-        )
+        raise EncoderUnavailable(f"encoder '{name}': no such directory (and not a HuggingFace id 'owner/name')")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
@@ -67,9 +63,7 @@ def fingerprint(directory: Path) -> str:
     digest.update((directory / "config.json").read_bytes())
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
-        raise EncoderUnavailable(
-            f"encoder '{directory}': no .safetensors weights (only safetensors are loaded)"
-        )
+        raise EncoderUnavailable(f"encoder '{directory}': no .safetensors weights (only safetensors are loaded)")
     chunk = 1 << 20
     for file in weights:
         size = file.stat().st_size
@@ -91,9 +85,7 @@ def is_random_checkpoint(directory: Path) -> bool:
 def load_model(model_class: type, directory: Path, *, dtype: torch.dtype) -> torch.nn.Module:
     """``model_class.from_pretrained`` from a resolved local directory: offline, safetensors only, frozen."""
     try:
-        model = model_class.from_pretrained(
-            directory, local_files_only=True, use_safetensors=True, dtype=dtype
-        )
+        model = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise EncoderUnavailable(f"encoder '{directory}': cannot load {model_class.__name__}: {exc}") from exc
     model.requires_grad_(False)

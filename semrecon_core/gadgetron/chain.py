@@ -179,9 +179,7 @@ class InProcessConnection:
             self.config = config
             self.header = header
 
-    def __init__(
-        self, items: Iterable[Any], header_xml: str, configuration: str, sink: Callable[[Any], None]
-    ) -> None:
+    def __init__(self, items: Iterable[Any], header_xml: str, configuration: str, sink: Callable[[Any], None]) -> None:
         import ismrmrd
 
         self._items = iter(items)
@@ -272,17 +270,13 @@ def load_target(node: Node) -> Callable[[Any], None]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ChainError(
-            f"<execute name=\"{node.module}\">: cannot import module '{module_name}' ({exc})"
-        ) from None
+        raise ChainError(f"<execute name=\"{node.module}\">: cannot import module '{module_name}' ({exc})") from None
     target = getattr(module, target_name or "", None)
     if inspect.isclass(target):
         cls = target
         return lambda connection: cls().handle(connection)
     if not callable(target):
-        raise ChainError(
-            f"<execute target=\"{target_name}\">: module '{module_name}' has no callable '{target_name}'"
-        )
+        raise ChainError(f"<execute target=\"{target_name}\">: module '{module_name}' has no callable '{target_name}'")
     return target
 
 
@@ -356,8 +350,7 @@ def float_to_ushort(
 
     if image.data.dtype != np.float32:
         raise ChainError(
-            f"FloatToUShortGadget: expected float images, found {image.data.dtype} "
-            f"(image {image.image_index})"
+            f"FloatToUShortGadget: expected float images, found {image.data.dtype} (image {image.image_index})"
         )
     data = image.data.astype(np.float64)
     kind = image.image_type
@@ -366,9 +359,7 @@ def float_to_ushort(
         data = np.abs(data)
     elif kind in (ismrmrd.IMTYPE_REAL, ismrmrd.IMTYPE_IMAG):
         if "GADGETRON_WindowCenter" in meta:
-            meta["GADGETRON_WindowCenter"] = str(
-                int(float(meta["GADGETRON_WindowCenter"])) + int(intensity_offset)
-            )
+            meta["GADGETRON_WindowCenter"] = str(int(float(meta["GADGETRON_WindowCenter"])) + int(intensity_offset))
     elif kind == ismrmrd.IMTYPE_PHASE:
         data = data * intensity_offset / math.pi + intensity_offset
     else:
@@ -420,9 +411,7 @@ def _parse_node(element: ET.Element, where: str) -> Node:
         classname = _classname(element, where)
         name = (element.findtext("name") or classname).strip()
         if classname not in GADGETS:
-            raise ChainError(
-                f"{where}: unknown gadget '{classname}' (semrecon replay runs: {', '.join(GADGETS)})"
-            )
+            raise ChainError(f"{where}: unknown gadget '{classname}' (semrecon replay runs: {', '.join(GADGETS)})")
         known = GADGETS[classname]
         properties: dict[str, str] = {}
         for child in element:
@@ -445,11 +434,7 @@ def _parse_node(element: ET.Element, where: str) -> Node:
         for child in element:
             if child.tag not in ("execute", "connect", "configuration"):
                 raise ChainError(f"{where}: <external>: unknown element <{child.tag}>")
-        text = (
-            ET.tostring(configuration, encoding="unicode")
-            if configuration is not None
-            else "<configuration/>"
-        )
+        text = ET.tostring(configuration, encoding="unicode") if configuration is not None else "<configuration/>"
         if (execute is None) == (connect is None):
             raise ChainError(f"{where}: <external> needs exactly one of <execute> or <connect>")
         from semrecon_core.gadgetron.properties import parse_properties
@@ -508,9 +493,7 @@ def _in_process_stage(header_xml: str) -> Callable[[Node, str], Stage]:
 def _bool(node: Node, name: str, where: str) -> bool:
     value = node.properties.get(name, GADGETS[node.classname][name]).lower()
     if value not in ("true", "false", "1", "0"):
-        raise ChainError(
-            f"{where}: gadget '{node.name}': property '{name}': expected true or false, found {value!r}"
-        )
+        raise ChainError(f"{where}: gadget '{node.name}': property '{name}': expected true or false, found {value!r}")
     return value in ("true", "1")
 
 
@@ -540,14 +523,10 @@ def _gadget_stage(node: Node, header: Any, where: str) -> Stage:
         max_value = _number(node, "max_value", where)
         bins = int(_number(node, "histogram_bins", where))
         if bins < 1:
-            raise ChainError(
-                f"{where}: gadget '{node.name}': property 'histogram_bins': expected >= 1, found {bins}"
-            )
+            raise ChainError(f"{where}: gadget '{node.name}': property 'histogram_bins': expected >= 1, found {bins}")
         return _image_stage(lambda image: autoscale(image, max_value=max_value, histogram_bins=bins))
     if name == "FloatToUShortGadget":
-        limits = {
-            key: _number(node, key, where) for key in ("max_intensity", "min_intensity", "intensity_offset")
-        }
+        limits = {key: _number(node, key, where) for key in ("max_intensity", "min_intensity", "intensity_offset")}
         return _image_stage(lambda image: float_to_ushort(image, **limits))
     if name == "ImageFinishGadget":
         return lambda items: items
@@ -572,8 +551,7 @@ def _buffer_stage(node: Node, header: Any, where: str) -> Stage:
             )
         if node.properties.get("sorting_dimension", "").strip():
             raise ChainError(
-                f"{where}: gadget '{node.name}': property 'sorting_dimension' is not supported offline "
-                "(leave it empty)"
+                f"{where}: gadget '{node.name}': property 'sorting_dimension' is not supported offline (leave it empty)"
             )
         return lambda items: buffers.accumulate_trigger(items, trigger)
     # BucketToBufferGadget

@@ -207,9 +207,7 @@ def settings_from_connection(connection: Any, overrides: dict[str, str] | None =
     """Validate the connection's ``<configuration>`` (``connection.config``) into gadget settings."""
     raw = getattr(getattr(connection, "raw_bytes", None), "config", None)
     configuration = raw if raw is not None else connection.config
-    return settings_from_configuration(
-        configuration, overrides=overrides, source="semrecon gadget configuration"
-    )
+    return settings_from_configuration(configuration, overrides=overrides, source="semrecon gadget configuration")
 
 
 def reconstruct(connection: Any) -> None:
@@ -241,9 +239,7 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
-_ASCII = str.maketrans(
-    {"λ": "lambda", "σ": "sigma", "τ": "tau", "×": "x", "→": "->", "≥": ">=", "≤": "<=", "…": "..."}
-)
+_ASCII = str.maketrans({"λ": "lambda", "σ": "sigma", "τ": "tau", "×": "x", "→": "->", "≥": ">=", "≤": "<=", "…": "..."})
 
 
 def _ascii(text: str) -> str:

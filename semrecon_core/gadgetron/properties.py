@@ -81,9 +81,7 @@ def settings_from_properties(
             try:
                 series_index = int(value)
             except ValueError:
-                raise ConfigError(
-                    f"{source}: property 'series_index': cannot parse {value!r} as an integer"
-                ) from None
+                raise ConfigError(f"{source}: property 'series_index': cannot parse {value!r} as an integer") from None
             if series_index < 0:
                 raise ConfigError(f"{source}: property 'series_index': expected >= 0, found {series_index}")
         else:

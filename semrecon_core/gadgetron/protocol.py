@@ -334,9 +334,7 @@ def write_recon_buffer(destination: Writable, buffer: Any) -> None:
             write_ndarray(destination, value, np.float32)
     write_struct_array(destination, buffer.headers, ismrmrd.AcquisitionHeader, "ReconBuffer.headers")
     if not isinstance(buffer.sampling, sampling_type):
-        raise TypeError(
-            f"ReconBuffer.sampling: expected SamplingDescription, found {type(buffer.sampling).__name__}"
-        )
+        raise TypeError(f"ReconBuffer.sampling: expected SamplingDescription, found {type(buffer.sampling).__name__}")
     destination.write(bytes(buffer.sampling))
 
 
@@ -397,9 +395,7 @@ def write_image_array(destination: Writable, image_array: Any) -> None:
             waveform.serialize_into(destination.write)
     destination.write(_BOOL.pack(image_array.acq_headers is not None))
     if image_array.acq_headers is not None:
-        write_struct_array(
-            destination, image_array.acq_headers, ismrmrd.AcquisitionHeader, "ImageArray.acq_headers"
-        )
+        write_struct_array(destination, image_array.acq_headers, ismrmrd.AcquisitionHeader, "ImageArray.acq_headers")
     _flush(destination)
 
 
@@ -413,9 +409,7 @@ def read_image_array(source: Readable) -> Any:
     meta = [_read_text(source, _UINT64, "ImageArray meta") for _ in range(_read_uint(source, _UINT64))]
     waveform = None
     if _read_bool(source):
-        waveform = [
-            ismrmrd.Waveform.deserialize_from(source.read) for _ in range(_read_uint(source, _UINT64))
-        ]
+        waveform = [ismrmrd.Waveform.deserialize_from(source.read) for _ in range(_read_uint(source, _UINT64))]
     acq_headers = read_struct_array(source, ismrmrd.AcquisitionHeader) if _read_bool(source) else None
     return ImageArray(data=data, headers=headers, meta=meta, waveform=waveform, acq_headers=acq_headers)
 

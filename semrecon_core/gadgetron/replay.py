@@ -158,9 +158,7 @@ def replay(
     seconds = time.perf_counter() - start
     images = [item for item in outputs if _is_image(item)]
     if len(images) != len(outputs):
-        log.warning(
-            "replay: %d non-image message(s) left the chain and are not written", len(outputs) - len(images)
-        )
+        log.warning("replay: %d non-image message(s) left the chain and are not written", len(outputs) - len(images))
     log.info("replay: %d acquisitions → %d images in %.2f s", count, len(images), seconds)
     return ReplayResult(images=images, seconds=seconds, chain=parsed, xml_header=header_xml)
 
@@ -221,9 +219,7 @@ def write_pngs(directory: str | Path, images: list[Any]) -> list[Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``semrecon replay``."""
     parser.add_argument("input", help="ISMRMRD raw HDF5 file (.h5; noise scan optional)")
-    parser.add_argument(
-        "output", help="ISMRMRD file to write the images to (one group image_<series> per series)"
-    )
+    parser.add_argument("output", help="ISMRMRD file to write the images to (one group image_<series> per series)")
     parser.add_argument(
         "--config",
         metavar="CHAIN.xml",
@@ -242,9 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the gadget in a child process over the Gadgetron wire protocol (emulator)",
     )
-    parser.add_argument(
-        "--group", default="dataset", help="HDF5 group of the input and output (default: dataset)"
-    )
+    parser.add_argument("--group", default="dataset", help="HDF5 group of the input and output (default: dataset)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,9 +246,7 @@ def run(args: argparse.Namespace) -> int:
     from semrecon_core.gadgetron.properties import parse_assignments
 
     overrides = parse_assignments(args.set)
-    result = replay(
-        args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group
-    )
+    result = replay(args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group)
     if not result.images:
         raise ValueError(f"{args.input}: the chain produced no images")
     counts = write_image_groups(args.output, result.images, group=args.group, xml_header=result.xml_header)

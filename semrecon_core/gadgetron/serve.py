@@ -117,9 +117,7 @@ class GadgetServer:
         try:
             connection = Connection(sock)
         except Exception as exc:  # noqa: BLE001 - one bad client (bad XML, wrong first message) must not stop the server
-            log.error(
-                "semrecon serve: %s: no valid CONFIG/HEADER from Gadgetron (%s)", name, _reason(exc, self)
-            )
+            log.error("semrecon serve: %s: no valid CONFIG/HEADER from Gadgetron (%s)", name, _reason(exc, self))
             sock.close()
             return
         compat.use_fast_readers(connection)
@@ -195,9 +193,7 @@ def _send_error(connection: Any, text: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``semrecon serve`` options."""
-    parser.add_argument(
-        "--port", type=int, help="TCP port (default: the <connect port> of --config; 0: any free)"
-    )
+    parser.add_argument("--port", type=int, help="TCP port (default: the <connect port> of --config; 0: any free)")
     parser.add_argument("--host", default=LOOPBACK, help="address to bind (default 127.0.0.1, loopback only)")
     parser.add_argument(
         "--config",
@@ -249,9 +245,7 @@ def run(args: argparse.Namespace) -> int:
     if args.idle_timeout <= 0:
         raise ValueError(f"--idle-timeout: expected a positive number of seconds, found {args.idle_timeout}")
     if args.host not in (LOOPBACK, "localhost", "::1"):
-        log.warning(
-            "semrecon serve: listening on %s exposes the reconstruction server beyond this machine", args.host
-        )
+        log.warning("semrecon serve: listening on %s exposes the reconstruction server beyond this machine", args.host)
     server = GadgetServer(
         args.host,
         port,

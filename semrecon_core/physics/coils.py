@@ -50,9 +50,7 @@ def espirit_maps(
     calib = kspace.calibration
     name = kspace.source or "k-space"
     if calib.ndim != 4 or tuple(calib.shape[:2]) != (slices, coils):
-        raise ValueError(
-            f"{name}: calibration expected shape ({slices}, {coils}, cy, cx), found {tuple(calib.shape)}"
-        )
+        raise ValueError(f"{name}: calibration expected shape ({slices}, {coils}, cy, cx), found {tuple(calib.shape)}")
     cy, cx = int(calib.shape[-2]), int(calib.shape[-1])
     if cy > ny or cx > nx:
         raise ValueError(f"{name}: calibration block {cy}×{cx} is larger than the k-space grid {ny}×{nx}")

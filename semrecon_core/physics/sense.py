@@ -21,8 +21,7 @@ class SenseOp(nn.Module):
             raise ValueError(f"coil maps: expected (slices, coils, y, x), found shape {tuple(maps.shape)}")
         if mask.ndim != 3 or mask.shape[-2:] != maps.shape[-2:]:
             raise ValueError(
-                f"mask: expected (slices, {maps.shape[-2]}, {maps.shape[-1]}), "
-                f"found shape {tuple(mask.shape)}"
+                f"mask: expected (slices, {maps.shape[-2]}, {maps.shape[-1]}), found shape {tuple(mask.shape)}"
             )
         self.register_buffer("maps", maps.to(torch.complex64))
         self.register_buffer("mask", mask.to(torch.bool))

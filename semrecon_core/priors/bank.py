@@ -102,15 +102,13 @@ class EmbeddingBank:
         lines = [
             f"bank: {self.path or '(in memory)'}",
             f"encoder: {encoder.get('model')} (revision {encoder.get('revision')}, "
-            f"kind {encoder.get('kind')})"
-            + ("  RANDOM WEIGHTS" if encoder.get("random_weights") else ""),
+            f"kind {encoder.get('kind')})" + ("  RANDOM WEIGHTS" if encoder.get("random_weights") else ""),
             f"layers: {encoder.get('layers')}  weights: {meta.get('weights')}  similarity: {self.similarity}",
             f"preprocessing: {encoder.get('preprocessing')}",
         ]
         if encoder.get("instruction"):
             lines.append(
-                f"instruction: {encoder['instruction']!r}  sigma: {meta.get('sigma')}  "
-                f"K: {meta.get('perturbations')}"
+                f"instruction: {encoder['instruction']!r}  sigma: {meta.get('sigma')}  K: {meta.get('perturbations')}"
             )
         if self.pca is not None:
             lines.append(f"PCA dims: {[p.components.shape[1] for p in self.pca]}")
@@ -120,8 +118,7 @@ class EmbeddingBank:
         lines.append(f"sources: {len(sources)}  created: {meta.get('created')}")
         for source in sources:
             lines.append(
-                f"  {source.get('role', '?'):9s} {source.get('path')}  "
-                f"sha256 {str(source.get('sha256'))[:16]}"
+                f"  {source.get('role', '?'):9s} {source.get('path')}  sha256 {str(source.get('sha256'))[:16]}"
             )
         return "\n".join(lines)
 
@@ -151,9 +148,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - safetensors raises several unrelated types for bad files
         raise BankError(f"{path}: not a readable embedding bank (safetensors: {exc})") from None
     if raw is None:
-        raise BankError(
-            f"{path}: safetensors file has no '{_META_KEY}' metadata (not a semrecon embedding bank)"
-        )
+        raise BankError(f"{path}: safetensors file has no '{_META_KEY}' metadata (not a semrecon embedding bank)")
     try:
         metadata = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -187,9 +182,7 @@ def load_bank(
             names = set(handle.keys())
             needed = [f"{role}/{level}" for role in ("positives", "negatives") for level in range(levels)]
             if metadata["similarity"] == "token-pca":
-                needed += [
-                    f"{role}/{level}" for role in ("pca_mean", "pca_components") for level in range(levels)
-                ]
+                needed += [f"{role}/{level}" for role in ("pca_mean", "pca_components") for level in range(levels)]
             missing = [name for name in needed if name not in names]
             if missing:
                 raise BankError(f"{path}: bank lacks tensors {', '.join(missing)}")
@@ -210,9 +203,7 @@ def load_bank(
     )
     for level, (p, n) in enumerate(zip(bank.positives, bank.negatives, strict=True)):
         if p.shape[1:] != n.shape[1:] or not (torch.isfinite(p).all() and torch.isfinite(n).all()):
-            raise BankError(
-                f"{path}: level {level} positives {tuple(p.shape)} / negatives {tuple(n.shape)} malformed"
-            )
+            raise BankError(f"{path}: level {level} positives {tuple(p.shape)} / negatives {tuple(n.shape)} malformed")
     return bank
 
 
@@ -244,15 +235,11 @@ def bank_from_features(
     if similarity not in ("pooled", "vector", "token-pca"):
         raise ValueError(f"similarity: expected pooled, vector or token-pca, found {similarity!r}")
     if len(positives) != len(negatives) or len(weights) != len(positives):
-        raise ValueError(
-            f"{len(positives)} positive levels, {len(negatives)} negative levels, {len(weights)} weights"
-        )
+        raise ValueError(f"{len(positives)} positive levels, {len(negatives)} negative levels, {len(weights)} weights")
     pca: list[PCA] | None = None
     if similarity == "token-pca":
         if len(pca_dims) != len(positives):
-            raise ValueError(
-                f"pca_dims: expected {len(positives)} dims (one per level), found {tuple(pca_dims)}"
-            )
+            raise ValueError(f"pca_dims: expected {len(positives)} dims (one per level), found {tuple(pca_dims)}")
         pca = [
             PCA.fit(torch.cat([p.reshape(-1, p.shape[-1]), n.reshape(-1, n.shape[-1])]), min(d, p.shape[-1]))
             for p, n, d in zip(positives, negatives, pca_dims, strict=True)
@@ -299,9 +286,7 @@ def embed_images(
     for image in iterator:
         with torch.no_grad():
             if perturbations > 0:
-                states = encoder.encode_perturbed(
-                    image, count=perturbations, sigma=sigma, generator=generator
-                )
+                states = encoder.encode_perturbed(image, count=perturbations, sigma=sigma, generator=generator)
                 features = [states.reshape(-1, states.shape[-1])]
             else:
                 features = encoder.encode(image)

@@ -108,16 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = sub.add_parser("build", help="embed positive and negative images into a bank")
     build.add_argument("out", type=Path, help="output bank (.safetensors)")
     build.add_argument("--positives", nargs="+", required=True, metavar="SRC", help="fully sampled sources")
-    build.add_argument(
-        "--negatives", nargs="+", metavar="SRC", help="low-quality sources (default: simulated)"
-    )
-    build.add_argument(
-        "--encoder", default="deepseek-community/Janus-Pro-1B", help="HuggingFace id or directory"
-    )
+    build.add_argument("--negatives", nargs="+", metavar="SRC", help="low-quality sources (default: simulated)")
+    build.add_argument("--encoder", default="deepseek-community/Janus-Pro-1B", help="HuggingFace id or directory")
     build.add_argument("--family", choices=("janus", "hf-vision"), default="janus", help="encoder family")
-    build.add_argument(
-        "--kind", choices=("image", "language"), default="image", help="image-only or image-language"
-    )
+    build.add_argument("--kind", choices=("image", "language"), default="image", help="image-only or image-language")
     build.add_argument(
         "--preset",
         choices=("paper", "public-code"),
@@ -126,20 +120,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--layers", default="1,13,24", help="vision hidden-state indices (image-only)")
     build.add_argument("--weights", help="level weights (default: the preset's)")
-    build.add_argument(
-        "--similarity", choices=("pooled", "token-pca"), help="image-only similarity (default: preset)"
-    )
+    build.add_argument("--similarity", choices=("pooled", "token-pca"), help="image-only similarity (default: preset)")
     build.add_argument("--pca-dims", default="64,128,256", help="PCA dims per level (token-pca)")
     build.add_argument("--instruction", help="instruction name (paper, public-code, table-s1-N, ...) or text")
-    build.add_argument(
-        "--sigma", type=float, help="std of the text-embedding perturbations (default: preset)"
-    )
+    build.add_argument("--sigma", type=float, help="std of the text-embedding perturbations (default: preset)")
     build.add_argument("--perturbations", type=int, default=100, help="K perturbations per image (language)")
     build.add_argument("--seed", type=int, default=0, help="seed for simulated negatives and perturbations")
     build.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    build.add_argument(
-        "--allow-download", action="store_true", help="allow fetching the encoder from the hub"
-    )
+    build.add_argument("--allow-download", action="store_true", help="allow fetching the encoder from the hub")
     info = sub.add_parser("info", help="print a bank's metadata and shapes")
     info.add_argument("bank", type=Path)
 
@@ -158,9 +146,7 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
         raise ValueError(f"--{name}: expected comma-separated numbers, found {text!r}") from None
 
 
-def _encoder(
-    args: argparse.Namespace, layers: tuple[int, ...], instruction: str, device: torch.device
-) -> Any:
+def _encoder(args: argparse.Namespace, layers: tuple[int, ...], instruction: str, device: torch.device) -> Any:
     if args.family == "hf-vision":
         if args.kind == "language":
             raise ValueError("--kind language needs --family janus")
@@ -197,9 +183,7 @@ def build(args: argparse.Namespace) -> Path:
     sigma = preset.sigma if args.sigma is None else args.sigma
     instruction = args.instruction or args.preset
     if args.kind == "image" and len(weights) != len(layers):
-        raise ValueError(
-            f"--weights: expected {len(layers)} weights (one per layer in --layers), found {len(weights)}"
-        )
+        raise ValueError(f"--weights: expected {len(layers)} weights (one per layer in --layers), found {len(weights)}")
     if args.perturbations < 0 or sigma < 0:
         raise ValueError(
             f"--perturbations / --sigma: expected non-negative values, found {args.perturbations} / {sigma}"
@@ -231,9 +215,7 @@ def build(args: argparse.Namespace) -> Path:
     for path in tqdm(negative_files, desc="reading negatives", unit="file", disable=None):
         source = read_source(path, "negatives")
         negative_images.extend(source.images.split(1))
-        records.append(
-            {"role": "negative", "path": str(path), "sha256": source.sha256, "slices": len(source.images)}
-        )
+        records.append({"role": "negative", "path": str(path), "sha256": source.sha256, "slices": len(source.images)})
     count = args.perturbations if args.kind == "language" else 0
 
     def progress(role: str):  # noqa: ANN202 - small local adapter
@@ -259,9 +241,7 @@ def build(args: argparse.Namespace) -> Path:
         "sources": records,
         "sigma": sigma if args.kind == "language" else None,
         "perturbations": count,
-        "negatives": "given"
-        if negative_files
-        else "simulated: zero-filled RSS, gaussian 1-D mask, R~U[3,8], 24 ACS",
+        "negatives": "given" if negative_files else "simulated: zero-filled RSS, gaussian 1-D mask, R~U[3,8], 24 ACS",
         "preset": args.preset,
         "seed": args.seed,
     }

@@ -177,9 +177,7 @@ class ContrastiveLoss:
     def per_level(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Unweighted, reduced loss per level ``(levels,)``."""
         if len(features) != len(self.weights):
-            raise ValueError(
-                f"contrastive loss: expected {len(self.weights)} feature levels, found {len(features)}"
-            )
+            raise ValueError(f"contrastive loss: expected {len(self.weights)} feature levels, found {len(features)}")
         values = []
         for positive, negative in self.similarities(features):
             loss = info_nce(positive, negative, tau=self.tau, tau_negative=self.tau_negative)

@@ -50,9 +50,7 @@ class SemanticPrior:
         if bank.kind == "language":
             weights = [1.0]
         if len(weights) != levels:
-            raise ValueError(
-                f"property 'level_weights': expected {levels} weights for this bank, found {len(weights)}"
-            )
+            raise ValueError(f"property 'level_weights': expected {levels} weights for this bank, found {len(weights)}")
         options: dict[str, Any] = {"tau": tau}
         if variant == "public-code" and bank.kind == "language":
             options = {
