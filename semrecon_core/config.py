@@ -13,13 +13,13 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Literal
 
-BACKBONES = ("zero-filled", "sense", "unet", "unrolled", "inr")
-PRIORS = ("none", "tv", "semantic")
-PRESETS = ("paper", "public-code")
-
 Backbone = Literal["zero-filled", "sense", "unet", "unrolled", "inr"]
-Prior = Literal["none", "tv", "semantic"]
+PriorName = Literal["none", "tv", "semantic"]
 Preset = Literal["paper", "public-code"]
+
+BACKBONES: tuple[str, ...] = typing.get_args(Backbone)
+PRIORS: tuple[str, ...] = typing.get_args(PriorName)
+PRESETS: tuple[str, ...] = typing.get_args(Preset)
 
 
 class ConfigError(ValueError):
@@ -88,6 +88,9 @@ class ReconConfig:
         bank: path of an embedding bank (``.safetensors``) for the semantic prior.
         allow_download: allow fetching encoder weights from the hub (off by default).
         checkpoint: warm-start checkpoint of the backbone (``semrecon pretrain`` output).
+        width: network size: U-Net / unrolled denoiser channels at the first level, SIREN features per
+            layer (``None``: the paper's 64 / 256).
+        depth: network size: U-Net levels, SIREN sine layers (``None``: the paper's 5 / 8).
         lora_rank: LoRA rank for scan-specific fine-tuning of a warm-started backbone (0: train all weights).
         final_dc: apply a final hard data-consistency step to the output.
         slice_batch: slices optimised together (0: all).
@@ -100,7 +103,7 @@ class ReconConfig:
     """
 
     backbone: Backbone = "sense"
-    prior: Prior = "none"
+    prior: PriorName = "none"
     preset: Preset = "paper"
     lam: float | None = None
     iterations: int | None = None
@@ -115,6 +118,8 @@ class ReconConfig:
     bank: str | None = None
     allow_download: bool = False
     checkpoint: str | None = None
+    width: int | None = None
+    depth: int | None = None
     lora_rank: int = 4
     final_dc: bool = False
     slice_batch: int = 0
@@ -141,6 +146,10 @@ class ReconConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"property '{name}': expected a non-negative integer, found {value!r}")
+        for name in ("width", "depth"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"property '{name}': expected a positive integer, found {value!r}")
         if self.level_weights is not None and len(self.level_weights) != len(self.layers):
             raise ConfigError(
                 f"property 'level_weights': expected {len(self.layers)} weights (one per layer in "

@@ -94,10 +94,35 @@ def to_ismrmrd_images(
                 "GADGETRON_WindowWidth": f"{float(plane.max()):.6g}",
             }
         )
-        values.update({key: value if isinstance(value, list) else str(value) for key, value in (meta or {}).items()})
+        values.update(
+            {key: value if isinstance(value, list) else ascii_text(str(value)) for key, value in (meta or {}).items()}
+        )
         img.meta = values
         images.append(img)
     return images
+
+
+_ASCII = str.maketrans(
+    {"λ": "lambda", "σ": "sigma", "τ": "tau", "×": "x", "→": "->", "≥": ">=", "≤": "<=", "…": "...", "—": "-"}
+)
+
+
+def ascii_text(text: str) -> str:
+    """Meta values travel as ASCII on the wire: transliterate the symbols semrecon uses, replace the rest."""
+    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
+
+
+def quality_meta(answer: Mapping[str, Any]) -> dict[str, str]:
+    """Meta ``SEMRECON_QualityAnswer``, ``SEMRECON_QualityChoice``, ``SEMRECON_P_<WORD>`` of one answer."""
+    meta: dict[str, str] = {}
+    if "answer" in answer:
+        meta["SEMRECON_QualityAnswer"] = ascii_text(str(answer["answer"]).strip())
+    if "choice" in answer:
+        meta["SEMRECON_QualityChoice"] = ascii_text(str(answer["choice"]))
+    for key, value in answer.items():
+        if key.startswith("p_"):
+            meta[f"SEMRECON_P_{ascii_text(key[2:]).upper()}"] = f"{float(value):.4f}"
+    return meta
 
 
 def write_images(

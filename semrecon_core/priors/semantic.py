@@ -99,6 +99,18 @@ class SemanticPrior:
         """``(slices, D)`` embedding for trajectories: token-mean of the top level, or the LLM state."""
         return self._summary(self.encoder.encode(image))
 
+    @torch.no_grad()
+    def status(self, image: torch.Tensor) -> dict[str, Any]:
+        """Trace extras: the ``embedding`` ``(slices, D)`` (reusing the last loss evaluation's when it is
+        of this batch, sparing a second encoder pass) and, for image-language banks, the model's ``answer``."""
+        cached = self.last_embedding
+        embedding = cached if cached is not None and cached.shape[0] == image.shape[0] else self.embed(image)
+        status: dict[str, Any] = {"embedding": embedding.float().cpu().tolist()}
+        reply = self.answer(image)
+        if reply is not None:
+            status["answer"] = reply
+        return status
+
     def answer(self, image: torch.Tensor) -> list[dict[str, Any]] | None:
         """The model's answer per slice (image-language banks), else ``None``."""
         if self.bank.kind != "language" or not hasattr(self.encoder, "answer"):

@@ -7,6 +7,8 @@ row/column (Neumann boundary), summed over pixels and slices (the same sum conve
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 GRADIENT_NORM_SQUARED = 8.0
@@ -60,6 +62,10 @@ class TVPrior:
         """``weight · TV(image)`` as a differentiable scalar for a complex ``(slices, y, x)`` image."""
         field = gradient(image)
         return self.weight * (field.abs().square().sum(dim=-3) + self.eps).sqrt().sum()
+
+    def status(self, image: torch.Tensor) -> dict[str, Any]:
+        """Nothing to add to a trace beyond the loss terms."""
+        return {}
 
     def project_dual(self, field: torch.Tensor, radius: float | None = None) -> torch.Tensor:
         """Project a dual field ``(slices, 2, y, x)`` pointwise onto the ``radius`` ball (default ``weight``).

@@ -1,0 +1,262 @@
+"""The one reconstruction pipeline: ``KSpace`` → coil maps → engine → images.
+
+Every path that reconstructs (``semrecon recon``, the Gadgetron gadget, offline replay, ``semrecon serve``,
+the demo, warm-start pretraining, the study runner) calls :class:`Pipeline`; none of them estimates coil maps
+or builds images on its own, so the same file and configuration give the same pixels on every path.
+
+- Coil maps come from a pluggable :data:`CoilMapEstimator` (default :func:`espirit`: ESPIRiT through sigpy on
+  the calibration region, honouring ``calib_width``), or precomputed maps passed to :meth:`Pipeline.run`.
+- The k-space is scaled so that the zero-filled image has max magnitude 1 (λ is relative to that scale),
+  handed to the engine registered for ``config.backbone`` with the prior ``config.prior`` asks for, and the
+  result is scaled back.
+- :meth:`Reconstruction.images` builds the ``ismrmrd.Image`` s (recon matrix and FOV, geometry and indices
+  from the acquisitions, meta naming backbone, prior and encoder, the model's quality answer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from semrecon_core.config import ReconConfig
+from semrecon_core.data.kspace import KSpace
+from semrecon_core.engines import get_engine
+from semrecon_core.engines.base import ReconProblem, ReconResult
+from semrecon_core.priors.base import AnsweringPrior, Prior
+from semrecon_core.solvers.status import Callback
+
+log = logging.getLogger(__name__)
+
+CoilMapEstimator = Callable[[KSpace, ReconConfig], torch.Tensor]
+"""``estimator(kspace, config) -> maps``: complex64 ``(slices, coils, y, x)`` coil sensitivities."""
+
+# An ESPIRiT result that covers less than this fraction of the object's bright pixels in any slice is refused.
+MIN_MAP_COVERAGE = 0.3
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; other names are checked for availability."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"property 'device': '{name}' requested but CUDA is not available on this machine")
+    return device
+
+
+def espirit(kspace: KSpace, config: ReconConfig) -> torch.Tensor:
+    """ESPIRiT maps (sigpy) from the calibration region, ``config.calib_width`` wide at most.
+
+    The width is clamped to the calibration block the data carry. Maps that vanish over most of the
+    object (too few calibration lines) are refused with a message, never used for a silent wrong image.
+    """
+    from semrecon_core.physics.coils import espirit_maps
+
+    width = min(config.calib_width, *kspace.calibration.shape[-2:])
+    maps = espirit_maps(kspace, calib_width=width, device=resolve_device(config.device))
+    check_coverage(kspace, maps)
+    return maps
+
+
+def check_coverage(kspace: KSpace, maps: torch.Tensor) -> None:
+    """Refuse coil maps that cover less than :data:`MIN_MAP_COVERAGE` of the object in any slice."""
+    from semrecon_core.physics.fft import ifft2c
+
+    signal = ifft2c(kspace.data).abs().pow(2).sum(dim=1).sqrt()
+    covered = maps.abs().pow(2).sum(dim=1).sqrt() > 0.5
+    for index in range(signal.shape[0]):
+        plane = signal[index]
+        inside = plane > 0.2 * plane.max()
+        fraction = float(covered[index][inside].float().mean()) if inside.any() else 1.0
+        if fraction < MIN_MAP_COVERAGE:
+            region = tuple(kspace.calibration.shape[-2:])
+            raise ValueError(
+                f"{kspace.source}: ESPIRiT coil maps cover only {fraction:.0%} of the object in slice "
+                f"{index} (calibration region {region}); more calibration lines are needed"
+            )
+
+
+def prepare_problem(kspace: KSpace, maps: torch.Tensor, device: torch.device) -> ReconProblem:
+    """Move data to ``device`` and scale k-space so that the zero-filled image has max magnitude 1."""
+    from semrecon_core.physics.sense import SenseOp
+
+    data = kspace.data.to(device, torch.complex64)
+    mask = kspace.mask.to(device)
+    maps = maps.to(device, torch.complex64)
+    if maps.shape != data.shape:
+        raise ValueError(f"coil maps: expected shape {tuple(data.shape)} like the k-space, found {tuple(maps.shape)}")
+    if not torch.isfinite(torch.view_as_real(data)).all():
+        raise ValueError(f"{kspace.source or 'k-space'}: contains NaN or Inf samples")
+    zero_filled = SenseOp(maps, mask).adjoint(data)
+    scale = float(zero_filled.abs().max())
+    if scale == 0.0:
+        raise ValueError(f"{kspace.source or 'k-space'}: all sampled values are zero")
+    return ReconProblem(kspace=data / scale, mask=mask, maps=maps, scale=scale, device=device)
+
+
+@dataclass
+class Reconstruction:
+    """One reconstructed scan: the engine's result with the k-space, maps and configuration it came from.
+
+    Attributes:
+        kspace: the scan.
+        maps: the coil maps used ``(slices, coils, y, x)`` (CPU).
+        result: the engine's result; ``result.image`` is complex ``(slices, y, x)`` on the CPU in the
+            units of the input k-space.
+        config: the resolved configuration.
+        answers: the model's quality answer per slice (image-language banks), else ``None``.
+        seconds: wall time of coil maps and reconstruction.
+    """
+
+    kspace: KSpace
+    maps: torch.Tensor
+    result: ReconResult
+    config: ReconConfig
+    answers: list[dict[str, Any]] | None = None
+    seconds: float = 0.0
+
+    @property
+    def image(self) -> torch.Tensor:
+        """Complex ``(slices, y, x)`` on the k-space grid."""
+        return self.result.image
+
+    @property
+    def label(self) -> str:
+        """What produced the image (backbone, prior, encoder)."""
+        return self.result.label
+
+    def cropped(self) -> torch.Tensor:
+        """Complex ``(slices, y, x)`` cropped to the recon matrix."""
+        from semrecon_core.data.images import crop_to_recon
+
+        return torch.as_tensor(crop_to_recon(self.result.image, self.kspace))
+
+    def images(self, *, series_index: int = 1, comment: str | None = None, role: str = "Image") -> list[Any]:
+        """One float magnitude ``ismrmrd.Image`` per slice, with geometry, indices and meta.
+
+        ``comment`` replaces the default ``GADGETRON_ImageComment`` (``semrecon <label>``), e.g. for a
+        labelled fallback; ``role`` is the ``GADGETRON_DataRole``.
+        """
+        return build_images(
+            self.result.image,
+            self.kspace,
+            config=self.config,
+            comment=comment or f"semrecon {self.result.label}",
+            role=role,
+            series_index=series_index,
+            answers=self.answers,
+        )
+
+
+def build_images(
+    image: torch.Tensor,
+    kspace: KSpace,
+    *,
+    config: ReconConfig,
+    comment: str,
+    role: str = "Image",
+    series_index: int = 1,
+    answers: list[dict[str, Any]] | None = None,
+) -> list[Any]:
+    """``ismrmrd.Image`` s of a complex or magnitude ``(slices, y, x)`` image with semrecon's meta."""
+    from semrecon_core.data.images import quality_meta, to_ismrmrd_images
+
+    meta = {
+        "GADGETRON_DataRole": role,
+        "GADGETRON_ImageComment": comment,
+        "GADGETRON_SeqDescription": f"_semrecon_{config.backbone}_{config.prior}",
+        "GADGETRON_ImageProcessingHistory": "SEMRECON",
+    }
+    images = to_ismrmrd_images(image.abs(), kspace, series_index=series_index, meta=meta)
+    for number, img in enumerate(images):
+        if answers:
+            img.meta.update(quality_meta(answers[min(number, len(answers) - 1)]))
+    return images
+
+
+class Pipeline:
+    """Reconstructs scans with one configuration; keeps the prior (encoder, bank) loaded between scans.
+
+    Args:
+        config: the validated configuration (resolved here against its preset).
+        coil_maps: the coil-map estimator (default :func:`espirit`).
+        prior: an already built prior to use (e.g. kept loaded by ``semrecon serve``); built from
+            ``config`` on first use when ``None`` (the prior factory caches encoders and banks per process).
+    """
+
+    def __init__(
+        self, config: ReconConfig, *, coil_maps: CoilMapEstimator = espirit, prior: Prior | None = None
+    ) -> None:
+        self.config = config.resolved()
+        self.device = resolve_device(self.config.device)
+        self.estimate_maps_with = coil_maps
+        self._prior = prior
+
+    @property
+    def prior(self) -> Prior | None:
+        """The prior ``config.prior`` asks for (``None`` for ``none``), built once."""
+        if self._prior is None and self.config.prior != "none":
+            from semrecon_core.priors.factory import build_prior
+
+            self._prior = build_prior(self.config, self.device)
+        return self._prior
+
+    def estimate_maps(self, kspace: KSpace) -> torch.Tensor:
+        """Coil maps ``(slices, coils, y, x)`` of ``kspace`` from this pipeline's estimator (CPU)."""
+        return self.estimate_maps_with(kspace, self.config).to("cpu", torch.complex64)
+
+    def run(
+        self, kspace: KSpace, *, maps: torch.Tensor | None = None, callback: Callback | None = None
+    ) -> Reconstruction:
+        """Reconstruct ``kspace`` (with precomputed ``maps`` when given); ``callback`` sees every iteration."""
+        import time
+
+        started = time.perf_counter()
+        config = self.config
+        maps = self.estimate_maps(kspace) if maps is None else maps
+        torch.manual_seed(config.seed)
+        problem = prepare_problem(kspace, maps, self.device)
+        engine = get_engine(config.backbone)
+        log.info(
+            "reconstructing %s with backbone=%s prior=%s on %s",
+            kspace.source,
+            config.backbone,
+            config.prior,
+            self.device,
+        )
+        prior = self.prior
+        result = engine(problem, config, prior=prior, callback=callback)
+        image = (result.image * problem.scale).detach()
+        if not bool(torch.isfinite(torch.view_as_real(image.to(torch.complex64))).all()):
+            raise FloatingPointError(
+                f"{kspace.source or 'k-space'}: the {config.backbone} reconstruction contains NaN or Inf"
+            )
+        answers = None
+        if isinstance(prior, AnsweringPrior):
+            with torch.no_grad():  # the model's quality answer for the final image
+                answers = prior.answer(image / problem.scale)
+        result.image = image.to("cpu", torch.complex64)
+        return Reconstruction(
+            kspace=kspace,
+            maps=maps.cpu(),
+            result=result,
+            config=config,
+            answers=answers,
+            seconds=time.perf_counter() - started,
+        )
+
+
+def reconstruct(
+    kspace: KSpace,
+    config: ReconConfig,
+    *,
+    maps: torch.Tensor | None = None,
+    prior: Prior | None = None,
+    callback: Callback | None = None,
+) -> Reconstruction:
+    """One-shot :meth:`Pipeline.run` for scripts and tests."""
+    return Pipeline(config, prior=prior).run(kspace, maps=maps, callback=callback)
