@@ -1,6 +1,6 @@
 """Deep reconstruction backbones: U-Net, unrolled network, SIREN INR, LoRA adaptation, warm starts.
 
-The engines in :mod:`semrecon_core.backbones.finetune` (``reconstruct_unet``, ``reconstruct_unrolled``,
-``reconstruct_inr``) fit them scan-specifically; ``semrecon pretrain`` (:mod:`.pretrain`) makes warm starts.
+Networks only: the engines in :mod:`semrecon_core.engines` fit them scan-specifically and
+``semrecon pretrain`` (:mod:`.pretrain`) makes warm starts.
 Nothing here is imported by ``semrecon --help``.
 """

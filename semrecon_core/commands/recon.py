@@ -1,11 +1,11 @@
 """``semrecon recon IN OUT``: reconstruct a raw file and write ISMRMRD images.
 
-IN is any supported k-space file (ISMRMRD raw ``.h5``, fastMRI ``.h5``, ``.npy``, BART ``.cfl``). Coil maps
-come from ESPIRiT on the calibration region; the method is chosen by ``--backbone``/``--prior`` and
-any :class:`~semrecon_core.config.ReconConfig` field through ``--set name=value``. OUT receives float32
-magnitude images (``dataset/images``) with headers copied from the acquisitions; ``--npy``, ``--png``
-and ``--trace`` write extra outputs. All outputs are written atomically; the input is only read.
-When the input carries a ground truth, PSNR and SSIM are printed.
+IN is any supported k-space file (ISMRMRD raw ``.h5``, fastMRI ``.h5``, ``.npy``, BART ``.cfl``). The scan
+goes through :class:`~semrecon_core.pipeline.Pipeline` (ESPIRiT coil maps, engine, images) like every other
+path; the method is chosen by ``--backbone``/``--prior`` and any :class:`~semrecon_core.config.ReconConfig`
+field through ``--set name=value``. OUT receives float32 magnitude images (``dataset/images``) with headers
+copied from the acquisitions; ``--npy``, ``--png`` and ``--trace`` write extra outputs. All outputs are
+written atomically; the input is only read. When the input carries a ground truth, PSNR and SSIM are printed.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from semrecon_core.config import BACKBONES, PRESETS, PRIORS
+
+if TYPE_CHECKING:
+    from semrecon_core.solvers.status import SolverStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,24 +122,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{option} {path}: directory {path.parent} does not exist")
 
 
-def _check_coverage(kspace: Any, maps: Any) -> None:
-    """Refuse coil maps that vanish over most of the object (ESPIRiT failed): never a silent wrong image."""
-    from semrecon_core.physics.fft import ifft2c
-
-    signal = ifft2c(kspace.data).abs().pow(2).sum(dim=1).sqrt()
-    covered = maps.abs().pow(2).sum(dim=1).sqrt() > 0.5
-    for index in range(signal.shape[0]):
-        plane = signal[index]
-        inside = plane > 0.2 * plane.max()
-        fraction = float(covered[index][inside].float().mean()) if inside.any() else 1.0
-        if fraction < 0.3:
-            region = tuple(kspace.calibration.shape[-2:])
-            raise ValueError(
-                f"{kspace.source}: ESPIRiT coil maps cover only {fraction:.0%} of the object in slice "
-                f"{index} (calibration region {region}); more calibration lines are needed"
-            )
-
-
 def _scaled_to(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
     """``image`` magnitude scaled per slice by the least-squares factor onto ``reference``."""
     magnitude = np.abs(image)
@@ -176,65 +161,51 @@ class _Progress:
         sys.stderr.flush()
 
     def close(self) -> None:
+        """End the progress line."""
         sys.stderr.write("\n")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Read, estimate coil maps, reconstruct, write the images; print metrics when there is ground truth."""
-    import torch
-
-    from semrecon_core.data.images import atomic_path, crop_to_recon, to_ismrmrd_images, write_images
+    """Read, reconstruct through the pipeline, write the images; print metrics when there is ground truth."""
+    from semrecon_core.data.images import atomic_path, write_images
     from semrecon_core.data.readers import load_kspace
-    from semrecon_core.physics.coils import espirit_maps
-    from semrecon_core.recon import reconstruct, resolve_device
+    from semrecon_core.pipeline import Pipeline
 
     config = config_from_args(args)
     _check_outputs(args)
     options = {"mask": args.mask} if args.mask is not None else {}
     kspace = load_kspace(args.input, **options)
-    device = resolve_device(config.device)
-    width = min(config.calib_width, *kspace.calibration.shape[-2:])
-    maps = espirit_maps(kspace, calib_width=width, device=device)
-    _check_coverage(kspace, maps)
+    pipeline = Pipeline(config)
 
     records: list[dict[str, Any]] = []
-    progress = _Progress(config.resolved().iterations or 0) if sys.stderr.isatty() else None
+    progress = _Progress(pipeline.config.iterations or 0) if sys.stderr.isatty() else None
 
-    def callback(status: dict[str, Any]) -> None:
+    def callback(status: SolverStatus) -> None:
         if args.trace is not None:
-            records.append(status)
+            records.append(status.record())
         if progress is not None:
             progress.update(status)
 
-    result = reconstruct(kspace, maps, config, callback=callback if args.trace or progress else None)
+    done = pipeline.run(kspace, callback=callback if args.trace or progress else None)
     if progress is not None:
         progress.close()
-    image = crop_to_recon(result.image, kspace)
-    meta = {
-        "GADGETRON_ImageComment": result.label,
-        "GADGETRON_SeqDescription": f"semrecon_{config.backbone}_{config.prior}",
-        "GADGETRON_ImageProcessingHistory": "semrecon",
-    }
-    write_images(
-        args.output,
-        to_ismrmrd_images(result.image, kspace, series_index=args.series_index, meta=meta),
-        xml_header=kspace.xml_header,
-    )
-    print(f"{args.output}: {image.shape[0]} image(s) {image.shape[-2]}×{image.shape[-1]} — {result.label}")
+    image = done.cropped()
+    write_images(args.output, done.images(series_index=args.series_index), xml_header=kspace.xml_header)
+    print(f"{args.output}: {image.shape[0]} image(s) {image.shape[-2]}×{image.shape[-1]} — {done.label}")
     if args.npy is not None:
         with atomic_path(args.npy) as temp, open(temp, "wb") as handle:
             np.save(handle, image.numpy().astype(np.complex64))
     if args.png is not None:
         _save_png(args.png, image.abs().numpy())
     if args.trace is not None:
-        payload = {"label": result.label, "config": config.to_properties(), "iterations": records}
+        payload = {"label": done.label, "config": config.to_properties(), "iterations": records}
         with atomic_path(args.trace) as temp:
             temp.write_text(json.dumps(json_safe(payload), indent=1))
     if kspace.ground_truth is not None:
         from semrecon_core.metrics import psnr, ssim
 
         truth = kspace.ground_truth.numpy()
-        scaled = _scaled_to(truth, image.numpy() if isinstance(image, torch.Tensor) else image)
+        scaled = _scaled_to(truth, image.numpy())
         print(
             f"vs ground truth (least-squares intensity scaling): PSNR {psnr(truth, scaled):.2f} dB, "
             f"SSIM {ssim(truth, scaled):.4f}"

@@ -1,0 +1,222 @@
+"""What the deep engines share: the scan-specific objective of Eq. (7) and the loop over slice batches.
+
+``min_θ  D(A f_θ(x₀), y) + λ · R(f_θ(x₀))`` where ``A = M F C`` is the SENSE operator of the scan, ``y``
+the measured k-space (scaled so that the zero-filled image has max magnitude 1), ``D`` the data term
+(``config.data_term``: paper ``0.5·Σ|·|²``, public code mean absolute difference of the stacked real and
+imaginary parts) and ``R`` the prior. Slices are fitted in batches of ``config.slice_batch`` (0 = all),
+each batch from the same initial weights, by :func:`semrecon_core.solvers.adam.adam_fit`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from semrecon_core.config import ReconConfig
+from semrecon_core.engines.base import ReconProblem, ReconResult
+from semrecon_core.physics.sense import SenseOp
+from semrecon_core.priors.base import Prior
+from semrecon_core.solvers.adam import Closure, adam_fit
+from semrecon_core.solvers.cg import conjugate_gradient
+from semrecon_core.solvers.status import Callback, SolverStatus, chain
+
+Batch = Callable[[nn.Module, ReconProblem], tuple[Closure, Callable[[], torch.Tensor]]]
+"""``batch(network, sub_problem) -> (training closure, final image function)`` of one slice batch."""
+
+
+def data_term(predicted: torch.Tensor, measured: torch.Tensor, kind: str) -> torch.Tensor:
+    """Data fidelity between predicted and measured (already masked) k-space.
+
+    ``l2``: ``0.5·Σ|p − y|²`` (paper); ``l1``: mean of ``|Re(p − y)|`` and ``|Im(p − y)|`` over the
+    whole masked array (public code's ``L1Loss`` on stacked real/imaginary parts).
+    """
+    residual = predicted - measured
+    if kind == "l2":
+        return 0.5 * residual.abs().square().sum()
+    if kind == "l1":
+        return torch.view_as_real(residual).abs().mean()
+    raise ValueError(f"data term: expected 'l2' or 'l1', found {kind!r}")
+
+
+def loss_terms(
+    image: torch.Tensor,
+    op: SenseOp,
+    measured: torch.Tensor,
+    config: ReconConfig,
+    prior: Prior | None,
+    *,
+    lam: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{"data", "prior", "loss"}`` of an image against the measured samples of ``op``'s mask."""
+    image = image.to(torch.complex64)
+    data = data_term(op(image), measured, str(config.data_term))
+    if prior is None:
+        return {"data": data, "loss": data}
+    value = prior.loss(image)
+    weight = float(config.lam if lam is None else lam)
+    return {"data": data, "prior": value, "loss": data + weight * value}
+
+
+def final_data_consistency(
+    image: torch.Tensor, kspace: torch.Tensor, op: SenseOp, *, weight: float = 1e-3, iterations: int = 30
+) -> torch.Tensor:
+    """``argmin_x ‖A x − y‖² + weight·‖x − image‖²`` by conjugate gradient from ``image``.
+
+    With a small ``weight`` the result reproduces the measured samples (up to noise the network removed
+    and the conditioning of ``A``) while keeping the network's image in the unmeasured part.
+    """
+    measured = kspace * op.mask.unsqueeze(-3)
+    with torch.no_grad():
+        return conjugate_gradient(
+            op.normal, op.adjoint(measured) + weight * image, lam=weight, x0=image, max_iter=iterations
+        )
+
+
+def autocast(device: torch.device, config: ReconConfig) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when configured (never on CPU, where it is slow and changes results)."""
+    if device.type == "cuda" and config.autocast == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def slice_batches(slices: int, batch: int) -> list[slice]:
+    """Consecutive slice ranges of at most ``batch`` slices (0: one range of all)."""
+    step = slices if batch <= 0 else batch
+    return [slice(start, min(start + step, slices)) for start in range(0, slices, step)]
+
+
+class TraceRecorder:
+    """A callback that keeps every status as a trace record."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, status: SolverStatus) -> None:
+        self.records.append(status.record())
+
+
+def fit_batch(
+    closure: Closure,
+    parameters: list[nn.Parameter],
+    *,
+    lr: float,
+    config: ReconConfig,
+    prior: Prior | None,
+    callback: Callback | None,
+    trace: TraceRecorder,
+    description: str,
+    extra: dict[str, Any],
+) -> None:
+    """One Adam fit of ``closure`` with the prior's trace extras and the trace recorder chained to ``callback``."""
+    adam_fit(
+        closure,
+        parameters,
+        lr=lr,
+        iterations=int(config.iterations),
+        callback=chain([trace, callback]),
+        describe=None if prior is None else prior.status,
+        extra=extra,
+        description=description,
+    )
+
+
+def fit_network(
+    problem: ReconProblem,
+    config: ReconConfig,
+    base: nn.Module,
+    *,
+    prior: Prior | None,
+    callback: Callback | None,
+    name: str,
+    batch: Batch,
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Fit a copy of ``base`` to each slice batch; returns the batches' images and the joint trace."""
+    images: list[torch.Tensor] = []
+    trace = TraceRecorder()
+    for part in slice_batches(problem.kspace.shape[0], config.slice_batch):
+        net = copy.deepcopy(base).train()
+        closure, final = batch(net, problem.select(part))
+        fit_batch(
+            closure,
+            list(net.parameters()),
+            lr=float(config.lr),
+            config=config,
+            prior=prior,
+            callback=callback,
+            trace=trace,
+            description=f"{name} slices {part.start}-{part.stop - 1}",
+            extra={"slices": [part.start, part.stop]},
+        )
+        with torch.no_grad(), autocast(problem.device, config):
+            images.append(final().detach())
+    return images, trace.records
+
+
+def prepare_network(
+    network: nn.Module | None,
+    config: ReconConfig,
+    backbone: str,
+    default: Callable[[], nn.Module],
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The network to fit, its label and info: a given one, a warm start (LoRA) or a fresh random one."""
+    from semrecon_core.backbones.checkpoint import load_backbone
+    from semrecon_core.backbones.lora import apply_lora, count_parameters
+
+    info: dict[str, Any] = {"warm_start": config.checkpoint, "lora_rank": 0}
+    name = {"unet": "U-Net", "unrolled": "unrolled network"}[backbone]
+    if config.checkpoint:
+        if network is not None:
+            raise ValueError("pass either a network or config.checkpoint, not both")
+        network, meta = load_backbone(config.checkpoint, backbone)
+        info["checkpoint_metadata"] = {k: meta[k] for k in ("architecture", "epochs") if k in meta}
+        if config.lora_rank > 0:
+            apply_lora(network, config.lora_rank)
+            lam = getattr(network, "lam", None)
+            if isinstance(lam, nn.Parameter):  # the unrolled network's data-consistency weight keeps training
+                lam.requires_grad_(True)
+            info["lora_rank"] = config.lora_rank
+            label = f"{name} (warm start, LoRA rank {config.lora_rank})"
+        else:
+            label = f"{name} (warm start, all weights trained)"
+    else:
+        torch.manual_seed(config.seed)
+        network = network if network is not None else default()
+        label = f"{name} (random init, all weights trained)"
+    counts = count_parameters(network)
+    info["trainable_parameters"] = counts["trainable"]
+    info["total_parameters"] = counts["total"]
+    return network, label, info
+
+
+def finish(
+    images: list[torch.Tensor],
+    problem: ReconProblem,
+    config: ReconConfig,
+    label: str,
+    prior: Prior | None,
+    info: dict[str, Any],
+    trace: list[dict[str, Any]],
+) -> ReconResult:
+    """Join the batches, apply the optional final data consistency, zero pixels outside the maps' support."""
+    image = torch.cat(images, dim=0).to(torch.complex64)
+    op = SenseOp(problem.maps, problem.mask)
+    if config.final_dc:
+        image = final_data_consistency(image, problem.kspace, op)
+    # pixels where no coil is sensitive (ESPIRiT crops its maps) are not determined by the data: zero them
+    support = problem.maps.abs().square().sum(dim=1) > 0
+    image = image * support
+    measured = problem.kspace * problem.mask.unsqueeze(-3)
+    info = {
+        **info,
+        "iterations": config.iterations,
+        "final_dc": config.final_dc,
+        "pixels_outside_maps": int((~support).sum()),
+        "data_residual": float((op(image) - measured).norm() / measured.norm().clamp_min(1e-12)),
+    }
+    prior_label = "no prior" if prior is None else prior.label
+    return ReconResult(image=image, label=f"{label} + {prior_label}", info=info, trace=trace)

@@ -1,0 +1,57 @@
+"""The U-Net engine: a U-Net maps the zero-filled image to the reconstruction, fitted to the scan (Eq. 7).
+
+With ``config.checkpoint`` the U-Net starts from a warm-start checkpoint and only LoRA adapters (rank
+``config.lora_rank``; 0 = all weights) train; without one, every weight of a randomly initialised U-Net
+(``config.width``/``config.depth``, default the paper's 64 / 5) trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from semrecon_core.backbones.unet import UNet, UNetSpec
+from semrecon_core.config import ReconConfig
+from semrecon_core.engines.base import ReconProblem, ReconResult
+from semrecon_core.engines.fitting import autocast, finish, fit_network, loss_terms, prepare_network
+from semrecon_core.physics.sense import SenseOp
+from semrecon_core.priors.base import Prior
+from semrecon_core.solvers.adam import Closure
+from semrecon_core.solvers.status import Callback
+
+
+def unet_spec(config: ReconConfig, *, residual: bool = False) -> UNetSpec:
+    """The U-Net architecture ``config`` asks for (``width``/``depth``, default the paper's)."""
+    default = UNetSpec()
+    return UNetSpec(width=config.width or default.width, depth=config.depth or default.depth, residual=residual)
+
+
+def reconstruct_unet(
+    problem: ReconProblem,
+    config: ReconConfig,
+    *,
+    prior: Prior | None,
+    callback: Callback | None,
+    network: UNet | None = None,
+) -> ReconResult:
+    """Fit a U-Net to the scan with Eq. (7); ``network`` replaces the one ``config`` describes."""
+    base, label, info = prepare_network(network, config, "unet", lambda: UNet(unet_spec(config)))
+
+    def batch(net: nn.Module, sub: ReconProblem) -> tuple[Closure, Callable[[], torch.Tensor]]:
+        op = SenseOp(sub.maps, sub.mask)
+        measured = sub.kspace * sub.mask.unsqueeze(-3)
+        zero_filled = op.adjoint(measured)
+
+        def closure() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with autocast(problem.device, config):
+                image = net(zero_filled)
+            return image, loss_terms(image, op, measured, config, prior)
+
+        return closure, lambda: net(zero_filled)
+
+    images, trace = fit_network(
+        problem, config, base.to(problem.device), prior=prior, callback=callback, name="U-Net", batch=batch
+    )
+    return finish(images, problem, config, label, prior, info, trace)
