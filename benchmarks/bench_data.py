@@ -3,7 +3,7 @@
 1. Reading speed. For each raw file, alternating in one process:
    * ``ismrmrd read`` (the reference): the ``ismrmrd`` package's own ``Dataset.read_acquisition`` for every
      acquisition — reading only, no processing;
-   * ``KSpace.from_ismrmrd``: reading + noise prewhitening + readout-oversampling removal + accumulation +
+   * ``read_ismrmrd``: reading + noise prewhitening + readout-oversampling removal + accumulation +
      bucket-to-buffer + KSpace (mask, calibration, headers, ground truth).
    ratio = semrecon median / reference median (wall and this process's CPU time).
 2. Value of noise prewhitening. A simulated scan with correlated coil noise (the simulator mixes coils)
@@ -65,15 +65,15 @@ def _scans(folder: Path) -> dict[str, Path]:
 
 
 def _speed(scans: dict[str, Path], repeats: int) -> list[dict[str, Any]]:
-    from semrecon_core.data import KSpace
+    from semrecon_core.data.readers import read_ismrmrd
 
     rows = []
     for name, path in scans.items():
         reference, ours = [], []
         for _ in range(repeats):
             reference.append(_timed(lambda p=path: _ismrmrd_read(p)))
-            ours.append(_timed(lambda p=path: KSpace.from_ismrmrd(p)))
-        shape = KSpace.from_ismrmrd(path).shape
+            ours.append(_timed(lambda p=path: read_ismrmrd(p)))
+        shape = read_ismrmrd(path).shape
         ref_wall = statistics.median(t[0] for t in reference)
         our_wall = statistics.median(t[0] for t in ours)
         ref_cpu = statistics.median(t[1] for t in reference)
@@ -118,11 +118,10 @@ def _without_prewhitening(path: Path) -> Any:
 
 def _prewhitening(folder: Path) -> dict[str, Any]:
     from semrecon_core.config import ReconConfig
-    from semrecon_core.data import KSpace
+    from semrecon_core.data.readers import read_ismrmrd
     from semrecon_core.data.simulate import write_ismrmrd_raw
     from semrecon_core.metrics import psnr
-    from semrecon_core.physics.coils import espirit_maps
-    from semrecon_core.recon import reconstruct
+    from semrecon_core.pipeline import reconstruct
 
     path = write_ismrmrd_raw(
         folder / "noisy.h5",
@@ -135,9 +134,8 @@ def _prewhitening(folder: Path) -> dict[str, Any]:
         seed=4,
     )
     out: dict[str, Any] = {"scan": "simulated 128², 8 coils, 2 slices, R = 3, noise 0.02 (correlated coils)"}
-    for label, kspace in (("with", KSpace.from_ismrmrd(path)), ("without", _without_prewhitening(path))):
-        maps = espirit_maps(kspace)
-        image = reconstruct(kspace, maps, ReconConfig(backbone="sense", iterations=30, device="cpu")).image.numpy()
+    for label, kspace in (("with", read_ismrmrd(path)), ("without", _without_prewhitening(path))):
+        image = reconstruct(kspace, ReconConfig(backbone="sense", iterations=30, device="cpu")).image.numpy()
         truth = kspace.ground_truth.numpy()
         magnitude = np.abs(image)
         scale = (magnitude * truth).sum(axis=(-2, -1), keepdims=True) / (magnitude**2).sum(axis=(-2, -1), keepdims=True)
@@ -169,7 +167,7 @@ def main() -> None:
         f"Machine: {result['machine']}; medians of {args.repeats} alternating runs",
         "(a shared 2-core machine, other jobs running: compare ratios, not absolute times).",
         "",
-        "| scan | KSpace shape | ismrmrd read (s) | KSpace.from_ismrmrd (s) | ratio wall | ratio CPU |",
+        "| scan | KSpace shape | ismrmrd read (s) | read_ismrmrd (s) | ratio wall | ratio CPU |",
         "|---|---|---|---|---|---|",
     ]
     for row in speed:
@@ -180,7 +178,7 @@ def main() -> None:
     lines += [
         "",
         "Reference: the `ismrmrd` package reading every acquisition (no processing).",
-        "`KSpace.from_ismrmrd` reads the whole table at once, then prewhitens, removes readout oversampling,",
+        "`read_ismrmrd` reads the whole table at once, then prewhitens, removes readout oversampling,",
         "accumulates, buffers and builds the KSpace.",
         "",
         f"Noise prewhitening ({whitening['scan']}), CG-SENSE PSNR vs ground truth:",

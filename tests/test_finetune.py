@@ -12,23 +12,31 @@ pytest.importorskip("peft")
 
 from semrecon_core import metrics  # noqa: E402
 from semrecon_core.backbones.checkpoint import save_checkpoint  # noqa: E402
-from semrecon_core.backbones.finetune import (  # noqa: E402
-    data_term,
-    final_data_consistency,
-    reconstruct_inr,
-    reconstruct_unet,
-    reconstruct_unrolled,
-)
 from semrecon_core.backbones.siren import SirenSpec  # noqa: E402
 from semrecon_core.backbones.unet import UNet, UNetSpec  # noqa: E402
 from semrecon_core.backbones.unrolled import UnrolledNet  # noqa: E402
 from semrecon_core.config import ReconConfig  # noqa: E402
 from semrecon_core.data.simulate import coil_maps, simulate_kspace  # noqa: E402
+from semrecon_core.engines import get_engine  # noqa: E402
+from semrecon_core.engines.base import ReconResult  # noqa: E402
+from semrecon_core.engines.fitting import data_term, final_data_consistency  # noqa: E402
 from semrecon_core.physics.sense import SenseOp  # noqa: E402
+from semrecon_core.pipeline import prepare_problem, reconstruct  # noqa: E402
+from semrecon_core.priors.base import Prior  # noqa: E402
 from semrecon_core.priors.tv import TVPrior  # noqa: E402
-from semrecon_core.recon import prepare_problem, reconstruct  # noqa: E402
+from semrecon_core.solvers.status import Callback, SolverStatus  # noqa: E402
 
 SIZE = 48
+
+
+def fit(problem, config: ReconConfig, *, prior: Prior | None = None, callback: Callback | None = None, **network):
+    """Run the engine of ``config.backbone`` on ``problem`` (TV prior built when ``config.prior`` is tv)."""
+    config = config.resolved()
+    if prior is None and config.prior == "tv":
+        prior = TVPrior()
+    engine = get_engine(config.backbone)
+    result: ReconResult = engine(problem, config, prior=prior, callback=callback, **network)
+    return result
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,7 +57,7 @@ def case():
     kspace = simulate_kspace(resize(shepp_logan_phantom(), (SIZE, SIZE)), coils=8, acceleration=4, acs_width=8, seed=0)
     maps = torch.from_numpy(coil_maps(8, (SIZE, SIZE)))[None]
     problem = prepare_problem(kspace, maps, torch.device("cpu"))
-    zero_filled = reconstruct(kspace, maps, ReconConfig(backbone="zero-filled")).image
+    zero_filled = reconstruct(kspace, ReconConfig(backbone="zero-filled"), maps=maps).image
     return kspace, maps, problem, metrics.psnr(kspace.ground_truth, zero_filled)
 
 
@@ -72,9 +80,8 @@ def _psnr(case, result) -> float:
     ],
 )
 def test_backbone_with_tv_beats_zero_filled(case, backbone, iterations, lr, network) -> None:
-    engine = {"unet": reconstruct_unet, "unrolled": reconstruct_unrolled, "inr": reconstruct_inr}[backbone]
     config = ReconConfig(backbone=backbone, prior="tv", iterations=iterations, lr=lr, lam=0.005)
-    result = engine(case[2], config, **network())
+    result = fit(case[2], config, **network())
     gain = _psnr(case, result) - case[3]
     assert gain >= 3.0, f"{backbone} + TV: {gain:.2f} dB over zero-filled"
     assert "TV" in result.label and result.info["data_residual"] < 0.5
@@ -87,18 +94,16 @@ def test_same_seed_same_output_and_trace(case) -> None:
         return UNet(UNetSpec(width=4, depth=2))
 
     config = ReconConfig(backbone="unrolled", prior="tv", iterations=4, lam=0.005, seed=3)
-    unrolled = [
-        reconstruct_unrolled(case[2], config, network=UnrolledNet(net().spec, stages=2, cg_iterations=3))
-        for _ in range(2)
-    ]
+    unrolled = [fit(case[2], config, network=UnrolledNet(net().spec, stages=2, cg_iterations=3)) for _ in range(2)]
     assert torch.equal(unrolled[0].image, unrolled[1].image)  # same SSDU split, same training
     config = config.replace(backbone="unet", iterations=6)
-    first = reconstruct_unet(case[2], config, network=net())
-    second = reconstruct_unet(case[2], config, network=net())
+    first = fit(case[2], config, network=net())
+    second = fit(case[2], config, network=net())
     assert torch.equal(first.image, second.image)
     assert [r["loss"] for r in first.trace] == [r["loss"] for r in second.trace]
-    # without a given network the engine initialises it from config.seed
-    default = [reconstruct_unet(case[2], config.replace(seed=seed, iterations=1)) for seed in (3, 3, 4)]
+    # without a given network the engine initialises it from config.seed (sized by config.width/depth)
+    small = config.replace(iterations=1, width=4, depth=2)
+    default = [fit(case[2], small.replace(seed=seed)) for seed in (3, 3, 4)]
     assert torch.equal(default[0].image, default[1].image)
     assert not torch.equal(default[0].image, default[2].image)
 
@@ -114,14 +119,26 @@ def test_entry_point_dispatches_paper_unet_and_slice_batches(case) -> None:
         }
     )
     config = ReconConfig(backbone="unet", prior="none", iterations=2, slice_batch=1, final_dc=True)
-    result = reconstruct(two, maps.repeat(2, 1, 1, 1), config)
-    assert result.image.shape == (2, SIZE, SIZE)
-    assert result.label.startswith("U-Net (random init") and result.label.endswith("no prior")
-    assert result.info["total_parameters"] > 30_000_000  # the paper's 64–1024 U-Net
-    assert sorted({tuple(r["slices"]) for r in result.trace}) == [(0, 1), (1, 2)]
+    done = reconstruct(two, config, maps=maps.repeat(2, 1, 1, 1))
+    assert done.image.shape == (2, SIZE, SIZE)
+    assert done.label.startswith("U-Net (random init") and done.label.endswith("no prior")
+    assert done.result.info["total_parameters"] > 30_000_000  # the paper's 64–1024 U-Net
+    assert sorted({tuple(r["slices"]) for r in done.result.trace}) == [(0, 1), (1, 2)]
     # the final data-consistency step moves the image towards the measured samples
-    plain = reconstruct(two, maps.repeat(2, 1, 1, 1), config.replace(final_dc=False))
-    assert result.info["data_residual"] < 0.5 * plain.info["data_residual"]
+    plain = reconstruct(two, config.replace(final_dc=False), maps=maps.repeat(2, 1, 1, 1))
+    assert done.result.info["data_residual"] < 0.5 * plain.result.info["data_residual"]
+
+
+def test_a_callback_stops_the_fit_early(case) -> None:
+    seen: list[int] = []
+
+    def stop_after_three(status: SolverStatus) -> bool:
+        seen.append(status.iteration)
+        return status.iteration < 2
+
+    config = ReconConfig(backbone="unet", prior="tv", iterations=50, lam=0.005, width=4, depth=2)
+    result = fit(case[2], config, callback=stop_after_three)
+    assert seen == [0, 1, 2] and len(result.trace) == 3
 
 
 def test_final_data_consistency_and_data_terms(case) -> None:
@@ -145,18 +162,18 @@ def test_warm_start_lora_trains_adapters_only(case, tmp_path: Path) -> None:
     net = UNet(UNetSpec(width=8, depth=3))
     path = save_checkpoint(tmp_path / "unet.safetensors", net, "unet", {"epochs": 0})
     config = ReconConfig(backbone="unet", prior="tv", iterations=4, lam=0.005, checkpoint=str(path), lora_rank=2)
-    result = reconstruct_unet(case[2], config)
+    result = fit(case[2], config)
     assert "LoRA rank 2" in result.label
     assert 0 < result.info["trainable_parameters"] < result.info["total_parameters"] // 3
-    full = reconstruct_unet(case[2], config.replace(lora_rank=0))
+    full = fit(case[2], config.replace(lora_rank=0))
     assert "all weights" in full.label and full.info["trainable_parameters"] == sum(p.numel() for p in net.parameters())
     with pytest.raises(ValueError, match="trained for backbone 'unet', not 'unrolled'"):
-        reconstruct_unrolled(case[2], config.replace(backbone="unrolled"))
+        fit(case[2], config.replace(backbone="unrolled"))
 
 
 def test_inr_public_code_two_phase(case) -> None:
     config = ReconConfig(backbone="inr", prior="tv", preset="public-code", iterations=5, lam=0.005)
-    result = reconstruct_inr(case[2], config, prior=TVPrior(), spec=SirenSpec(features=16, layers=2))
+    result = fit(case[2], config, prior=TVPrior(), spec=SirenSpec(features=16, layers=2))
     phases = [r["phase"] for r in result.trace]
     assert phases == [1] * 5 + [2] * 5
     assert "two-phase" in result.label and result.info["phase1_label"] == "TV (weight 3)"
@@ -191,10 +208,8 @@ def test_semantic_loss_decreases_and_residual_bounded(case, tiny_semantic_prior)
     prior = tiny_semantic_prior
     encoder_weights = [p.detach().clone() for p in prior.encoder.vision.parameters()]
     seen: list[dict] = []
-    config = ReconConfig(backbone="unet", prior="semantic", iterations=30, lam=5.0, lr=3e-3)
-    result = reconstruct_unet(
-        case[2], config, prior=prior, network=UNet(UNetSpec(width=8, depth=3)), callback=seen.append
-    )
+    config = ReconConfig(backbone="unet", prior="semantic", iterations=30, lam=5.0, lr=3e-3, width=8, depth=3)
+    result = fit(case[2], config, prior=prior, callback=lambda status: seen.append(status.record()))
     assert "RANDOM WEIGHTS" in result.label
     losses = [r["prior"] for r in seen]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
@@ -226,7 +241,7 @@ def test_pretrain_cli_writes_checkpoint_the_engine_loads(case, tmp_path: Path) -
     assert meta["data"][0]["sha256"] == hashlib.sha256((images / "a.npy").read_bytes()).hexdigest()
     assert meta["masks"]["kind"] == "gaussian" and meta["masks"]["acceleration"] == 4.0
     config = ReconConfig(backbone="unet", prior="tv", iterations=3, lam=0.005, checkpoint=str(out), lora_rank=2)
-    result = reconstruct_unet(case[2], config)
+    result = fit(case[2], config)
     assert "warm start, LoRA rank 2" in result.label
     assert result.info["checkpoint_metadata"]["architecture"]["width"] == 4
     assert main(["pretrain", str(tmp_path / "x.pt"), "--images", str(images)]) == 2

@@ -4,14 +4,14 @@
 (``kx`` = readout, ``ky`` = phase encoding), its sampling mask, the fully sampled calibration block
 used for coil maps, and the geometry and acquisition headers needed to build image headers later.
 Each "slice" is one 2-D image to reconstruct (a slice, repetition, average, ... of the scan).
-Named constructors live with their readers (``semrecon_core.data.readers``) and are attached here.
+The named constructors are the readers in :mod:`semrecon_core.data.readers` (``read_ismrmrd``,
+``read_fastmri``, ``read_npy``, ``read_bart``, ``from_recon_buffer``, ``load_kspace`` by file type).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,43 +64,6 @@ class KSpace:
     def acceleration(self) -> float:
         """Nominal acceleration: samples on the grid divided by samples acquired."""
         return float(self.mask.numel() / max(int(self.mask.sum()), 1))
-
-    @classmethod
-    def from_ismrmrd(cls, path: str | Path, **options: Any) -> KSpace:
-        """Read an ISMRMRD raw file (see :func:`semrecon_core.data.readers.read_ismrmrd`)."""
-        from semrecon_core.data.readers import read_ismrmrd
-
-        return read_ismrmrd(path, **options)
-
-    @classmethod
-    def from_fastmri(cls, path: str | Path) -> KSpace:
-        """Read a fastMRI multicoil ``.h5`` (see :func:`semrecon_core.data.readers.read_fastmri`)."""
-        from semrecon_core.data.readers import read_fastmri
-
-        return read_fastmri(path)
-
-    @classmethod
-    def from_npy(cls, path: str | Path, mask: str | Path | None = None) -> KSpace:
-        """Read ``.npy`` k-space with an optional mask (see :func:`semrecon_core.data.readers.read_npy`)."""
-        from semrecon_core.data.readers import read_npy
-
-        return read_npy(path, mask=mask)
-
-    @classmethod
-    def from_cfl(cls, path: str | Path, mask: str | Path | None = None) -> KSpace:
-        """Read BART ``.cfl``/``.hdr`` k-space (see :func:`semrecon_core.data.readers.read_bart`)."""
-        from semrecon_core.data.readers import read_bart
-
-        return read_bart(path, mask=mask)
-
-    @classmethod
-    def from_recon_buffer(cls, bit_data: Any, bit_ref: Any, header: Any) -> KSpace:
-        """Build from a Gadgetron ``ReconBit``'s data/ref buffers and the ISMRMRD header (XML or parsed);
-        the one constructor shared by the gadget and offline replay
-        (see :func:`semrecon_core.data.readers.from_recon_buffer`)."""
-        from semrecon_core.data.readers import from_recon_buffer
-
-        return from_recon_buffer(bit_data, bit_ref, header)
 
     def select(self, entries: slice | Sequence[int]) -> KSpace:
         """A KSpace with only the given slice entries (tensors, headers and ground truth alike)."""
