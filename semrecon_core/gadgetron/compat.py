@@ -12,9 +12,14 @@
    no longer raises when the peer has already gone.
 4. AcquisitionBucket waveform headers are parsed as ``ismrmrd.Waveform`` (crash): parsed as
    ``ismrmrd.WaveformHeader``.
+5. ``readers.read_array`` copies every data array twice into read-only memory, and
+   ``readers.read_object_array`` reads header arrays one structure per ``recv`` (numpy warns about the
+   ctypes buffer format for every buffer): arrays are read straight into writable memory, header arrays
+   in one piece. Objects and values are the same.
 
-Caveat: ``python -m gadgetron`` reads CONFIG and HEADER before it imports the gadget module, so a
-Gadgetron that dies before sending the HEADER still meets the unpatched read (3).
+The module depends on nothing else in semrecon; its exact-read loop :func:`recv_exactly` is shared with
+the offline emulator. Caveat: ``python -m gadgetron`` reads CONFIG and HEADER before it imports the
+gadget module, so a Gadgetron that dies before sending the HEADER still meets the unpatched read (3).
 """
 
 from __future__ import annotations
@@ -26,20 +31,48 @@ from typing import Any
 
 import numpy as np
 
-from semrecon_core.gadgetron.protocol import recv_exactly
-
 logger = logging.getLogger(__name__)
 
 _installed = False
 
 
+def recv_exactly(sock: socket.socket, view: memoryview, *, peer: str = "the peer") -> None:
+    """Fill the writable byte view ``view`` from ``sock``; :class:`ConnectionError` naming ``peer`` on end of stream.
+
+    Never loops on an empty ``recv``: a vanished peer ends the read at once.
+    """
+    total = len(view)
+    done = 0
+    while done < total:
+        received = sock.recv_into(view[done:], total - done)
+        if received == 0:
+            raise ConnectionError(
+                f"{peer} closed the connection in the middle of a message (got {done} of {total} bytes)"
+                if done
+                else f"{peer} closed the connection"
+            )
+        done += received
+
+
+def _fill(source: Any, view: memoryview) -> None:
+    """Fill ``view`` from a ``SocketWrapper`` (straight from its socket) or anything with ``read(n)``."""
+    sock = getattr(source, "socket", None)
+    if not isinstance(sock, socket.socket):
+        data = source.read(len(view))
+        if len(data) != len(view):
+            raise ConnectionError(f"stream ended in the middle of a message (got {len(data)} of {len(view)} bytes)")
+        view[:] = data
+        return
+    try:
+        recv_exactly(sock, view, peer="Gadgetron")
+    except ConnectionError as exc:
+        raise ConnectionError(f"{exc}; ending the external Python process") from None
+
+
 def _read_exactly(self: Any, nbytes: int) -> bytes:
     """``SocketWrapper.read`` replacement: exactly ``nbytes``, :class:`ConnectionError` on end of stream."""
     buffer = bytearray(nbytes)
-    try:
-        recv_exactly(self.socket, memoryview(buffer), peer="Gadgetron")
-    except ConnectionError as exc:
-        raise ConnectionError(f"{exc}; ending the external Python process") from None
+    _fill(self, memoryview(buffer))
     return bytes(buffer)
 
 
@@ -60,10 +93,53 @@ def _close_quietly(self: Any) -> None:
 
 
 def write_array(destination: Any, array: Any, dtype: Any) -> None:
-    """``writers.write_array`` replacement: dims + Fortran-order data, casting to ``dtype`` when needed."""
-    from semrecon_core.gadgetron.protocol import write_ndarray
+    """``writers.write_array`` replacement: ``uint64`` ndim + dims, then the data in Fortran order as ``dtype``."""
+    data = np.asfortranarray(np.asarray(array, dtype=np.dtype(dtype)))
+    destination.write(np.asarray([data.ndim, *data.shape], dtype="<u8").tobytes())
+    if data.size:
+        destination.write(data.reshape(-1, order="F").view(np.uint8))
 
-    write_ndarray(destination, np.asarray(array), dtype)
+
+def _read_dimensions(source: Any) -> tuple[int, ...]:
+    from gadgetron.external import readers
+
+    return tuple(int(d) for d in readers.read_vector(source))
+
+
+def read_array(source: Any, numpy_type: Any = np.uint64) -> np.ndarray:
+    """``readers.read_array`` replacement: one read into a writable, Fortran-ordered array of the dims."""
+    dims = _read_dimensions(source)
+    if not dims:
+        return np.empty(0, dtype=numpy_type)
+    array = np.empty(dims, dtype=numpy_type, order="F")
+    if array.size:
+        _fill(source, memoryview(array.reshape(-1, order="F").view(np.uint8)))
+    return array
+
+
+def read_object_array(source: Any, read_object: Any) -> np.ndarray:
+    """``readers.read_object_array`` replacement: arrays of ISMRMRD headers read in one piece (Fortran order)."""
+    import ismrmrd
+    from gadgetron.external import readers
+
+    structures = {
+        readers.read_acquisition_header: ismrmrd.AcquisitionHeader,
+        readers.read_image_header: ismrmrd.ImageHeader,
+    }
+    dims = _read_dimensions(source)
+    count = int(np.prod(dims)) if dims else 0
+    items = np.empty(count, dtype=object)
+    struct_type = structures.get(read_object)
+    if struct_type is None:
+        for index in range(count):
+            items[index] = read_object(source)
+    elif count:
+        size = ctypes.sizeof(struct_type)
+        raw = bytearray(count * size)
+        _fill(source, memoryview(raw))
+        for index in range(count):
+            items[index] = struct_type.from_buffer_copy(raw, index * size)
+    return items.reshape(dims, order="F")
 
 
 def write_waveforms(destination: Any, waveforms: list[Any]) -> None:
@@ -94,27 +170,12 @@ def read_acquisition_bucket(source: Any) -> Any:
     return acquisition_bucket.read_acquisition_bucket(source)
 
 
-def use_fast_readers(connection: Any) -> None:
-    """Read ReconData and ImageArray on ``connection`` with :mod:`~semrecon_core.gadgetron.protocol`.
-
-    gadgetron's readers build the header arrays from lists of ctypes structures (slow, and numpy warns
-    about their buffer format for every buffer); the replacements read them in one piece and fill the
-    data arrays in place. Objects and values are the same.
-    """
-    from gadgetron.external import constants
-
-    from semrecon_core.gadgetron import protocol
-
-    connection.add_reader(constants.GADGET_MESSAGE_RECON_DATA, protocol.read_recon_data)
-    connection.add_reader(constants.GADGET_MESSAGE_IMAGE_ARRAY, protocol.read_image_array)
-
-
 def install() -> None:
     """Patch the ``gadgetron`` package in place (idempotent)."""
     global _installed
     if _installed:
         return
-    from gadgetron.external import connection, writers
+    from gadgetron.external import connection, readers, writers
     from gadgetron.types import acquisition_bucket, image_array, recon_data
 
     connection.Connection.SocketWrapper.read = _read_exactly
@@ -124,6 +185,10 @@ def install() -> None:
     acquisition_bucket.write_array = write_array
     image_array.write_waveforms = write_waveforms
     acquisition_bucket.read_waveform_header = read_waveform_header
+    readers.read_array = read_array
+    readers.read_object_array = read_object_array
+    recon_data.read_array = read_array
+    recon_data.read_object_array = read_object_array
     _installed = True
 
 

@@ -110,8 +110,6 @@ class GadgetServer:
         """One session on an accepted socket; never raises for a failing scan (it is logged)."""
         from gadgetron.external import Connection
 
-        from semrecon_core.gadgetron import compat
-
         _set_kernel_timeouts(sock, self.idle_timeout)
         start = time.perf_counter()
         try:
@@ -120,7 +118,6 @@ class GadgetServer:
             log.error("semrecon serve: %s: no valid CONFIG/HEADER from Gadgetron (%s)", name, _reason(exc, self))
             sock.close()
             return
-        compat.use_fast_readers(connection)
         with connection:
             try:
                 gadget = self._gadget_for(connection, name)
