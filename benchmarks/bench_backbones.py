@@ -95,8 +95,8 @@ def _step_breakdown(
     from semrecon_core.backbones.finetune import data_term
     from semrecon_core.backbones.siren import InrImage
     from semrecon_core.backbones.unrolled import ssdu_split
-    from semrecon_core.physics.cg import conjugate_gradient
     from semrecon_core.physics.sense import SenseOp
+    from semrecon_core.solvers.cg import conjugate_gradient
 
     torch.manual_seed(0)
     op = SenseOp(problem.maps, problem.mask)

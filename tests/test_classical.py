@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from semrecon_core import metrics
-from semrecon_core.classical import pdhg
 from semrecon_core.config import ReconConfig
-from semrecon_core.priors.tv import TVPrior, gradient, gradient_adjoint
-from semrecon_core.recon import reconstruct
+from semrecon_core.engines.classical import sense
+from semrecon_core.pipeline import reconstruct
+from semrecon_core.priors.tv import TVPrior
+from semrecon_core.solvers.status import SolverStatus
 from tests.conftest import require_tool
 from tests.test_physics import phantom_scan
 
@@ -44,51 +45,20 @@ def test_tv_loss_of_a_step_edge_and_its_gradient() -> None:
         TVPrior(-1.0)
 
 
-def _denoise_objective(x: torch.Tensor, noisy: torch.Tensor, tv: TVPrior) -> float:
-    return float(0.5 * (x - noisy).abs().square().sum() + tv.loss(x))
-
-
-def test_tv_prox_agrees_with_pdhg_and_is_optimal() -> None:
-    scan, _ = phantom_scan(n=32)
-    gen = torch.Generator().manual_seed(0)
-    noisy = scan.ground_truth + 0.1 * torch.randn(1, 32, 32, dtype=torch.complex64, generator=gen)
-    tv = TVPrior(weight=0.08)
-    prox = tv.prox(noisy, 1.0, iterations=300)
-    statuses: list[dict] = []
-    solved = pdhg(
-        noisy,
-        prox_primal=lambda v, tau: (v + tau * noisy) / (1 + tau),
-        prox_dual=lambda w, sigma: tv.project_dual(w),
-        operator=gradient,
-        adjoint=gradient_adjoint,
-        operator_norm=8**0.5,
-        iterations=300,
-        tau=0.35,
-        objective=lambda x: _denoise_objective(x, noisy, tv),
-        callback=statuses.append,
-    )
-    assert len(statuses) == 300 and statuses[-1]["objective"] < statuses[0]["objective"]
-    assert float((prox - solved).norm() / prox.norm()) < 1e-2
-    best = _denoise_objective(prox, noisy, tv)
-    assert best < _denoise_objective(noisy, noisy, tv)
-    for seed in range(3):
-        step = 1e-2 * torch.randn(prox.shape, dtype=prox.dtype, generator=torch.Generator().manual_seed(seed))
-        assert best <= _denoise_objective(prox + step, noisy, tv) + 1e-6
-
-
 # --- engines on a simulated phantom --------------------------------------------------------------
 
 
 def test_engines_beat_zero_filled_on_a_phantom() -> None:
     scan, maps = phantom_scan(n=64, acceleration=2.0, acs=16)
     truth = scan.ground_truth
-    zero = reconstruct(scan, maps, ReconConfig(backbone="zero-filled"))
-    statuses: list[dict] = []
+    zero = reconstruct(scan, ReconConfig(backbone="zero-filled"), maps=maps)
+    statuses: list[SolverStatus] = []
     config = ReconConfig(backbone="sense", lam=1e-3, iterations=30)
-    cg = reconstruct(scan, maps, config, callback=statuses.append)
-    tv = reconstruct(scan, maps, config.replace(prior="tv", iterations=60))
-    assert statuses and statuses[0]["iteration"] == 0 and "residual" in statuses[0]
-    assert len(tv.trace) == 60 and "primal_change" in tv.trace[-1]
+    cg = reconstruct(scan, config, maps=maps, callback=statuses.append)
+    tv = reconstruct(scan, config.replace(prior="tv", iterations=60), maps=maps)
+    assert statuses and statuses[0].iteration == 0 and "residual" in statuses[0].values
+    assert cg.result.trace == [status.record() for status in statuses]
+    assert len(tv.result.trace) == 60 and "primal_change" in tv.result.trace[-1]
     assert zero.image.shape == truth.shape and zero.image.dtype == torch.complex64
     psnr_zero, psnr_cg, psnr_tv = (metrics.psnr(truth, r.image) for r in (zero, cg, tv))
     # Measured: zero-filled 21.6 dB, CG-SENSE 29.4 dB, TV 48.4 dB (piecewise-constant phantom, no noise).
@@ -100,14 +70,21 @@ def test_engines_beat_zero_filled_on_a_phantom() -> None:
 def test_tv_engine_scales_a_given_prior_by_lambda_and_rejects_others() -> None:
     scan, maps = phantom_scan(n=32)
     config = ReconConfig(backbone="sense", prior="tv", lam=0.1, iterations=3)
-    assert "λ 0.025" in reconstruct(scan, maps, config, prior=TVPrior(0.25)).label
-    assert "λ 0.1" in reconstruct(scan, maps, config).label
+    assert "λ 0.025" in reconstruct(scan, config, maps=maps, prior=TVPrior(0.25)).label
+    assert "λ 0.1" in reconstruct(scan, config, maps=maps).label
     with pytest.raises(ValueError, match="expected a TVPrior"):
-        reconstruct(scan, maps, config, prior=object())
-    from semrecon_core.classical import sense
-
+        reconstruct(scan, config, maps=maps, prior=object())
     with pytest.raises(ValueError, match="prior"):
-        sense(None, ReconConfig(backbone="unet", prior="semantic"))
+        sense(None, ReconConfig(backbone="unet", prior="semantic"), prior=None, callback=None)
+
+
+@pytest.mark.parametrize("prior", ["none", "tv"])
+def test_a_callback_stops_the_classical_solver_early(prior: str) -> None:
+    scan, maps = phantom_scan(n=32, acceleration=2.0, acs=8)
+    config = ReconConfig(backbone="sense", prior=prior, lam=0.01, iterations=20)
+    result = reconstruct(scan, config, maps=maps, callback=lambda status: status.iteration < 2).result
+    assert [record["iteration"] for record in result.trace] == [0, 1, 2]
+    assert result.info["iterations"] == 3 and "3 iterations" in result.label
 
 
 # --- real brain scan (../shared/data) ------------------------------------------------------------
@@ -124,7 +101,7 @@ def brain(shared_data):
         "cg": cg_config,
         "tv": cg_config.replace(prior="tv", lam=bench.LAM_TV, iterations=bench.TV_ITERATIONS),
     }
-    images = {name: reconstruct(case.kspace, case.maps, config).image for name, config in configs.items()}
+    images = {name: reconstruct(case.kspace, config, maps=case.maps).image for name, config in configs.items()}
     return bench, case, images
 
 

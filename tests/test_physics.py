@@ -1,27 +1,20 @@
-"""Physics: FFT, SENSE operator adjointness, TV gradient adjointness, CG (incl. autograd), masks, ESPIRiT."""
+"""Physics: FFT, every linear operator (adjointness, composition, gram, autograd), masks, ESPIRiT."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
 from semrecon_core.data.kspace import Geometry, KSpace
-from semrecon_core.physics.cg import conjugate_gradient
 from semrecon_core.physics.coils import espirit_maps, rss
 from semrecon_core.physics.fft import fft2c, ifft2c
+from semrecon_core.physics.linop import FFTOp, GradientOp, LinearOperator, MaskOp, SensitivityOp
 from semrecon_core.physics.masks import MASK_KINDS, sampling_mask
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.priors.tv import gradient, gradient_adjoint
-
-
-def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=dtype)
-
-
-def _inner(a: torch.Tensor, b: torch.Tensor) -> complex:
-    return complex((a.conj() * b).sum())
+from tests.helpers import check_linear_operator, random_tensor
 
 
 def phantom_scan(n: int = 64, coils: int = 8, acceleration: float = 1.0, acs: int = 24) -> tuple[KSpace, torch.Tensor]:
@@ -47,11 +40,11 @@ def phantom_scan(n: int = 64, coils: int = 8, acceleration: float = 1.0, acs: in
     return scan, torch.from_numpy(maps)[None]
 
 
-# --- FFT and SENSE -------------------------------------------------------------------------------
+# --- FFT and linear operators -------------------------------------------------------------------
 
 
 def test_fft_is_unitary_and_centred() -> None:
-    x = _randn(2, 16, 12)
+    x = random_tensor((2, 16, 12))
     k = fft2c(x)
     assert torch.allclose(ifft2c(k), x, atol=1e-5)
     assert torch.allclose(k.norm(), x.norm(), rtol=1e-5)
@@ -60,63 +53,54 @@ def test_fft_is_unitary_and_centred() -> None:
     assert torch.allclose(fft2c(delta), torch.full((16, 12), 1 / np.sqrt(16 * 12), dtype=torch.complex64))
 
 
-def test_sense_operator_is_adjoint_and_normal() -> None:
-    maps = _randn(2, 4, 16, 12, seed=1)
-    mask = sampling_mask("random", (16, 12), 2, acs_width=4, seed=3)[None].expand(2, -1, -1)
+def _maps() -> torch.Tensor:
+    return random_tensor((2, 4, 16, 12), seed=3)
+
+
+def _mask() -> torch.Tensor:
+    return sampling_mask("random", (16, 12), 2, acs_width=4, seed=3)[None].expand(2, -1, -1)
+
+
+IMAGE, KSPACE = (2, 16, 12), (2, 4, 16, 12)
+OPERATORS: dict[str, tuple[Callable[[], LinearOperator], tuple[int, ...], tuple[int, ...]]] = {
+    "fft": (FFTOp, KSPACE, KSPACE),
+    "mask": (lambda: MaskOp(_mask().unsqueeze(-3)), KSPACE, KSPACE),
+    "coils": (lambda: SensitivityOp(_maps()), IMAGE, KSPACE),
+    "gradient": (GradientOp, IMAGE, (2, 2, 16, 12)),
+    "sense": (lambda: SenseOp(_maps(), _mask()), IMAGE, KSPACE),
+    "sense adjoint": (lambda: SenseOp(_maps(), _mask()).H, KSPACE, IMAGE),
+    "sense gram": (lambda: SenseOp(_maps(), _mask()).gram, IMAGE, IMAGE),
+    "fft @ gradient": (lambda: FFTOp() @ GradientOp(), IMAGE, (2, 2, 16, 12)),
+}
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_linear_operator(name: str) -> None:
+    build, x_shape, y_shape = OPERATORS[name]
+    check_linear_operator(build(), x_shape, y_shape)
+
+
+def test_sense_operator_is_mask_fft_coils_with_buffers_that_move() -> None:
+    maps, mask = _maps(), _mask()
     op = SenseOp(maps, mask)
-    x, y = _randn(2, 16, 12, seed=2), _randn(2, 4, 16, 12, seed=4)
-    lhs, rhs = _inner(op(x), y), _inner(x, op.adjoint(y))
-    assert abs(lhs - rhs) < 1e-4 * abs(lhs)
-    assert torch.allclose(op.normal(x), op.adjoint(op(x)), atol=1e-4)
+    x = random_tensor(IMAGE, seed=4)
+    composed = MaskOp(mask.unsqueeze(-3)) @ FFTOp() @ SensitivityOp(maps)
+    assert torch.equal(op(x), composed(x))
+    assert torch.equal(op.maps, maps) and torch.equal(op.mask, mask)
+    op.to("meta")
+    assert op.maps.device.type == "meta" and op.mask.device.type == "meta"
 
 
 def test_sense_operator_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="coil maps"):
-        SenseOp(_randn(4, 16, 12), torch.ones(1, 16, 12, dtype=torch.bool))
+        SenseOp(random_tensor((4, 16, 12)), torch.ones(1, 16, 12, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
-        SenseOp(_randn(1, 4, 16, 12), torch.ones(1, 12, 16, dtype=torch.bool))
+        SenseOp(random_tensor((1, 4, 16, 12)), torch.ones(1, 12, 16, dtype=torch.bool))
 
 
-def test_tv_gradient_is_adjoint_with_norm_below_8() -> None:
-    x, w = _randn(2, 9, 7, seed=5), _randn(2, 2, 9, 7, seed=6)
-    lhs, rhs = _inner(gradient(x), w), _inner(x, gradient_adjoint(w))
-    assert abs(lhs - rhs) < 1e-4 * abs(lhs)
-    v = _randn(1, 32, 32, seed=7)
-    for _ in range(100):  # power iteration on ∇ᴴ∇
-        v = gradient_adjoint(gradient(v))
-        v = v / v.norm()
-    assert float(gradient(v).norm() ** 2) <= 8.0
-
-
-# --- conjugate gradient --------------------------------------------------------------------------
-
-
-def _spd_system(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    b = _randn(n, n, seed=8, dtype=dtype)
-    matrix = b.conj().T @ b + 0.1 * torch.eye(n, dtype=dtype)
-    return matrix, _randn(1, n, seed=9, dtype=dtype)
-
-
-def test_cg_solves_known_spd_system() -> None:
-    matrix, rhs = _spd_system(12, torch.complex128)
-    lam = 0.3
-    x = conjugate_gradient(lambda v: v @ matrix.T, rhs, lam=lam, max_iter=100, tol=1e-12)
-    expected = torch.linalg.solve(matrix + lam * torch.eye(12, dtype=matrix.dtype), rhs[0])
-    assert torch.allclose(x[0], expected, atol=1e-9)
-    residuals: list[float] = []
-    conjugate_gradient(lambda v: v @ matrix.T, rhs, max_iter=5, callback=lambda i, x, r: residuals.append(float(r)))
-    assert len(residuals) == 5 and residuals[-1] < residuals[0]
-
-
-def test_cg_gradients_flow_to_rhs_and_lambda() -> None:
-    matrix, rhs = _spd_system(4, torch.complex128)
-    rhs = rhs.clone().requires_grad_(True)
-    lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-
-    def solve(b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return conjugate_gradient(lambda v: v @ matrix.T, b, lam=weight, max_iter=4, tol=0.0)
-
-    assert torch.autograd.gradcheck(solve, (rhs, lam), eps=1e-6, atol=1e-5)
+def test_gradient_norm_is_below_its_bound() -> None:
+    norm = GradientOp().operator_norm(torch.zeros(1, 32, 32, dtype=torch.complex64), iterations=100, seed=7)
+    assert 7.9 < norm**2 <= GradientOp.NORM_SQUARED
 
 
 # --- masks ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The unrolled network: U-Net denoisers alternating with conjugate-gradient data consistency.
 
 Stage k computes ``z = D_k(x)`` with its own (unshared) U-Net and then solves
-``(AᴴA + λ I) x = Aᴴy + λ z`` with ``semrecon_core.physics.cg.conjugate_gradient`` (differentiable, so
+``(AᴴA + λ I) x = Aᴴy + λ z`` with ``semrecon_core.solvers.cg.conjugate_gradient`` (differentiable, so
 gradients reach the U-Nets and the learnable ``λ``, initialised at 0.01 as in the public code).
 Self-supervised training splits the measured samples SSDU-style (:func:`ssdu_split`): the network sees one
 part for data consistency, the loss is computed on the held-out part.
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from semrecon_core.backbones.unet import UNet, UNetSpec
-from semrecon_core.physics.cg import conjugate_gradient
 from semrecon_core.physics.sense import SenseOp
+from semrecon_core.solvers.cg import conjugate_gradient
 
 
 class UnrolledNet(nn.Module):

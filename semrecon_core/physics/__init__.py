@@ -1,1 +1,1 @@
-"""MRI physics: centred FFT, the multicoil SENSE operator, conjugate gradient, masks, ESPIRiT coil maps."""
+"""MRI physics: centred FFT, composable linear operators (SENSE = mask @ FFT @ coils), masks, ESPIRiT coil maps."""

@@ -1,8 +1,8 @@
 """Isotropic total variation of complex ``(slices, y, x)`` images.
 
-``TV(x) = Σ_pixels sqrt(|∂y x|² + |∂x x|²)`` with forward differences and a zero difference at the last
-row/column (Neumann boundary), summed over pixels and slices (the same sum convention as the data term
-``0.5·‖Ax − y‖²``). :func:`gradient` and :func:`gradient_adjoint` are an adjoint pair (‖∇‖² ≤ 8).
+``TV(x) = Σ_pixels sqrt(|∂y x|² + |∂x x|²)`` with the forward differences of
+:class:`~semrecon_core.physics.linop.GradientOp` (zero difference at the last row/column, Neumann boundary),
+summed over pixels and slices (the same sum convention as the data term ``0.5·‖Ax − y‖²``).
 """
 
 from __future__ import annotations
@@ -11,27 +11,10 @@ from typing import Any
 
 import torch
 
-GRADIENT_NORM_SQUARED = 8.0
+from semrecon_core.physics.linop import GradientOp
 
-
-def gradient(image: torch.Tensor) -> torch.Tensor:
-    """Forward differences of ``(slices, y, x)`` → ``(slices, 2, y, x)`` (``∂y``, ``∂x``)."""
-    dy = torch.zeros_like(image)
-    dx = torch.zeros_like(image)
-    dy[..., :-1, :] = image[..., 1:, :] - image[..., :-1, :]
-    dx[..., :, :-1] = image[..., :, 1:] - image[..., :, :-1]
-    return torch.stack((dy, dx), dim=-3)
-
-
-def gradient_adjoint(field: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`gradient` (minus the divergence): ``(slices, 2, y, x)`` → ``(slices, y, x)``."""
-    py, px = field[..., 0, :, :], field[..., 1, :, :]
-    out = torch.zeros_like(py)
-    out[..., 1:, :] += py[..., :-1, :]
-    out[..., :-1, :] -= py[..., :-1, :]
-    out[..., :, 1:] += px[..., :, :-1]
-    out[..., :, :-1] -= px[..., :, :-1]
-    return out
+GRADIENT = GradientOp()
+"""The finite-difference operator ``∇`` of TV (it holds no tensors, so one instance serves every device)."""
 
 
 def _magnitude(field: torch.Tensor) -> torch.Tensor:
@@ -60,7 +43,7 @@ class TVPrior:
 
     def loss(self, image: torch.Tensor) -> torch.Tensor:
         """``weight · TV(image)`` as a differentiable scalar for a complex ``(slices, y, x)`` image."""
-        field = gradient(image)
+        field = GRADIENT(image)
         return self.weight * (field.abs().square().sum(dim=-3) + self.eps).sqrt().sum()
 
     def status(self, image: torch.Tensor) -> dict[str, Any]:
@@ -89,13 +72,13 @@ class TVPrior:
         radius = step * self.weight
         if radius == 0:
             return image.clone()
-        dual = torch.zeros_like(gradient(image))
+        dual = torch.zeros_like(GRADIENT(image))
         momentum = dual
         t = 1.0
         for _ in range(iterations):
-            primal = image - gradient_adjoint(momentum)
-            new_dual = self.project_dual(momentum + gradient(primal) / GRADIENT_NORM_SQUARED, radius)
+            primal = image - GRADIENT.adjoint(momentum)
+            new_dual = self.project_dual(momentum + GRADIENT(primal) / GRADIENT.NORM_SQUARED, radius)
             t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
             momentum = new_dual + ((t - 1) / t_next) * (new_dual - dual)
             dual, t = new_dual, t_next
-        return image - gradient_adjoint(dual)
+        return image - GRADIENT.adjoint(dual)

@@ -2,7 +2,9 @@
 
 Works inside autograd (used as the data-consistency step of the unrolled network: gradients flow
 through the iterations to ``b`` and ``λ``) and standalone (CG-SENSE). The solver knows nothing of MRI:
-it takes the normal operator as a callable.
+it takes the normal operator as a callable (e.g. ``A.normal`` of a
+:class:`~semrecon_core.physics.linop.LinearOperator`) and reports a
+:class:`~semrecon_core.solvers.status.SolverStatus` per iteration.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from semrecon_core.solvers.status import Callback, SolverStatus, notify
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -27,7 +31,7 @@ def conjugate_gradient(
     x0: torch.Tensor | None = None,
     max_iter: int = 30,
     tol: float = 1e-6,
-    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Solve ``(normal + lam·I) x = rhs`` slice by slice (each slice has its own step sizes).
 
@@ -38,7 +42,8 @@ def conjugate_gradient(
         x0: initial guess (zeros when ``None``).
         max_iter: maximum number of iterations.
         tol: stop when every slice's residual norm is below ``tol`` times its ``‖b‖``.
-        callback: called as ``callback(iteration, x, residual_norm)`` after each iteration.
+        callback: receives ``SolverStatus(iteration, solution=x, values={"residual": r})`` after each
+            iteration, ``r`` the largest residual norm over the slices; returning ``False`` stops the loop.
 
     Returns:
         The approximate solution, same shape as ``rhs``.
@@ -64,5 +69,7 @@ def conjugate_gradient(
         p = r + (rr_new / rr.clamp_min(tiny)) * p
         rr = rr_new
         if callback is not None:
-            callback(iteration, x, rr.sqrt())
+            status = SolverStatus(iteration, solution=x, values={"residual": float(rr.max().sqrt())})
+            if notify(callback, status):
+                break
     return x
