@@ -132,13 +132,14 @@ def test_entry_point_dispatches_paper_unet_and_slice_batches(case) -> None:
 def test_a_callback_stops_the_fit_early(case) -> None:
     seen: list[int] = []
 
-    def stop_after_three(status: SolverStatus) -> bool:
+    def stop_at_two(status: SolverStatus) -> bool:
         seen.append(status.iteration)
         return status.iteration < 2
 
-    config = ReconConfig(backbone="unet", prior="tv", iterations=50, lam=0.005, width=4, depth=2)
-    result = fit(case[2], config, callback=stop_after_three)
-    assert seen == [0, 1, 2] and len(result.trace) == 3
+    # 60 iterations flush every 2: the stop takes effect at the end of the flush holding iteration 2
+    config = ReconConfig(backbone="unet", prior="tv", iterations=60, lam=0.005, width=4, depth=2)
+    result = fit(case[2], config, callback=stop_at_two)
+    assert seen == [0, 1, 2, 3] and len(result.trace) == 4
 
 
 def test_final_data_consistency_and_data_terms(case) -> None:
@@ -227,7 +228,7 @@ def test_pretrain_cli_writes_checkpoint_the_engine_loads(case, tmp_path: Path) -
     import hashlib
     import json
 
-    from semrecon_core.cli import main
+    from semrecon_core.commands.main import main
 
     images = tmp_path / "images"
     images.mkdir()
