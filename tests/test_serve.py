@@ -21,7 +21,8 @@ from tests.conftest import shepp_logan_raw, tiny_janus_with_bank
 pytest.importorskip("gadgetron")
 ismrmrd = pytest.importorskip("ismrmrd")
 
-from semrecon_core.gadgetron import emulator, protocol, serve  # noqa: E402
+from semrecon_core.emulation import emulator, wire  # noqa: E402
+from semrecon_core.gadgetron import serve  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:A builtin ctypes object gave a PEP3118 format string")
 
@@ -55,7 +56,7 @@ def semantic_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
     }
 
 
-@pytest.fixture()
+@pytest.fixture
 def server_thread() -> Iterator:
     """Start a :class:`GadgetServer` in a thread: ``start(**kwargs) -> server``; stopped afterwards."""
     started: list[tuple[serve.GadgetServer, threading.Event, threading.Thread]] = []
@@ -77,12 +78,12 @@ def server_thread() -> Iterator:
 
 
 def test_two_scans_in_a_row_load_the_model_once(scan, semantic_properties, server_thread, monkeypatch) -> None:
-    import semrecon_core.priors as priors
     from semrecon_core.priors import bank as bank_module
+    from semrecon_core.priors import factory
 
     header, buffers = scan
     loads = {"encoder": 0, "bank": 0}
-    load_encoder, load_bank = priors._encoder_for, bank_module.load_bank
+    load_encoder, load_bank = factory._encoder_for, bank_module.load_bank
 
     def counting_encoder(*args, **kwargs):
         loads["encoder"] += 1
@@ -92,9 +93,9 @@ def test_two_scans_in_a_row_load_the_model_once(scan, semantic_properties, serve
         loads["bank"] += 1
         return load_bank(*args, **kwargs)
 
-    monkeypatch.setattr(priors, "_encoder_for", counting_encoder)
+    monkeypatch.setattr(factory, "_encoder_for", counting_encoder)
     monkeypatch.setattr(bank_module, "load_bank", counting_bank)
-    priors.clear_cache()
+    factory.clear_cache()
     try:
         server = server_thread(properties=semantic_properties)
         server.preload()
@@ -109,7 +110,7 @@ def test_two_scans_in_a_row_load_the_model_once(scan, semantic_properties, serve
             assert server.scans == number
         assert loads == {"encoder": 1, "bank": 1}, "the encoder or bank was loaded again for the second scan"
     finally:
-        priors.clear_cache()
+        factory.clear_cache()
 
 
 def test_scan_configuration_overrides_base_and_set_wins(scan, server_thread) -> None:
@@ -139,9 +140,9 @@ def test_a_client_that_dies_or_stays_silent_ends_only_its_scan(scan, server_thre
     port = server.address[1]
     # Gadgetron dies after CONFIG + HEADER
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        stream = protocol.SocketStream(sock)
-        protocol.write_config(stream, "<configuration/>")
-        protocol.write_header(stream, header)
+        stream = wire.SocketStream(sock)
+        wire.write_config(stream, "<configuration/>")
+        wire.write_header(stream, header)
     # Gadgetron connects and says nothing
     silent = socket.create_connection(("127.0.0.1", port), timeout=10)
     deadline = time.monotonic() + 10
@@ -163,7 +164,7 @@ def test_cli_serve_binds_loopback_and_stops_on_sigterm(scan, tmp_path: Path) -> 
     header, buffers = scan
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "semrecon_core.cli", "serve", "--port", "0", "--set", "backbone=zero-filled"],
+        [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--port", "0", "--set", "backbone=zero-filled"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
@@ -187,7 +188,7 @@ def test_cli_serve_binds_loopback_and_stops_on_sigterm(scan, tmp_path: Path) -> 
 
 
 def test_cli_serve_names_a_bad_property(capsys) -> None:
-    from semrecon_core.cli import main
+    from semrecon_core.commands.main import main
 
     assert main(["serve", "--port", "0", "--set", "iterations=many"]) == 2
     assert "property 'iterations'" in capsys.readouterr().err
@@ -212,7 +213,7 @@ def _read_line(process: subprocess.Popen, timeout: float) -> str:
 
 
 def test_cli_serve_needs_an_external_node_and_a_port(tmp_path: Path, capsys) -> None:
-    from semrecon_core.cli import main
+    from semrecon_core.commands.main import main
 
     chain = tmp_path / "chain.xml"
     chain.write_text(

@@ -24,6 +24,7 @@ gadget module, so a Gadgetron that dies before sending the HEADER still meets th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import socket
@@ -85,10 +86,8 @@ def _close_quietly(self: Any) -> None:
     except OSError as exc:
         logger.warning("could not send CLOSE to Gadgetron (%s); it has already gone", exc)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.socket.close()
 
 
@@ -113,7 +112,7 @@ def read_array(source: Any, numpy_type: Any = np.uint64) -> np.ndarray:
         return np.empty(0, dtype=numpy_type)
     array = np.empty(dims, dtype=numpy_type, order="F")
     if array.size:
-        _fill(source, memoryview(array.reshape(-1, order="F").view(np.uint8)))
+        _fill(source, array.reshape(-1, order="F").view(np.uint8).data)
     return array
 
 

@@ -1,0 +1,113 @@
+"""``semrecon serve``: serve Gadgetron ``<connect>`` chains with the model kept loaded between scans.
+
+Runs a :class:`~semrecon_core.gadgetron.serve.GadgetServer` on 127.0.0.1 (by default) until SIGINT /
+SIGTERM (a second signal aborts the running scan) or ``--max-scans``. The base properties come from the
+``<external>`` node of ``--config CHAIN.xml`` (whose ``<connect port>`` is also the default port);
+``--set name=value`` wins over every scan's CONFIG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from semrecon_core.gadgetron.serve import LOOPBACK
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``semrecon serve`` options."""
+    parser.add_argument("--port", type=int, help="TCP port (default: the <connect port> of --config; 0: any free)")
+    parser.add_argument("--host", default=LOOPBACK, help="address to bind (default 127.0.0.1, loopback only)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="CHAIN.xml",
+        help="chain whose <external> <configuration> gives the base properties",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="property that wins over the scan's configuration (repeatable)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="drop a scan when Gadgetron is silent this long (default 3600 s)",
+    )
+    parser.add_argument(
+        "--max-scans",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit after N scans (default 0: run until SIGINT/SIGTERM)",
+    )
+
+
+def _chain_properties(path: Path) -> tuple[dict[str, str], int | None]:
+    """The ``<external>`` node's properties and ``<connect port>`` of the chain ``path``."""
+    from semrecon_core.emulation.chain import parse_chain
+
+    node = parse_chain(path).external
+    if node is None:
+        raise ValueError(f"{path}: the chain has no <external> node")
+    return dict(node.properties), node.port
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the server until SIGINT/SIGTERM (or ``--max-scans``)."""
+    from semrecon_core.gadgetron.properties import parse_assignments
+    from semrecon_core.gadgetron.serve import GadgetServer
+
+    properties: dict[str, str] = {}
+    port = args.port
+    if args.config is not None:
+        properties, chain_port = _chain_properties(args.config)
+        port = chain_port if port is None else port
+    if port is None:
+        raise ValueError("--port: give a port (or a --config chain with <connect port=...>)")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port: expected 0..65535, found {port}")
+    if args.idle_timeout <= 0:
+        raise ValueError(f"--idle-timeout: expected a positive number of seconds, found {args.idle_timeout}")
+    if args.host not in (LOOPBACK, "localhost", "::1"):
+        log.warning("semrecon serve: listening on %s exposes the reconstruction server beyond this machine", args.host)
+    server = GadgetServer(
+        args.host,
+        port,
+        properties=properties,
+        overrides=parse_assignments(args.set),
+        idle_timeout=args.idle_timeout,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning(
+            "semrecon serve: %s received; stopping after the running scan (send it again to abort)",
+            signal.Signals(signum).name,
+        )
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.preload()
+        host, bound = server.address
+        print(f"semrecon serve: listening on {host}:{bound}", flush=True)
+        served = server.serve_forever(stop, max_scans=args.max_scans)
+    finally:
+        server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"semrecon serve: stopped after {served} scan(s)", flush=True)
+    return 0
