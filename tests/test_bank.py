@@ -179,7 +179,7 @@ def test_build_prior_none_tv_semantic_and_cache(tiny, encoder, features, tmp_pat
 def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positives(
     tiny, tmp_path: Path, capsys
 ) -> None:
-    from semrecon_core.cli import main
+    from semrecon_core.commands.main import main
     from semrecon_core.physics.fft import fft2c
 
     images = torch.cat([_phantom(s, 200).abs() for s in range(2)]).numpy().astype(np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from semrecon_core import cli
+from semrecon_core.commands import main as cli
 
 
 def test_help_lists_every_subcommand(capsys) -> None:
@@ -18,7 +18,7 @@ def test_help_lists_every_subcommand(capsys) -> None:
 def test_help_imports_no_heavy_library() -> None:
     code = (
         "import sys\n"
-        "from semrecon_core import cli\n"
+        "from semrecon_core.commands import main as cli\n"
         "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'sigpy', 'peft', 'matplotlib') if m in sys.modules]\n"
         "print('HEAVY=' + ','.join(heavy))\n"
@@ -38,6 +38,8 @@ def test_every_subcommand_module_provides_the_cli_hooks() -> None:
 
 
 def test_unknown_subcommand_is_an_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "semrecon_core.cli", "frobnicate"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "semrecon_core.commands.main", "frobnicate"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "invalid choice: 'frobnicate'" in proc.stderr

@@ -219,7 +219,7 @@ def test_instruction_sets() -> None:
 
 
 def test_cli_encoder_tiny(tmp_path: Path, capsys) -> None:
-    from semrecon_core.cli import main
+    from semrecon_core.commands.main import main
 
     assert main(["encoder", "tiny", str(tmp_path / "t")]) == 0
     assert "RANDOM WEIGHTS" in capsys.readouterr().out

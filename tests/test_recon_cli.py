@@ -11,7 +11,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from semrecon_core.cli import main
+from semrecon_core.commands.main import main
 from semrecon_core.data.images import read_images
 from semrecon_core.data.simulate import write_ismrmrd_raw
 

@@ -13,7 +13,7 @@ from tests.conftest import shepp_logan_raw, tiny_janus_with_bank
 ismrmrd = pytest.importorskip("ismrmrd")
 pytest.importorskip("gadgetron")
 
-from semrecon_core.cli import main  # noqa: E402
+from semrecon_core.commands.main import main  # noqa: E402
 from semrecon_core.gadgetron.replay import replay  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"

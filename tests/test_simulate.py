@@ -109,7 +109,7 @@ def test_separate_calibration_lines_come_from_the_reference(tmp_path) -> None:
 
 
 def test_simulate_cli_writes_a_readable_file_from_an_image(tmp_path) -> None:
-    from semrecon_core.cli import main
+    from semrecon_core.commands.main import main
 
     image = np.zeros((40, 40), np.float32)
     image[10:30, 12:28] = 1.0

@@ -1,1 +1,1 @@
-"""Subcommands of the ``semrecon`` command line that do not belong to a single package area."""
+"""Every subcommand of the ``semrecon`` command line (argparse and its glue only); the entry point is ``main``."""

@@ -1,11 +1,14 @@
 """``semrecon demo``: CG-SENSE, compressed-sensing TV and a deep backbone with the semantic prior, side by side.
 
 The scan is simulated from the built-in anatomy (``semrecon_core.data.simulate``: 8 birdcage coils, smooth
-phase, noise, the paper's 1-D Gaussian mask at R = 4); coil maps come from ESPIRiT. The semantic prior uses
-Janus-Pro-1B when its weights are available locally (or downloads them with ``--allow-download``); otherwise
-the demo says so loudly and runs with a tiny RANDOM-WEIGHT Janus built offline, labelled as such in the
-figure, the table and the image comments. Its embedding bank is built from the simulated scan: the fully
-sampled image as positive, zero-filled reconstructions at R ∈ [3, 8] as negatives.
+phase, noise, the paper's 1-D Gaussian mask at R = 4). Every method runs through the one
+:class:`~semrecon_core.pipeline.Pipeline`: coil maps are estimated once (ESPIRiT) and shared, so the methods
+differ only in their configuration; on CPU the deep network is smaller (``config.width`` / ``depth``,
+:data:`CPU_NETWORK`). The semantic prior uses Janus-Pro-1B when its weights are available locally (or downloads
+them with ``--allow-download``); otherwise the demo says so loudly and runs with a tiny RANDOM-WEIGHT Janus
+built offline, labelled as such in the figure, the table and the image comments. Its embedding bank is built
+from the simulated scan: the fully sampled image as positive, zero-filled reconstructions at R ∈ [3, 8] as
+negatives.
 
 Outputs in ``--out``: ``comparison.png``, ``metrics.md``, ``metrics.json``, ``images.h5`` (ISMRMRD images, one
 series per method) and the bank (``bank.safetensors``) — all written atomically.
@@ -15,15 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+
+    from semrecon_core.config import ReconConfig
+    from semrecon_core.data.kspace import KSpace
 
 DEMO_BACKBONES = ("unet", "unrolled", "inr")
+# (config.width, config.depth) of the deep network on CPU, small enough for minutes: U-Net / unrolled denoiser
+# channels and levels, SIREN features and layers. On CUDA the paper's sizes.
+CPU_NETWORK: dict[str, tuple[int, int]] = {"unet": (16, 4), "unrolled": (16, 4), "inr": (128, 5)}
 REAL_WEIGHTS_HINT = (
     "To use the real model: put a converted Janus-Pro-1B checkpoint (safetensors) in the HuggingFace cache, or "
     "pass --encoder /path/to/Janus-Pro-1B, or allow the download once with --allow-download "
@@ -80,22 +88,29 @@ def choose_encoder(name: str, allow_download: bool, out: Path) -> tuple[str, boo
         return str(directory), True
 
 
-def build_demo_bank(encoder_dir: str, kspace: Any, out: Path, device: Any, config: Any, seed: int) -> Path:
-    """Embedding bank from the simulated scan: fully sampled positive, zero-filled negatives at R ∈ [3, 8]."""
+def build_demo_bank(kspace: KSpace, out: Path, config: ReconConfig) -> Path:
+    """Embedding bank from the simulated scan: fully sampled positive, zero-filled negatives at R ∈ [3, 8].
+
+    Encoder, layers, similarity, level weights, device and seed come from the resolved semantic ``config``.
+    """
     import numpy as np
     import torch
 
     from semrecon_core.encoders.janus import JanusImageEncoder
     from semrecon_core.physics.fft import fft2c
+    from semrecon_core.pipeline import resolve_device
     from semrecon_core.priors.bank import bank_from_features, embed_images
-    from semrecon_core.priors.bank_cli import Source, undersampled_versions
+    from semrecon_core.priors.bank_sources import Source, undersampled_versions
 
     encoder = JanusImageEncoder.from_pretrained(
-        encoder_dir, layers=config.layers, device=device, autocast=config.autocast == "bfloat16"
+        config.encoder,
+        layers=config.layers,
+        device=resolve_device(config.device),
+        autocast=config.autocast == "bfloat16",
     )
     truth = kspace.ground_truth.to(torch.complex64)
     source = Source(images=truth, kspace=fft2c(truth).unsqueeze(1), sha256="", path=Path("simulated"))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(config.seed)
     negatives = [image for repeat in range(3) for image, _ in undersampled_versions(source, rng, acs_width=8)]
     positives = list(truth.split(1))
     bank = bank_from_features(
@@ -107,45 +122,33 @@ def build_demo_bank(encoder_dir: str, kspace: Any, out: Path, device: Any, confi
         extra={
             "sources": [{"role": "positive", "path": "simulated demo scan (fully sampled)"}],
             "negatives": "simulated: zero-filled, gaussian 1-D mask, R~U[3,8]",
-            "seed": seed,
+            "seed": config.seed,
         },
     )
     return bank.save(out / "bank.safetensors")
 
 
-def _demo_network(backbone: str, device: Any) -> dict[str, Any]:
-    """Engine keyword for the deep network: the paper's architecture on CUDA, a smaller one on CPU."""
-    from semrecon_core.backbones.siren import SirenSpec
-    from semrecon_core.backbones.unet import UNet, UNetSpec
-    from semrecon_core.backbones.unrolled import UnrolledNet
-
+def _network_size(backbone: str, device: torch.device) -> dict[str, int]:
+    """``width``/``depth`` of the deep network: the paper's (``{}``) on CUDA, :data:`CPU_NETWORK` on CPU."""
     if device.type == "cuda":
         return {}
-    if backbone == "unet":
-        return {"network": UNet(UNetSpec(width=16, depth=4))}
-    if backbone == "unrolled":
-        return {"network": UnrolledNet(UNetSpec(width=16, depth=4, residual=True), cg_iterations=10)}
-    return {"spec": SirenSpec(features=128, layers=5)}
+    width, depth = CPU_NETWORK[backbone]
+    return {"width": width, "depth": depth}
 
 
-def _describe_network(kwargs: dict[str, Any], backbone: str) -> str:
-    if not kwargs:
+def _describe_network(config: ReconConfig) -> str:
+    if config.width is None and config.depth is None:
         return "paper architecture"
-    if "spec" in kwargs:
-        return "SIREN " + ", ".join(f"{k}={v}" for k, v in kwargs["spec"].to_dict().items()) + " (CPU demo size)"
-    spec = kwargs["network"].spec
-    return f"U-Net width {spec.width}, depth {spec.depth} (CPU demo size; paper: 64, 5)"
+    if config.backbone == "inr":
+        return f"SIREN, {config.width} features, {config.depth} layers (CPU demo size; the paper's on CUDA)"
+    return f"U-Net width {config.width}, depth {config.depth} (CPU demo size; the paper's on CUDA)"
 
 
 def run(args: argparse.Namespace) -> int:
     """Simulate, reconstruct three ways, write figure, table and images."""
-
-    from semrecon_core.backbones import finetune
     from semrecon_core.config import ReconConfig
-    from semrecon_core.data.images import to_ismrmrd_images, write_images
     from semrecon_core.data.simulate import builtin_anatomy, simulate_kspace
-    from semrecon_core.physics.coils import espirit_maps
-    from semrecon_core.recon import prepare_problem, reconstruct, resolve_device
+    from semrecon_core.pipeline import Pipeline, resolve_device
 
     size = args.size or (64 if args.fast else 128)
     iterations = args.iterations if args.iterations is not None else (8 if args.fast else 300)
@@ -166,65 +169,47 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     _say(f"scan: {kspace.source}, {acs} ACS lines; coil maps by ESPIRiT")
-    maps = espirit_maps(kspace, calib_width=acs)
+    classical = ReconConfig(backbone="sense", calib_width=acs, device=args.device, seed=args.seed)
+    maps = Pipeline(classical).estimate_maps(kspace)
 
     encoder_name = args.encoder or ReconConfig().encoder
     encoder_dir, random_weights = choose_encoder(encoder_name, args.allow_download, out)
-    semantic = ReconConfig(
+    semantic = classical.replace(
         backbone=args.backbone,
         prior="semantic",
         encoder=encoder_dir,
         iterations=iterations,
-        device=args.device,
-        seed=args.seed,
+        **_network_size(args.backbone, device),
     ).resolved()
     _say("building the embedding bank from the simulated scan ...")
-    bank = build_demo_bank(encoder_dir, kspace, out, device, semantic, args.seed)
+    bank = build_demo_bank(kspace, out, semantic)
     semantic = semantic.replace(bank=str(bank))
 
-    results: list[dict[str, Any]] = []
-    for name, config in (
-        ("zero-filled", ReconConfig(backbone="zero-filled", device=args.device)),
-        ("CG-SENSE", ReconConfig(backbone="sense", device=args.device)),
-        ("CS-TV", ReconConfig(backbone="sense", prior="tv", device=args.device)),
-    ):
-        started = time.perf_counter()
-        result = reconstruct(kspace, maps, config)
-        results.append(
-            {
-                "method": name,
-                "label": result.label,
-                "image": result.image,
-                "seconds": time.perf_counter() - started,
-            }
+    results: list[dict[str, Any]] = [
+        {"method": name, "recon": Pipeline(config).run(kspace, maps=maps)}
+        for name, config in (
+            ("zero-filled", classical.replace(backbone="zero-filled")),
+            ("CG-SENSE", classical),
+            ("CS-TV", classical.replace(prior="tv")),
         )
+    ]
 
-    network = _demo_network(args.backbone, device)
-    engine = getattr(finetune, f"reconstruct_{args.backbone}")
-    problem = prepare_problem(kspace, maps, device)
-    from semrecon_core.priors import build_prior
-
-    prior = build_prior(semantic, device)
-    probe = time.perf_counter()
-    engine(problem, semantic.replace(iterations=1), prior=prior, **_demo_network(args.backbone, device))
-    per_iteration = time.perf_counter() - probe
+    deep = Pipeline(semantic)
+    probe = Pipeline(semantic.replace(iterations=1), prior=deep.prior).run(kspace, maps=maps)
     _say(
-        f"deep backbone: {args.backbone} ({_describe_network(network, args.backbone)}) with {prior.label}; "
-        f"{iterations} iterations on {device}: expect about {per_iteration * iterations:.0f} s "
-        f"({per_iteration:.2f} s per iteration measured)"
+        f"deep backbone: {args.backbone} ({_describe_network(semantic)}) with {deep.prior.label}; "
+        f"{iterations} iterations on {device}: expect about {probe.seconds * iterations:.0f} s "
+        f"({probe.seconds:.2f} s per iteration measured)"
     )
-    started = time.perf_counter()
-    result = engine(problem, semantic, prior=prior, **network)
-    result.image = (result.image * problem.scale).detach().cpu()
-    label = result.label if not random_weights or "RANDOM" in result.label else result.label + " RANDOM WEIGHTS"
+    recon = deep.run(kspace, maps=maps)
+    if random_weights and "RANDOM" not in recon.label:
+        recon.result.label += " RANDOM WEIGHTS"
     results.append(
         {
             "method": f"{args.backbone} + semantic" + (" (RANDOM WEIGHTS)" if random_weights else ""),
-            "label": label,
-            "image": result.image,
-            "seconds": time.perf_counter() - started,
+            "recon": recon,
             "iterations": iterations,
-            "network": _describe_network(network, args.backbone),
+            "network": _describe_network(semantic),
         }
     )
 
@@ -239,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if random_weights:
         summary["note"] = "semantic result uses a RANDOM-WEIGHT encoder: pipeline check only. " + REAL_WEIGHTS_HINT
-    _write_outputs(out, kspace, results, rows, summary, to_ismrmrd_images, write_images)
+    _write_outputs(out, kspace, results, rows, summary)
     _say(_table(rows, summary))
     if random_weights:
         _loud("The semantic column above used RANDOM encoder weights. " + REAL_WEIGHTS_HINT)
@@ -252,13 +237,14 @@ def _metrics(truth: Any, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     rows = []
     for item in results:
+        recon = item["recon"]
         row = {
             "method": item["method"],
-            "label": item["label"],
-            "psnr_db": round(metrics.psnr(truth, item["image"]), 2),
-            "ssim": round(metrics.ssim(truth, item["image"]), 4),
-            "tenengrad": round(metrics.tenengrad(item["image"]), 5),
-            "seconds": round(item["seconds"], 2),
+            "label": recon.label,
+            "psnr_db": round(metrics.psnr(truth, recon.image), 2),
+            "ssim": round(metrics.ssim(truth, recon.image), 4),
+            "tenengrad": round(metrics.tenengrad(recon.image), 5),
+            "seconds": round(recon.seconds, 2),
         }
         row.update({k: item[k] for k in ("iterations", "network") if k in item})
         rows.append(row)
@@ -272,35 +258,28 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         "| method | PSNR (dB) | SSIM | Tenengrad | time (s) | label |",
         "|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['tenengrad']:.5f} | "
-            f"{row['seconds']:.1f} | {row['label']} |"
-        )
+    lines += [
+        f"| {row['method']} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['tenengrad']:.5f} | "
+        f"{row['seconds']:.1f} | {row['label']} |"
+        for row in rows
+    ]
     if "note" in summary:
         lines += ["", f"**{summary['note']}**"]
     return "\n".join(lines) + "\n"
 
 
 def _write_outputs(
-    out: Path,
-    kspace: Any,
-    results: list[dict[str, Any]],
-    rows: list[dict[str, Any]],
-    summary: dict[str, Any],
-    to_ismrmrd_images: Any,
-    write_images: Any,
+    out: Path, kspace: KSpace, results: list[dict[str, Any]], rows: list[dict[str, Any]], summary: dict[str, Any]
 ) -> None:
-    from semrecon_core.data.images import atomic_path
+    from semrecon_core.data.images import atomic_path, write_images
 
     with atomic_path(out / "metrics.json") as temp:
         temp.write_text(json.dumps(summary, indent=2) + "\n")
     with atomic_path(out / "metrics.md") as temp:
         temp.write_text("# semrecon demo\n\n" + _table(rows, summary))
-    images = []
-    for series, item in enumerate(results, start=1):
-        meta = {"GADGETRON_ImageComment": item["label"], "GADGETRON_SeqDescription": item["method"]}
-        images += to_ismrmrd_images(item["image"], kspace, series_index=series, meta=meta)
+    images = [
+        image for series, item in enumerate(results, start=1) for image in item["recon"].images(series_index=series)
+    ]
     write_images(out / "images.h5", images)
     _figure(out / "comparison.png", kspace.ground_truth, results, rows)
 
@@ -323,7 +302,7 @@ def _figure(path: Path, truth: Any, results: list[dict[str, Any]], rows: list[di
     panels = [("ground truth", reference, "")] + [
         (
             row["method"],
-            item["image"][0].abs().numpy(),
+            item["recon"].image[0].abs().numpy(),
             f"PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.3f}",
         )
         for item, row in zip(results, rows, strict=True)
@@ -364,7 +343,7 @@ def _plain_figure(path: Path, truth: Any, results: list[dict[str, Any]], rows: l
 
     reference = truth[0].abs().numpy()
     peak = float(reference.max())
-    images = [reference] + [item["image"][0].abs().numpy() for item in results]
+    images = [reference] + [item["recon"].image[0].abs().numpy() for item in results]
     captions = ["ground truth"] + [f"{row['method']}: {row['psnr_db']:.2f} dB" for row in rows]
     height, width = reference.shape
     cell = max(width, 160)

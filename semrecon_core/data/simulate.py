@@ -5,7 +5,7 @@ normalised to unit root-sum-of-squares), is Fourier transformed (centred, orthon
 correlated complex Gaussian coil noise and is undersampled with
 :func:`semrecon_core.physics.masks.sampling_mask`.
 
-:func:`write_ismrmrd_raw` (``semrecon simulate OUT.h5``) writes the scan as a scanner would: an ISMRMRD
+:func:`write_ismrmrd_raw` (behind ``semrecon simulate OUT.h5``) writes the scan as a scanner would: an ISMRMRD
 XML header (encoded/recon spaces, encoding limits, parallel-imaging block), an optional noise scan,
 optional 2× readout oversampling, several slices along the slice normal, acquisition flags (first/last in
 slice, last in repetition/measurement, calibration flags) and the ground truth in ``semrecon/ground_truth``.
@@ -13,7 +13,6 @@ slice, last in repetition/measurement, calibration flags) and the ground truth i
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -213,7 +212,7 @@ def _header_xml(
     <trajectory>cartesian</trajectory>
     <parallelImaging>
       <accelerationFactor>
-        <kspace_encoding_step_1>{max(int(round(acceleration)), 1)}</kspace_encoding_step_1>
+        <kspace_encoding_step_1>{max(round(acceleration), 1)}</kspace_encoding_step_1>
         <kspace_encoding_step_2>1</kspace_encoding_step_2>
       </accelerationFactor>
       <calibrationMode>{calibration}</calibrationMode>
@@ -248,15 +247,22 @@ def write_ismrmrd_raw(
     Args:
         path: output ``.h5``.
         image: magnitude ``(y, x)`` / ``(slices, y, x)``; ``None`` uses the built-in Shepp–Logan anatomy
-            with ``matrix`` (``(y, x)``) and ``slices``.
-        coils, acceleration, acs_width, noise_std, seed: as :func:`simulate_kspace`.
+            with ``matrix`` and ``slices``.
+        matrix: ``(y, x)`` of the built-in anatomy.
+        slices: slices of the built-in anatomy.
+        coils: as :func:`simulate_kspace`.
+        acceleration: as :func:`simulate_kspace`.
+        acs_width: as :func:`simulate_kspace`.
         mask_kind: a 1-D line mask kind (``equispaced``, ``random``, ``gaussian``).
+        noise_std: as :func:`simulate_kspace`; also the noise scan's level.
         noise_scan: write a noise-only acquisition block first (enables prewhitening).
         oversampling: readout oversampling factor (1 or 2); the encoded readout FOV is that much wider.
         calibration: ``embedded`` (ACS lines flagged PARALLEL_CALIBRATION_AND_IMAGING) or ``separate``
             (ACS lines acquired again as PARALLEL_CALIBRATION before the imaging lines).
         fov_mm: recon field of view ``(y, x)``.
-        slice_thickness_mm, slice_gap_mm: slice positions are spaced by their sum along the slice normal.
+        slice_thickness_mm: slice thickness; slice positions are spaced by thickness + gap along the normal.
+        slice_gap_mm: gap between slices.
+        seed: as :func:`simulate_kspace`.
     """
     import ismrmrd
 
@@ -321,10 +327,10 @@ def write_ismrmrd_raw(
 
     acquisitions = []
     if noise_scan:
-        for _ in range(NOISE_SCAN_LINES):
-            acquisitions.append(
-                acquisition(_noise((coils, samples), mixing, noise_std, rng), [ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
-            )
+        acquisitions += [
+            acquisition(_noise((coils, samples), mixing, noise_std, rng), [ismrmrd.ACQ_IS_NOISE_MEASUREMENT])
+            for _ in range(NOISE_SCAN_LINES)
+        ]
     for s in range(slices):
         plan: list[tuple[int, list[int]]] = []
         if calibration == "separate":
@@ -356,85 +362,3 @@ def write_ismrmrd_raw(
         finally:
             dataset.close()
     return path
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def _matrix(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or NYxNX, found {text!r}") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or NYxNX with positive sizes, found {text!r}")
-    return values[0], values[1]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``semrecon simulate``."""
-    parser.add_argument("output", type=Path, help="ISMRMRD raw file to write (.h5)")
-    parser.add_argument(
-        "--matrix",
-        type=_matrix,
-        help="N or NYxNX (default 128, or the --image size; an --image is resized to it)",
-    )
-    parser.add_argument("--coils", type=int, default=8, help="receive coils (default 8)")
-    parser.add_argument("--slices", type=int, default=1, help="slices (default 1)")
-    parser.add_argument("--acceleration", type=float, default=4.0, help="R (default 4)")
-    parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines (default 24)")
-    parser.add_argument("--mask", choices=LINE_MASK_KINDS, default="gaussian", help="line mask (default gaussian)")
-    parser.add_argument(
-        "--calibration",
-        choices=("embedded", "separate"),
-        default="embedded",
-        help="ACS lines embedded in the imaging data or acquired separately (default embedded)",
-    )
-    parser.add_argument(
-        "--noise-scan",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write a noise scan for prewhitening (default on)",
-    )
-    parser.add_argument("--oversampling", type=int, choices=(1, 2), default=2, help="readout oversampling (default 2)")
-    parser.add_argument("--noise", type=float, default=0.005, help="k-space noise std relative to image max")
-    parser.add_argument(
-        "--image", type=Path, help="magnitude image .npy (y, x) or (slices, y, x) instead of the phantom"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the simulated scan and print a one-line summary."""
-    image = None
-    if args.image is not None:
-        try:
-            image = np.load(args.image, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{args.image}: cannot read the image .npy: {exc}") from None
-        if image.ndim not in (2, 3):
-            raise ValueError(f"{args.image}: expected a magnitude image (y, x) or (slices, y, x), found {image.shape}")
-        if args.matrix is not None and tuple(image.shape[-2:]) != args.matrix:
-            from skimage.transform import resize
-
-            image = resize(np.abs(image), image.shape[:-2] + tuple(args.matrix), anti_aliasing=True)
-    if args.slices < 1:
-        raise ValueError(f"--slices: expected at least 1, found {args.slices}")
-    path = write_ismrmrd_raw(
-        args.output,
-        image,
-        matrix=args.matrix or (128, 128),
-        slices=args.slices,
-        coils=args.coils,
-        acceleration=args.acceleration,
-        acs_width=args.acs,
-        mask_kind=args.mask,
-        noise_std=args.noise,
-        noise_scan=args.noise_scan,
-        oversampling=args.oversampling,
-        calibration=args.calibration,
-        seed=args.seed,
-    )
-    print(f"wrote {path}")
-    return 0

@@ -1,4 +1,4 @@
-"""A tiny random Janus checkpoint, built offline, for tests and smoke runs (``semrecon encoder tiny OUT``).
+"""A tiny random Janus checkpoint, built offline, for tests and smoke runs (behind ``semrecon encoder tiny OUT``).
 
 The architecture is Janus's (SigLIP-style vision tower with 24 blocks at 384 px, aligner, Llama LLM,
 VQ-VAE) at toy widths, so layer indices 1/13/24 and the 384-px input (crop / pad behaviour) are the real
@@ -10,7 +10,6 @@ encoders built from it label themselves "RANDOM WEIGHTS".
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -141,25 +140,8 @@ def build_tiny_janus(out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bo
         processor.save_pretrained(staging)
         if out.exists():
             shutil.rmtree(out)
-        os.replace(staging, out)
+        staging.replace(out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``semrecon encoder tiny OUT``."""
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    tiny = sub.add_parser("tiny", help="write a tiny random Janus checkpoint (for tests and smoke runs)")
-    tiny.add_argument("out", type=Path, help="output directory")
-    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    tiny.add_argument("--overwrite", action="store_true", help="replace an existing directory")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Build the tiny checkpoint and say where it is."""
-    path = build_tiny_janus(args.out, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote tiny random Janus checkpoint (RANDOM WEIGHTS) to {path}")
-    print(f"use it with: --set encoder={path}")
-    return 0

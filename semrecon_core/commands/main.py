@@ -1,9 +1,10 @@
-"""The ``semrecon`` command line.
+"""The ``semrecon`` command line: the table of subcommands and the entry point.
 
-Each subcommand lives in the module that owns the concept; this file only knows their names and
-one-line help, so ``semrecon --help`` imports nothing heavy. A subcommand module provides
-``add_arguments(parser)`` and ``run(args) -> int``. Errors that name a problem (bad input file,
-bad property) are printed as ``semrecon: error: ...`` with exit status 2; ``--debug`` shows tracebacks.
+Every subcommand is a module in :mod:`semrecon_core.commands` providing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only knows their names and one-line help and imports a subcommand's
+module when it runs, so ``semrecon --help`` imports nothing heavy. Errors that name a problem (bad input
+file, bad property) are printed as ``semrecon <command>: error: ...`` with exit status 2; ``--debug``
+shows tracebacks.
 """
 
 from __future__ import annotations
@@ -15,19 +16,15 @@ import sys
 
 # name -> (module providing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("semrecon_core.data.simulate", "write a simulated multicoil ISMRMRD raw file (with ground truth)"),
+    "simulate": ("semrecon_core.commands.simulate", "write a simulated multicoil ISMRMRD raw file (with ground truth)"),
     "recon": ("semrecon_core.commands.recon", "reconstruct a raw file (ISMRMRD, fastMRI .h5, .npy, .cfl)"),
     "demo": ("semrecon_core.commands.demo", "CG-SENSE, TV and the semantic prior side by side on a built-in scan"),
-    "pretrain": ("semrecon_core.backbones.pretrain", "warm-start a U-Net / unrolled network on auxiliary images"),
-    "bank": ("semrecon_core.priors.bank_cli", "build or inspect an embedding bank for the semantic prior"),
-    "encoder": ("semrecon_core.encoders.tiny", "create a tiny random Janus checkpoint for tests and smoke runs"),
-    "replay": ("semrecon_core.gadgetron.replay", "run a Gadgetron chain offline on an ISMRMRD file"),
-    "serve": ("semrecon_core.gadgetron.serve", "serve <connect> Gadgetron chains with the model kept loaded"),
+    "pretrain": ("semrecon_core.commands.pretrain", "warm-start a U-Net / unrolled network on auxiliary images"),
+    "bank": ("semrecon_core.commands.bank", "build or inspect an embedding bank for the semantic prior"),
+    "encoder": ("semrecon_core.commands.encoder", "create a tiny random Janus checkpoint for tests and smoke runs"),
+    "replay": ("semrecon_core.commands.replay", "run a Gadgetron chain offline on an ISMRMRD file"),
+    "serve": ("semrecon_core.commands.serve", "serve <connect> Gadgetron chains with the model kept loaded"),
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input; reported without a traceback."""
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("semrecon: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         if options.debug:
             raise
         print(f"semrecon {options.command}: error: {exc}", file=sys.stderr)

@@ -1,105 +1,26 @@
 """``semrecon bank build OUT ...`` and ``semrecon bank info BANK``.
 
-Sources are files or directories of them: ISMRMRD raw (``.h5``/``.mrd``), fastMRI ``.h5``, BART
-``.cfl``, ``.npy`` k-space (complex, ``(coils, ky, kx)`` / ``(slices, coils, ky, kx)``) or ``.npy``
-magnitude images (real, ``(y, x)`` / ``(slices, y, x)``). Positives from k-space are the RSS of the
-fully sampled data. Without ``--negatives``, negatives are made from each positive slice as in the
-public code: zero-filled RSS after a 1-D Gaussian-density mask with R drawn uniformly from [3, 8] and
-24 ACS lines (magnitude images are treated as single-coil k-space for this).
+``build`` reads the sources (:mod:`semrecon_core.priors.bank_sources`: ISMRMRD, fastMRI, ``.cfl``, ``.npy``
+k-space or magnitude images; negatives simulated from the positives unless given), embeds them with the chosen
+encoder and saves the bank (:mod:`semrecon_core.priors.bank`); ``info`` prints a bank's metadata and shapes.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-log = logging.getLogger(__name__)
+from semrecon_core.config import ReconConfig
+from semrecon_core.pipeline import resolve_device
+from semrecon_core.priors.bank import bank_from_features, embed_images, load_bank
+from semrecon_core.priors.bank_sources import expand_sources, gather_images
 
-SOURCE_SUFFIXES = (".h5", ".mrd", ".npy", ".cfl")
-
-
-@dataclass
-class Source:
-    """Images read from one file: ``images`` ``(slices, y, x)`` complex64; ``kspace`` when known."""
-
-    path: Path
-    images: torch.Tensor
-    kspace: torch.Tensor | None
-    sha256: str
-
-
-def expand_sources(paths: Sequence[str | Path], role: str) -> list[Path]:
-    """Files named by ``paths``; directories contribute their source files (recursively, sorted)."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SOURCE_SUFFIXES)
-            if not found:
-                raise ValueError(f"--{role}: directory {path} holds no {', '.join(SOURCE_SUFFIXES)} files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"--{role}: {path}: no such file or directory")
-    return files
-
-
-def read_source(path: Path, role: str) -> Source:
-    """Read one source; positives from k-space must be fully sampled."""
-    from semrecon_core.physics.coils import rss
-    from semrecon_core.physics.fft import ifft2c
-    from semrecon_core.priors.bank import file_sha256
-
-    if path.suffix.lower() == ".npy":
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if not np.iscomplexobj(array):
-            if array.ndim not in (2, 3):
-                raise ValueError(
-                    f"{path}: expected a magnitude image (y, x) or (slices, y, x), found shape {array.shape}"
-                )
-            images = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(-1, *array.shape[-2:])
-            if not torch.isfinite(images).all():
-                raise ValueError(f"{path}: image contains NaN or Inf")
-            return Source(path, images.to(torch.complex64), None, file_sha256(path))
-    from semrecon_core.data.readers import load_kspace
-
-    kspace = load_kspace(path)
-    if role == "positives" and not bool(kspace.mask.all()):
-        raise ValueError(
-            f"--positives: {path}: k-space is undersampled (R = {kspace.acceleration:.2f}); "
-            f"positives must be fully sampled (pass undersampled data as --negatives)"
-        )
-    images = rss(ifft2c(kspace.data)).to(torch.complex64)
-    return Source(path, images, kspace.data, file_sha256(path))
-
-
-def undersampled_versions(
-    source: Source, rng: np.random.Generator, acs_width: int = 24
-) -> Iterator[tuple[torch.Tensor, float]]:
-    """Zero-filled RSS ``(1, y, x)`` of each slice with a Gaussian 1-D mask at R ~ U[3, 8], and R."""
-    from semrecon_core.physics.coils import rss
-    from semrecon_core.physics.fft import fft2c, ifft2c
-    from semrecon_core.physics.masks import sampling_mask
-
-    kspace = source.kspace if source.kspace is not None else fft2c(source.images).unsqueeze(1)
-    for slice_kspace in kspace:
-        acceleration = float(rng.uniform(3.0, 8.0))
-        mask = sampling_mask(
-            "gaussian",
-            tuple(slice_kspace.shape[-2:]),
-            acceleration,
-            acs_width=acs_width,
-            seed=int(rng.integers(2**31)),
-        )
-        yield rss(ifft2c(slice_kspace * mask)).unsqueeze(0).to(torch.complex64), acceleration
+if TYPE_CHECKING:
+    import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,10 +93,6 @@ def build(args: argparse.Namespace) -> Path:
     """Build and save a bank as ``args`` say; returns its path."""
     from tqdm import tqdm
 
-    from semrecon_core.config import ReconConfig
-    from semrecon_core.priors.bank import bank_from_features, embed_images
-    from semrecon_core.recon import resolve_device
-
     preset = ReconConfig(backbone="unet", preset=args.preset).resolved()
     layers = _ints(args.layers, "layers")
     weights = _floats(args.weights, "weights") if args.weights else tuple(preset.level_weights or ())
@@ -192,38 +109,15 @@ def build(args: argparse.Namespace) -> Path:
     positive_files = expand_sources(args.positives, "positives")
     negative_files = expand_sources(args.negatives, "negatives") if args.negatives else []
     encoder = _encoder(args, layers, instruction, device)
-    rng = np.random.default_rng(args.seed)
-    records: list[dict[str, Any]] = []
-    positive_images: list[torch.Tensor] = []
-    negative_images: list[torch.Tensor] = []
-    for path in tqdm(positive_files, desc="reading positives", unit="file", disable=None):
-        source = read_source(path, "positives")
-        positive_images.extend(source.images.split(1))
-        record = {
-            "role": "positive",
-            "path": str(path),
-            "sha256": source.sha256,
-            "slices": len(source.images),
-        }
-        if not negative_files:
-            accelerations = []
-            for image, acceleration in undersampled_versions(source, rng):
-                negative_images.append(image)
-                accelerations.append(round(acceleration, 3))
-            record["simulated_negatives_R"] = accelerations
-        records.append(record)
-    for path in tqdm(negative_files, desc="reading negatives", unit="file", disable=None):
-        source = read_source(path, "negatives")
-        negative_images.extend(source.images.split(1))
-        records.append({"role": "negative", "path": str(path), "sha256": source.sha256, "slices": len(source.images)})
+    images = gather_images(positive_files, negative_files, np.random.default_rng(args.seed))
     count = args.perturbations if args.kind == "language" else 0
 
-    def progress(role: str):  # noqa: ANN202 - small local adapter
+    def progress(role: str) -> Callable[[Iterable[Any]], Iterable[Any]]:
         return lambda items: tqdm(items, desc=f"embedding {role}", unit="slice", disable=None)
 
     positives = embed_images(
         encoder,
-        positive_images,
+        images.positives,
         perturbations=count,
         sigma=sigma,
         seed=args.seed,
@@ -231,14 +125,14 @@ def build(args: argparse.Namespace) -> Path:
     )
     negatives = embed_images(
         encoder,
-        negative_images,
+        images.negatives,
         perturbations=count,
         sigma=sigma,
         seed=args.seed + 1,
         progress=progress("negatives"),
     )
     extra = {
-        "sources": records,
+        "sources": images.records,
         "sigma": sigma if args.kind == "language" else None,
         "perturbations": count,
         "negatives": "given" if negative_files else "simulated: zero-filled RSS, gaussian 1-D mask, R~U[3,8], 24 ACS",
@@ -258,12 +152,7 @@ def build(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``build`` / ``info``."""
-    from semrecon_core.priors.bank import load_bank
-
-    if args.action == "build":
-        path = build(args)
-        print(load_bank(path).describe())
-        return 0
-    print(load_bank(args.bank).describe())
+    """Build a bank (``build``) or read one (``info``) and print its description."""
+    path = build(args) if args.action == "build" else args.bank
+    print(load_bank(path).describe())
     return 0
