@@ -70,7 +70,7 @@ def test_recon_writes_images_npy_png_and_trace(scan: Path, tmp_path: Path, capsy
 def test_recon_tv_and_set_options(scan: Path, tmp_path: Path, capsys) -> None:
     status = main(["recon", str(scan), str(tmp_path / "tv.h5"), "--prior", "tv", "--set", "iterations=15"])
     assert status == 0
-    assert "λ 0.003, 15 iterations" in read_images(tmp_path / "tv.h5")[0].meta["GADGETRON_ImageComment"]
+    assert "lambda 0.003, 15 iterations" in read_images(tmp_path / "tv.h5")[0].meta["GADGETRON_ImageComment"]
 
 
 def _fails(args: list[str], capsys, *expected: str) -> str:
