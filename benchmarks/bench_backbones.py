@@ -3,9 +3,10 @@
 Case: one fastMRI knee PD slice from ``../shared/data/knee_fastmri_rss`` (RSS magnitude), resampled to
 ``--size`` pixels, simulated with 15 birdcage coils, smooth phase and noise
 (``semrecon_core.data.simulate.simulate_kspace``), undersampled at R = 4 with 24 ACS lines and the paper code's
-1-D Gaussian mask; coil maps by ESPIRiT. References measured in the same run: zero-filled, CG-SENSE and
-compressed-sensing TV. Each backbone (U-Net, unrolled, SIREN INR) is fitted with the TV prior and with the
-semantic prior of a tiny RANDOM-WEIGHT Janus (bank: the other knee PD slices as positives, their zero-filled
+1-D Gaussian mask; coil maps by the pipeline's ESPIRiT, estimated once and shared by every method. Every method
+runs through the pipeline. References measured in the same run: zero-filled, CG-SENSE and compressed-sensing TV.
+Each backbone (U-Net, unrolled, SIREN INR) is fitted with the TV prior and with the semantic prior of a tiny
+RANDOM-WEIGHT Janus (bank: the other knee PD slices as positives, their zero-filled
 versions at R ∈ [3, 8] as negatives). Network sizes and iteration counts are reduced for 2 CPU cores and are
 written into the results. The per-iteration cost breakdown times one optimisation step split into backbone
 forward/backward, prior forward/backward (the encoder for the semantic prior), data consistency (data term
@@ -34,6 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "knee_fastmri_rss"
 RESULTS = ROOT / "benchmarks" / "results"
+# (config.width, config.depth) of the bench networks, reduced for 2 CPU cores: U-Net / unrolled denoiser channels and
+# levels, SIREN features and layers (stated in the results).
+NETWORK_SIZES = {"unet": (16, 4), "unrolled": (16, 4), "inr": (128, 5)}
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -46,35 +50,44 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
-    os.replace(tmp, path)
+    Path(tmp).replace(path)
 
 
-def _networks() -> dict[str, dict[str, Any]]:
-    """Bench-size networks (stated in the results)."""
-    from semrecon_core.backbones.siren import SirenSpec
-    from semrecon_core.backbones.unet import UNet, UNetSpec
+def _network(backbone: str, config: Any, shape: tuple[int, ...]) -> Any:
+    """The network the engine builds for ``config`` (``config.width``/``depth``), for the cost breakdown."""
+    from semrecon_core.backbones.siren import InrImage
+    from semrecon_core.backbones.unet import UNet
     from semrecon_core.backbones.unrolled import UnrolledNet
+    from semrecon_core.engines.inr import siren_spec
+    from semrecon_core.engines.unet import unet_spec
 
-    return {
-        "unet": {
-            "make": lambda: {"network": UNet(UNetSpec(width=16, depth=4))},
-            "describe": "U-Net width 16, depth 4 (paper 64, 5)",
-        },
-        "unrolled": {
-            "make": lambda: {"network": UnrolledNet(UNetSpec(width=16, depth=4, residual=True), cg_iterations=10)},
-            "describe": "4 stages, residual U-Nets width 16 depth 4, 10 CG iterations (paper 64/5, 20 CG)",
-        },
-        "inr": {
-            "make": lambda: {"spec": SirenSpec(features=128, layers=5)},
-            "describe": "SIREN 5×128, ω0 15 (paper 8×256)",
-        },
-    }
+    if backbone == "inr":
+        return InrImage(shape, siren_spec(config))
+    if backbone == "unrolled":
+        return UnrolledNet(unet_spec(config, residual=True))
+    return UNet(unet_spec(config))
+
+
+def _describe(backbone: str, config: Any) -> str:
+    """Bench network size against the paper's (stated in the results)."""
+    from semrecon_core.engines.inr import siren_spec
+
+    if backbone == "inr":
+        spec = siren_spec(config)
+        return f"SIREN {spec.layers}×{spec.features}, ω0 {spec.omega0:g} (paper 8×256)"
+    network = _network(backbone, config, ())
+    if backbone == "unrolled":
+        return (
+            f"{network.stages} stages, residual U-Nets width {network.spec.width} depth {network.spec.depth}, "
+            f"{network.cg_iterations} CG iterations (paper 64/5, 20 CG)"
+        )
+    return f"U-Net width {network.spec.width}, depth {network.spec.depth} (paper 64, 5)"
 
 
 def _bank(encoder: Any, images: list[np.ndarray], config: Any, seed: int) -> Any:
     from semrecon_core.physics.fft import fft2c
     from semrecon_core.priors.bank import bank_from_features, embed_images
-    from semrecon_core.priors.bank_cli import Source, undersampled_versions
+    from semrecon_core.priors.bank_sources import Source, undersampled_versions
 
     truth = torch.from_numpy(np.stack(images)).to(torch.complex64)
     source = Source(images=truth, kspace=fft2c(truth).unsqueeze(1), sha256="", path=Path("knee"))
@@ -88,13 +101,10 @@ def _bank(encoder: Any, images: list[np.ndarray], config: Any, seed: int) -> Any
     )
 
 
-def _step_breakdown(
-    problem: Any, backbone: str, network_kwargs: dict[str, Any], prior: Any, config: Any, repeats: int
-) -> dict[str, float]:
+def _step_breakdown(problem: Any, backbone: str, prior: Any, config: Any, repeats: int) -> dict[str, float]:
     """Median seconds of each part of one optimisation step (see module docstring)."""
-    from semrecon_core.backbones.finetune import data_term
-    from semrecon_core.backbones.siren import InrImage
     from semrecon_core.backbones.unrolled import ssdu_split
+    from semrecon_core.engines.fitting import data_term
     from semrecon_core.physics.sense import SenseOp
     from semrecon_core.solvers.cg import conjugate_gradient
 
@@ -102,13 +112,12 @@ def _step_breakdown(
     op = SenseOp(problem.maps, problem.mask)
     measured = problem.kspace * problem.mask.unsqueeze(-3)
     zero_filled = op.adjoint(measured)
+    net = _network(backbone, config, tuple(zero_filled.shape))
     if backbone == "inr":
-        net: Any = InrImage(tuple(zero_filled.shape), network_kwargs["spec"])
 
         def forward() -> torch.Tensor:
             return net()
     elif backbone == "unrolled":
-        net = network_kwargs["network"]
         theta, held = ssdu_split(problem.mask, generator=torch.Generator().manual_seed(0))
         op_net, op = SenseOp(problem.maps, theta), SenseOp(problem.maps, held)
         seen, measured = problem.kspace * theta.unsqueeze(-3), problem.kspace * held.unsqueeze(-3)
@@ -117,7 +126,6 @@ def _step_breakdown(
         def forward() -> torch.Tensor:
             return net(start, seen, op_net)
     else:
-        net = network_kwargs["network"]
 
         def forward() -> torch.Tensor:
             return net(zero_filled)
@@ -198,15 +206,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from semrecon_core import metrics
-    from semrecon_core.backbones import finetune
     from semrecon_core.config import ReconConfig
     from semrecon_core.data.simulate import simulate_kspace
     from semrecon_core.encoders.janus import JanusImageEncoder
     from semrecon_core.encoders.tiny import build_tiny_janus
-    from semrecon_core.physics.coils import espirit_maps
+    from semrecon_core.pipeline import Pipeline, prepare_problem, reconstruct
     from semrecon_core.priors.semantic import SemanticPrior
-    from semrecon_core.priors.tv import TVPrior
-    from semrecon_core.recon import prepare_problem, reconstruct
 
     files = sorted(DATA.glob("pd_*.npy"))
     target = DATA / args.slice
@@ -214,7 +219,7 @@ def main() -> int:
     kspace = simulate_kspace(image, coils=15, acceleration=4, acs_width=24, mask_kind="gaussian", seed=0)
     truth = kspace.ground_truth
     started = time.perf_counter()
-    maps = espirit_maps(kspace, calib_width=24)
+    maps = Pipeline(ReconConfig(calib_width=24, device="cpu")).estimate_maps(kspace)
     espirit_seconds = time.perf_counter() - started
     rows: list[dict[str, Any]] = []
 
@@ -237,9 +242,8 @@ def main() -> int:
         ("CG-SENSE", "none", ReconConfig(backbone="sense")),
         ("CS-TV", "tv", ReconConfig(backbone="sense", prior="tv")),
     ):
-        t = time.perf_counter()
-        result = reconstruct(kspace, maps, config.replace(device="cpu"))
-        record(method, prior, result.image, time.perf_counter() - t, label=result.label)
+        recon = reconstruct(kspace, config.replace(device="cpu"), maps=maps)
+        record(method, prior, recon.image, recon.seconds, label=recon.label)
 
     with tempfile.TemporaryDirectory() as tmp:
         encoder_dir = build_tiny_janus(Path(tmp) / "tiny")
@@ -248,45 +252,46 @@ def main() -> int:
         bank_images = [_resize(np.load(f), args.size) for f in files if f != target]
         bank = _bank(encoder, bank_images, semantic_config, seed=0)
         semantic = SemanticPrior(encoder, bank, weights=semantic_config.level_weights, tau=semantic_config.tau)
-        problem = prepare_problem(kspace, maps, torch.device("cpu"))
+        problem = prepare_problem(kspace, maps, torch.device("cpu"))  # the engines' input, for the breakdown
         iterations = {
             "unet": args.unet_iterations,
             "unrolled": args.unrolled_iterations,
             "inr": args.inr_iterations,
         }
         breakdown: dict[str, dict[str, dict[str, float]]] = {}
-        for backbone, spec in _networks().items():
-            engine = getattr(finetune, f"reconstruct_{backbone}")
-            for prior_name, prior in (("tv", TVPrior()), ("semantic (tiny, RANDOM WEIGHTS)", semantic)):
+        for backbone, (width, depth) in NETWORK_SIZES.items():
+            for prior_name in ("tv", "semantic (tiny, RANDOM WEIGHTS)"):
+                tv = prior_name == "tv"
                 config = ReconConfig(
                     backbone=backbone,
-                    prior="tv" if prior_name == "tv" else "semantic",
+                    prior="tv" if tv else "semantic",
                     iterations=iterations[backbone],
+                    width=width,
+                    depth=depth,
                     device="cpu",
                 )
-                if prior_name == "tv":
+                if tv:
                     config = config.replace(lam=args.tv_lam)
                 if getattr(args, f"{backbone}_lr") is not None:
                     config = config.replace(lr=getattr(args, f"{backbone}_lr"))
-                config = config.resolved()
-                t = time.perf_counter()
-                result = engine(problem, config, prior=prior, **spec["make"]())
-                seconds = time.perf_counter() - t
+                pipeline = Pipeline(config, prior=None if tv else semantic)
+                config = pipeline.config
+                recon = pipeline.run(kspace, maps=maps)
                 record(
                     backbone,
                     prior_name,
-                    result.image * problem.scale,
-                    seconds,
-                    label=result.label,
+                    recon.image,
+                    recon.seconds,
+                    label=recon.label,
                     iterations=config.iterations,
                     lam=config.lam,
                     lr=config.lr,
-                    network=spec["describe"],
-                    seconds_per_iteration=round(seconds / config.iterations, 4),
-                    data_residual=round(result.info["data_residual"], 4),
+                    network=_describe(backbone, config),
+                    seconds_per_iteration=round(recon.seconds / config.iterations, 4),
+                    data_residual=round(recon.result.info["data_residual"], 4),
                 )
                 breakdown.setdefault(backbone, {})[prior_name] = _step_breakdown(
-                    problem, backbone, spec["make"](), prior, config, args.repeats
+                    problem, backbone, pipeline.prior, config, args.repeats
                 )
 
     reference = {r["method"]: r for r in rows}["zero-filled"]["psnr_db"]
@@ -328,34 +333,41 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# Backbones on a knee case",
         "",
-        f"Knee {case['file']} resampled to {case['size']}², {case['coils']} simulated coils, "
-        f"R = {case['acceleration']}, "
-        f"{case['acs']} ACS lines, {case['mask']}; ESPIRiT maps. CPU, {summary['machine']['threads']} threads, "
-        f"torch {summary['machine']['torch']}. Command: `{summary['command']}`.",
+        (
+            f"Knee {case['file']} resampled to {case['size']}², {case['coils']} simulated coils, "
+            f"R = {case['acceleration']}, {case['acs']} ACS lines, {case['mask']}; ESPIRiT maps. "
+            f"CPU, {summary['machine']['threads']} threads, torch {summary['machine']['torch']}. "
+            f"Command: `{summary['command']}`."
+        ),
         "",
         f"_{summary['note']}_",
         "",
-        "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | Tenengrad | iterations | λ | lr | "
-        "time (s) | network |",
+        (
+            "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | Tenengrad | iterations | λ | lr | "
+            "time (s) | network |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in summary["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['prior']} | {r['psnr_db']:.2f} | {r['gain_over_zero_filled_db']:+.2f} | "
-            f"{r['ssim']:.4f} | {r['tenengrad']:.5f} | {r.get('iterations', '')} | {r.get('lam', '')} | "
-            f"{r.get('lr', '')} | "
-            f"{r['seconds']:.1f} | {r.get('network', '')} |"
-        )
+    lines += [
+        f"| {r['method']} | {r['prior']} | {r['psnr_db']:.2f} | {r['gain_over_zero_filled_db']:+.2f} | "
+        f"{r['ssim']:.4f} | {r['tenengrad']:.5f} | {r.get('iterations', '')} | {r.get('lam', '')} | "
+        f"{r.get('lr', '')} | {r['seconds']:.1f} | {r.get('network', '')} |"
+        for r in summary["rows"]
+    ]
     lines += [
         "",
         "## Cost of one optimisation step (median seconds)",
         "",
-        "DC = data term on the measured k-space (SENSE forward + loss, and its backward); for the unrolled "
-        "network the CG data-consistency steps run inside the backbone forward/backward (their no-grad cost "
-        "is shown separately as `CG in fwd`). `rest` = optimiser step and bookkeeping.",
+        (
+            "DC = data term on the measured k-space (SENSE forward + loss, and its backward); for the unrolled "
+            "network the CG data-consistency steps run inside the backbone forward/backward (their no-grad cost "
+            "is shown separately as `CG in fwd`). `rest` = optimiser step and bookkeeping."
+        ),
         "",
-        "| backbone | prior | backbone fwd | backbone bwd | prior (encoder) fwd | prior (encoder) bwd | "
-        "DC fwd | DC bwd | loss | rest | CG in fwd | total |",
+        (
+            "| backbone | prior | backbone fwd | backbone bwd | prior (encoder) fwd | prior (encoder) bwd | "
+            "DC fwd | DC bwd | loss | rest | CG in fwd | total |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for backbone, per_prior in summary["cost_breakdown_seconds"].items():

@@ -5,12 +5,13 @@ undersampled along the 180 phase-encoding lines with the public code's 1-D Gauss
 (R = 4, 24 ACS lines). Reference: root-sum-of-squares of the fully sampled coil images. PSNR/SSIM are
 on magnitudes normalised to the reference's maximum, whole image, the same for both sides.
 
-- coil maps: ``espirit_maps`` (sigpy EspiritCalib, 24×24 calibration) vs ``bart ecalib -m1``;
+- coil maps: the pipeline's ESPIRiT (sigpy EspiritCalib, 24×24 calibration) vs ``bart ecalib -m1``;
 - CG-SENSE (30 iterations) vs ``bart pics -l2 -r λ -i 30``;
 - TV (100 iterations, primal-dual) vs ``bart pics -R T:3:0:λ -i 100``;
 
-each λ chosen by a small grid on this case: with ``--tune`` each side runs at its best λ of the grid
-measured in the same run; without, at the constants below (the grid's choice when last tuned).
+ours run through the pipeline with these maps; each λ chosen by a small grid on this case: with ``--tune``
+each side runs at its best λ of the grid measured in the same run; without, at the constants below (the grid's
+choice when last tuned).
 Times are the best of ``--repeats`` runs, BART timed as the whole command (including its file I/O).
 Writes ``benchmarks/results/classical_vs_bart.json`` and ``.md``.
 
@@ -41,7 +42,7 @@ from semrecon_core.data.readers import from_arrays, read_cfl
 from semrecon_core.physics.coils import espirit_maps, rss
 from semrecon_core.physics.fft import ifft2c
 from semrecon_core.physics.masks import sampling_mask
-from semrecon_core.recon import reconstruct
+from semrecon_core.pipeline import Pipeline, reconstruct
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "brain_t1_8coil" / "kspace.npy"
@@ -56,6 +57,16 @@ GRID_CG = (0.001, 0.003, 0.01, 0.03)
 GRID_TV = (0.001, 0.002, 0.003, 0.005)
 BART_GRID_CG = (0.001, 0.003, 0.01, 0.03, 0.1)
 BART_GRID_TV = (0.002, 0.005, 0.01, 0.02)
+
+
+def estimate_maps(kspace: KSpace) -> torch.Tensor:
+    """The pipeline's ESPIRiT maps over the ACS × ACS calibration region (shared by every method of ours)."""
+    return Pipeline(ReconConfig(calib_width=ACS)).estimate_maps(kspace)
+
+
+def espirit_crop_08(kspace: KSpace, config: ReconConfig) -> torch.Tensor:
+    """The pipeline's ESPIRiT with BART's eigenvalue threshold 0.8 (sigpy's default is 0.95)."""
+    return espirit_maps(kspace, calib_width=config.calib_width, crop=0.8)
 
 
 @dataclass
@@ -74,7 +85,7 @@ def load_case(path: Path) -> Case:
     mask = sampling_mask(MASK_KIND, (ny, nx), ACCELERATION, acs_width=ACS, seed=MASK_SEED).numpy()
     geometry = Geometry((nx, ny, 1), (nx, ny, 1), (float(nx), float(ny), 5.0), (float(nx), float(ny), 5.0))
     kspace = from_arrays(full, mask[None], geometry, source=str(path))
-    maps = espirit_maps(kspace, calib_width=ACS)
+    maps = estimate_maps(kspace)
     reference = rss(ifft2c(torch.from_numpy(np.ascontiguousarray(full, np.complex64))))
     return Case(kspace=kspace, maps=maps, reference=reference)
 
@@ -140,7 +151,7 @@ def tune(case: Case, bart_maps: torch.Tensor, workdir: Path) -> dict[str, dict[s
 
     def ours(prior: str, lam: float, iterations: int) -> float:
         config = ReconConfig(backbone="sense", prior=prior, lam=lam, iterations=iterations)
-        return metrics.psnr(case.reference, reconstruct(case.kspace, case.maps, config).image)
+        return metrics.psnr(case.reference, reconstruct(case.kspace, config, maps=case.maps).image)
 
     def bart(options: list[str]) -> float:
         return metrics.psnr(case.reference, bart_pics(case.kspace, bart_maps, options, workdir))
@@ -160,7 +171,7 @@ def run(data: Path, repeats: int, do_tune: bool) -> dict:
     case = load_case(data)
     with tempfile.TemporaryDirectory(prefix="semrecon-bart-") as tmp:
         workdir = Path(tmp)
-        espirit_s, _ = _best_time(lambda: espirit_maps(case.kspace, calib_width=ACS), repeats)
+        espirit_s, _ = _best_time(lambda: estimate_maps(case.kspace), repeats)
         ecalib_s, bart_maps = _best_time(lambda: bart_ecalib(case.kspace, workdir), repeats)
         grid = tune(case, bart_maps, workdir) if do_tune else None
         lam = {"ours_cg": LAM_CG, "ours_tv": LAM_TV, "bart_cg": BART_LAM_CG, "bart_tv": BART_LAM_TV}
@@ -179,7 +190,7 @@ def run(data: Path, repeats: int, do_tune: bool) -> dict:
         }
         rows = {}
         for name, (config, options) in methods.items():
-            ours_s, ours = _best_time(lambda c=config: reconstruct(case.kspace, case.maps, c), repeats)
+            ours_s, ours = _best_time(lambda c=config: reconstruct(case.kspace, c, maps=case.maps), repeats)
             row = {"ours": {"seconds": round(ours_s, 3), "lam": config.lam, **_quality(case, ours.image)}}
             if options is not None:
                 bart_s, image = _best_time(lambda o=options: bart_pics(case.kspace, bart_maps, o, workdir), repeats)
@@ -190,11 +201,11 @@ def run(data: Path, repeats: int, do_tune: bool) -> dict:
         # Our solvers with BART's maps separate coil-map from solver differences; maps cropped at
         # BART's default eigenvalue threshold 0.8 (sigpy's is 0.95) show how much SSIM depends on
         # the zeroed background.
-        maps_crop_08 = espirit_maps(case.kspace, calib_width=ACS, crop=0.8)
         for name in ("cg-sense", "tv"):
-            image = reconstruct(case.kspace, bart_maps, methods[name][0]).image
+            config = methods[name][0].replace(calib_width=ACS)
+            image = reconstruct(case.kspace, config, maps=bart_maps).image
             rows[name]["ours_with_bart_maps"] = _quality(case, image)
-            image = reconstruct(case.kspace, maps_crop_08, methods[name][0]).image
+            image = Pipeline(config, coil_maps=espirit_crop_08).run(case.kspace).image
             rows[name]["ours_with_crop_0.8"] = _quality(case, image)
     return {
         "case": {
@@ -228,12 +239,16 @@ def markdown(record: dict) -> str:
     lines = [
         "# Classical reconstructions: semrecon vs BART",
         "",
-        f"Case: {record['case']['data']}; mask {record['case']['mask']} "
-        f"(achieved R = {record['case']['achieved_acceleration']}); "
-        f"reference: {record['case']['reference']}.",
+        (
+            f"Case: {record['case']['data']}; mask {record['case']['mask']} "
+            f"(achieved R = {record['case']['achieved_acceleration']}); "
+            f"reference: {record['case']['reference']}."
+        ),
         "",
-        "| method | ours PSNR (dB) | BART PSNR (dB) | gap (dB) | ours SSIM | BART SSIM | ours (s) | BART (s) "
-        "| time ratio ours/BART |",
+        (
+            "| method | ours PSNR (dB) | BART PSNR (dB) | gap (dB) | ours SSIM | BART SSIM | ours (s) | BART (s) "
+            "| time ratio ours/BART |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in record["methods"].items():
@@ -250,8 +265,10 @@ def markdown(record: dict) -> str:
         )
     maps = record["coil_maps"]
     lines += [
-        f"| ESPIRiT maps (sigpy vs `bart ecalib -m1`) | | | | | | {maps['espirit_sigpy_seconds']:.3f} | "
-        f"{maps['bart_ecalib_seconds']:.3f} | {maps['time_ratio_ours_over_bart']:.2f} |",
+        (
+            f"| ESPIRiT maps (sigpy vs `bart ecalib -m1`) | | | | | | {maps['espirit_sigpy_seconds']:.3f} | "
+            f"{maps['bart_ecalib_seconds']:.3f} | {maps['time_ratio_ours_over_bart']:.2f} |"
+        ),
         "",
         "Our solvers with BART's maps: "
         + ", ".join(
@@ -259,8 +276,10 @@ def markdown(record: dict) -> str:
             for name, row in record["methods"].items()
             if "ours_with_bart_maps" in row
         )
-        + ". With our maps cropped at BART's eigenvalue threshold 0.8 instead of sigpy's 0.95 (less "
-        "background zeroed; SSIM is sensitive to it): "
+        + (
+            ". With our maps cropped at BART's eigenvalue threshold 0.8 instead of sigpy's 0.95 (less "
+            "background zeroed; SSIM is sensitive to it): "
+        )
         + ", ".join(
             _psnr_ssim(name, row["ours_with_crop_0.8"])
             for name, row in record["methods"].items()
@@ -275,11 +294,12 @@ def markdown(record: dict) -> str:
     machine = record["machine"]
     lines += [
         "",
-        f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads; BART OMP_NUM_THREADS={machine['omp_threads']}), "
-        f"1-min load average {machine['load_average_1min']} "
-        "at the end; "
-        f"times are the best of {machine['repeats']} runs (BART includes its .cfl I/O).",
+        (
+            f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+            f"({machine['torch_threads']} threads; BART OMP_NUM_THREADS={machine['omp_threads']}), "
+            f"1-min load average {machine['load_average_1min']} at the end; "
+            f"times are the best of {machine['repeats']} runs (BART includes its .cfl I/O)."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -292,7 +312,7 @@ def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(text)
-    os.replace(handle.name, path)
+    Path(handle.name).replace(path)
 
 
 def main() -> int:

@@ -170,11 +170,11 @@ def main() -> None:
         "| scan | KSpace shape | ismrmrd read (s) | read_ismrmrd (s) | ratio wall | ratio CPU |",
         "|---|---|---|---|---|---|",
     ]
-    for row in speed:
-        lines.append(
-            f"| {row['scan']} | {tuple(row['kspace_shape'])} | {row['ismrmrd_read_s']:.2f} | "
-            f"{row['from_ismrmrd_s']:.2f} | {row['ratio_wall']:.2f} | {row['ratio_cpu']:.2f} |"
-        )
+    lines += [
+        f"| {row['scan']} | {tuple(row['kspace_shape'])} | {row['ismrmrd_read_s']:.2f} | "
+        f"{row['from_ismrmrd_s']:.2f} | {row['ratio_wall']:.2f} | {row['ratio_cpu']:.2f} |"
+        for row in speed
+    ]
     lines += [
         "",
         "Reference: the `ismrmrd` package reading every acquisition (no processing).",
@@ -182,8 +182,10 @@ def main() -> None:
         "accumulates, buffers and builds the KSpace.",
         "",
         f"Noise prewhitening ({whitening['scan']}), CG-SENSE PSNR vs ground truth:",
-        f"{whitening['psnr_with_prewhitening_db']:.2f} dB with, "
-        f"{whitening['psnr_without_prewhitening_db']:.2f} dB without (gain {whitening['gain_db']:+.2f} dB).",
+        (
+            f"{whitening['psnr_with_prewhitening_db']:.2f} dB with, "
+            f"{whitening['psnr_without_prewhitening_db']:.2f} dB without (gain {whitening['gain_db']:+.2f} dB)."
+        ),
         "",
     ]
     (RESULTS / "data.md").write_text("\n".join(lines))
