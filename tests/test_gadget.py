@@ -188,6 +188,17 @@ def test_buffer_without_calibration_lines_falls_back(scan: tuple[str, list, np.n
     _assert_true_to(truth[:1], images[:1], CG_SENSE)
 
 
+def test_cg_sense_failing_too_gives_labelled_rss(scan: tuple[str, list, np.ndarray]) -> None:
+    header, recon_data, truth = scan
+    images = _run(header, recon_data, _properties(backbone="sense", calib_width="4"))  # narrower than the kernel
+    assert [image.slice for image in images] == list(range(SLICES))
+    for image in images:
+        comment = image.meta["GADGETRON_ImageComment"]
+        assert comment.startswith("FALLBACK zero-filled RSS (sense+none failed:") and "; CG-SENSE: " in comment
+        assert "ESPIRiT kernel" in comment and image.meta["GADGETRON_DataRole"] == "Fallback"
+    _assert_true_to(truth, images, RSS)
+
+
 def test_missing_bank_falls_back_to_labelled_cg_sense(scan: tuple[str, list, np.ndarray], tmp_path: Path) -> None:
     header, recon_data, truth = scan
     missing = tmp_path / "no_such_bank.safetensors"

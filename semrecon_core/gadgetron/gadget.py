@@ -110,7 +110,7 @@ class SemreconGadget:
         except Exception as exc:  # noqa: BLE001 - a buffer the core refuses still gets a labelled image
             reason = _describe(exc)
             log.error("semrecon: %s cannot be reconstructed: %s", name, reason)
-            return self._rss_images(raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
+            return self._rss_images(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
         try:
             return self.pipeline.run(kspace).images(series_index=series)
         except Exception as exc:  # any failure of one buffer becomes a labelled fallback
@@ -141,7 +141,7 @@ class SemreconGadget:
         )
 
 
-def raw_kspace(bit: Any, source: str) -> KSpace:
+def _raw_kspace(bit: Any, source: str) -> KSpace:
     """The samples of ``bit.data`` as a ``KSpace`` without checks: the last resort when the core refuses a buffer.
 
     NaN and Inf become zero and there is no calibration region; entries are ordered as by
@@ -157,7 +157,8 @@ def raw_kspace(bit: Any, source: str) -> KSpace:
     shape: tuple[int, ...] = data.shape + (1,) * (7 - data.ndim)
     e0, e1, e2, channels, n_size, s_size, loc_size = shape
     data = data.reshape(shape)
-    planes = data[:, :, e2 // 2].transpose(5, 4, 3, 2, 1, 0).reshape(-1, channels, e1, e0)  # (entries, CHA, E1, E0)
+    # (E0, E1, CHA, N, S, LOC) -> (entries, CHA, E1, E0)
+    planes = np.ascontiguousarray(data[:, :, e2 // 2].transpose(5, 4, 3, 2, 1, 0).reshape(-1, channels, e1, e0))
     headers = np.asarray(buffer.headers, dtype=object).reshape(-1, n_size, s_size, loc_size)
     first = [
         next((h for h in headers[:, n, s, loc] if int(h.number_of_samples) > 0), headers[0, n, s, loc])
@@ -165,7 +166,6 @@ def raw_kspace(bit: Any, source: str) -> KSpace:
         for s in range(s_size)
         for n in range(n_size)
     ]
-    planes = np.ascontiguousarray(planes)
     return KSpace(
         data=torch.from_numpy(planes),
         mask=torch.from_numpy(np.abs(planes).sum(axis=1) > 0),
