@@ -12,6 +12,7 @@ architecture, data files with SHA-256, masks, epochs, losses) is what ``config.c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +65,11 @@ def simulate_pair(
     from semrecon_core.physics.sense import SenseOp
     from semrecon_core.pipeline import Pipeline
 
-    options = {"coils": coils, "acs_width": acs_width, "mask_kind": mask_kind, "seed": seed}
-    scan = dataclasses.replace(simulate_kspace(image, acceleration=acceleration, **options), source=source)
-    full = simulate_kspace(image, acceleration=1, **options)
+    simulate = functools.partial(
+        simulate_kspace, image, coils=coils, acs_width=acs_width, mask_kind=mask_kind, seed=seed
+    )
+    scan = dataclasses.replace(simulate(acceleration=acceleration), source=source)
+    full = simulate(acceleration=1)
     maps = Pipeline(ReconConfig(calib_width=acs_width)).estimate_maps(scan)
     zero_filled = SenseOp(maps, scan.mask).adjoint(scan.data)
     target = SenseOp(maps, full.mask).adjoint(full.data)

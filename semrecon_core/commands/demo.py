@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     deep = Pipeline(semantic)
     probe = Pipeline(semantic.replace(iterations=1), prior=deep.prior).run(kspace, maps=maps)
     _say(
-        f"deep backbone: {args.backbone} ({_describe_network(semantic)}) with {deep.prior.label}; "
+        f"deep backbone: {probe.label}; network: {_describe_network(semantic)}; "
         f"{iterations} iterations on {device}: expect about {probe.seconds * iterations:.0f} s "
         f"({probe.seconds:.2f} s per iteration measured)"
     )
