@@ -3,9 +3,9 @@
 For each scan the same buffers are reconstructed in two ways, alternating, in one process:
 
 * ``reconstruction`` (the reference): for every ReconBit of the buffers (prepared beforehand, untimed),
-  ``from_recon_buffer`` → ``espirit_maps`` → ``reconstruct`` → ``to_ismrmrd_images`` — the work the gadget
-  cannot avoid;
-* ``replay``: :func:`semrecon_core.gadgetron.replay.replay` on the raw file with the default chain — file
+  ``from_recon_buffer`` → ``Pipeline.run`` (ESPIRiT maps, the engine) → ``Reconstruction.images`` — the work
+  the gadget cannot avoid;
+* ``replay``: :func:`semrecon_core.emulation.replay.replay` on the raw file with the default chain — file
   reading, noise prewhitening, readout-oversampling removal, accumulation, bucket-to-buffer, the
   in-process connection (images round-trip through their wire serialisation), the gadget, and the same
   reconstruction;
@@ -83,7 +83,7 @@ def make_scans(directory: Path) -> dict[str, Path]:
 def prepare_buffers(path: Path) -> tuple[str, list[Any]]:
     """The ReconData buffers of a raw file (what the chain's first four gadgets produce)."""
     from semrecon_core.data.buffers import recon_data_from_acquisitions
-    from semrecon_core.gadgetron.replay import read_raw
+    from semrecon_core.emulation.replay import read_raw
 
     header, acquisitions, _ = read_raw(path)
     return header, recon_data_from_acquisitions(list(acquisitions), header, trigger="repetition", split_slices=True)
@@ -92,26 +92,21 @@ def prepare_buffers(path: Path) -> tuple[str, list[Any]]:
 def reconstruction_only(header: str, buffers: list[Any]) -> tuple[float, float, int]:
     """Wall and CPU seconds for the unavoidable per-buffer work, and the number of images."""
     from semrecon_core.config import ReconConfig
-    from semrecon_core.data.images import to_ismrmrd_images
     from semrecon_core.data.readers import from_recon_buffer
-    from semrecon_core.physics.coils import espirit_maps
-    from semrecon_core.recon import reconstruct
+    from semrecon_core.pipeline import Pipeline
 
-    config = ReconConfig.from_properties(OVERRIDES)
+    pipeline = Pipeline(ReconConfig.from_properties(OVERRIDES))
     start, cpu = time.perf_counter(), time.process_time()
     images = 0
     for recon_data in buffers:
         for bit in recon_data.bits:
-            kspace = from_recon_buffer(bit.data, bit.ref, header)
-            maps = espirit_maps(kspace, device="cpu")
-            result = reconstruct(kspace, maps, config)
-            images += len(to_ismrmrd_images(result.image.abs(), kspace))
+            images += len(pipeline.run(from_recon_buffer(bit.data, bit.ref, header)).images())
     return time.perf_counter() - start, time.process_time() - cpu, images
 
 
 def timed_replay(path: Path, protocol: bool) -> tuple[float, float, int]:
     """Wall and CPU seconds of a whole replay, and the number of images."""
-    from semrecon_core.gadgetron.replay import replay
+    from semrecon_core.emulation.replay import replay
 
     start, cpu = time.perf_counter(), time.process_time()
     result = replay(path, overrides=OVERRIDES, protocol=protocol)
@@ -178,14 +173,18 @@ def main() -> int:
     lines = [
         "# Replay overhead",
         "",
-        f"{meta['machine']}; CG-SENSE 30 iterations on the CPU; fastest of {args.repeats} alternating runs "
-        f"(load average {load} at start, {meta['load_average_at_end']} at end: other jobs shared the "
-        "2 cores). "
-        "overhead = (replay − reconstruction) / reconstruction, where reconstruction = from_recon_buffer + "
-        "ESPIRiT + reconstruct + image building on the prepared buffers (the reference, same run).",
+        (
+            f"{meta['machine']}; CG-SENSE 30 iterations on the CPU; fastest of {args.repeats} alternating runs "
+            f"(load average {load} at start, {meta['load_average_at_end']} at end: other jobs shared the "
+            "2 cores). overhead = (replay − reconstruction) / reconstruction, where reconstruction = "
+            "from_recon_buffer + Pipeline.run (ESPIRiT + engine) + image building on the prepared buffers "
+            "(the reference, same run)."
+        ),
         "",
-        "| scan | images | reconstruction s | replay s | overhead | CPU reconstruction s | CPU replay s "
-        "| CPU overhead | protocol replay s | protocol overhead | all runs: reconstruction / replay s |",
+        (
+            "| scan | images | reconstruction s | replay s | overhead | CPU reconstruction s | CPU replay s "
+            "| CPU overhead | protocol replay s | protocol overhead | all runs: reconstruction / replay s |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
@@ -212,7 +211,7 @@ def _runs(seconds: list[float]) -> str:
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

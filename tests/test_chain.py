@@ -11,7 +11,7 @@ ismrmrd = pytest.importorskip("ismrmrd")
 pytest.importorskip("gadgetron")
 
 from semrecon_core.config import ConfigError  # noqa: E402
-from semrecon_core.gadgetron.chain import (  # noqa: E402
+from semrecon_core.emulation.chain import (  # noqa: E402
     ChainError,
     InProcessConnection,
     autoscale,
@@ -117,7 +117,7 @@ def test_unknown_elements_and_bad_values_are_errors() -> None:
             "</property></gadget>"
         )
     )
-    with pytest.raises(ChainError, match="'trigger_dimension'.*'kspace'"):
+    with pytest.raises(ChainError, match=r"'trigger_dimension'.*'kspace'"):
         list(run_chain(chain, HEADER, []))
 
 

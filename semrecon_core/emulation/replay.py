@@ -1,26 +1,23 @@
-"""``semrecon replay IN.h5 OUT.h5``: run a Gadgetron chain offline on an ISMRMRD raw file.
+"""Offline replay: a Gadgetron chain run on an ISMRMRD raw file (the library behind ``semrecon replay``).
 
-The acquisitions of ``IN.h5`` go through the chain's Python equivalents of the C++ gadgets
-(:mod:`semrecon_core.gadgetron.chain`); the ``<external>`` node runs the semrecon gadget in this process
-through an in-process connection, or with ``--protocol`` in a child process launched exactly as
-Gadgetron launches it, over the real wire format (:mod:`semrecon_core.gadgetron.emulator`). The images
-that leave the chain are written to ``OUT.h5`` (one group ``image_<series>`` per series, written
-atomically), and optionally as PNGs. ``IN.h5`` is opened read-only.
+The acquisitions of the file go through the chain's Python equivalents of the C++ gadgets
+(:mod:`semrecon_core.emulation.chain`); the ``<external>`` node runs the semrecon gadget's own target
+(:func:`semrecon_core.gadgetron.gadget.reconstruct`) in this process through an in-process connection,
+or with ``protocol=True`` in a child process launched exactly as Gadgetron launches it, over the real wire
+format (:mod:`semrecon_core.emulation.emulator`). Replay neither estimates coil maps nor builds images:
+the gadget does, through the same pipeline on every path. The raw file is opened read-only.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from semrecon_core.gadgetron.chain import (
+from semrecon_core.emulation.chain import (
     BUILTIN_MODULES,
     Chain,
     Node,
@@ -63,8 +60,14 @@ DEFAULT_CHAIN = """<?xml version="1.0" encoding="UTF-8"?>
 
 @dataclass
 class ReplayResult:
-    """What a replay produced: the images leaving the chain, the wall time in seconds, the chain run
-    and the scan's ISMRMRD XML header."""
+    """What a replay produced.
+
+    Attributes:
+        images: the images leaving the chain.
+        seconds: wall time of the chain run.
+        chain: the chain that ran.
+        xml_header: the scan's ISMRMRD XML header.
+    """
 
     images: list[Any]
     seconds: float
@@ -163,101 +166,6 @@ def replay(
     return ReplayResult(images=images, seconds=seconds, chain=parsed, xml_header=header_xml)
 
 
-def write_image_groups(
-    path: str | Path, images: list[Any], *, group: str = "dataset", xml_header: str | None = None
-) -> dict[str, int]:
-    """Write ``images`` to a new ISMRMRD file, one image group ``image_<series>`` per series (atomic),
-    with the scan's ``xml_header`` when given. Returns ``{group name: number of images}``.
-    """
-    import ismrmrd
-
-    path = Path(path)
-    counts: dict[str, int] = {}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
-    os.close(fd)
-    try:
-        dataset = ismrmrd.Dataset(tmp, group, create_if_needed=True, mode="w")
-        try:
-            if xml_header:
-                dataset.write_xml_header(xml_header.encode("utf-8"))
-            for image in images:
-                name = f"image_{image.image_series_index}"
-                dataset.append_image(name, image)
-                counts[name] = counts.get(name, 0) + 1
-        finally:
-            dataset.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return counts
-
-
-def write_pngs(directory: str | Path, images: list[Any]) -> list[Path]:
-    """One 8-bit PNG per image (magnitude scaled to its 99.5th percentile), written atomically."""
-    import numpy as np
-    from PIL import Image
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for image in images:
-        pixels = np.abs(np.asarray(image.data, dtype=np.float64)).reshape(-1, *image.data.shape[-2:])[0]
-        top = float(np.percentile(pixels, 99.5)) or 1.0
-        grey = (np.clip(pixels / top, 0, 1) * 255).round().astype(np.uint8)
-        target = directory / (
-            f"series{image.image_series_index:03d}_image{image.image_index:04d}"
-            f"_slice{image.slice:03d}_rep{image.repetition:03d}.png"
-        )
-        tmp = target.with_name(f".{target.name}.tmp")
-        Image.fromarray(grey).save(tmp, format="PNG")
-        os.replace(tmp, target)
-        paths.append(target)
-    return paths
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``semrecon replay``."""
-    parser.add_argument("input", help="ISMRMRD raw HDF5 file (.h5; noise scan optional)")
-    parser.add_argument("output", help="ISMRMRD file to write the images to (one group image_<series> per series)")
-    parser.add_argument(
-        "--config",
-        metavar="CHAIN.xml",
-        help="Gadgetron chain (default: the CG-SENSE reconstruction chain without display conversion)",
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="set a property of the chain's <external> node (repeatable), e.g. --set backbone=unet",
-    )
-    parser.add_argument("--png", metavar="DIR", help="also write one PNG per image into DIR")
-    parser.add_argument(
-        "--protocol",
-        action="store_true",
-        help="run the gadget in a child process over the Gadgetron wire protocol (emulator)",
-    )
-    parser.add_argument("--group", default="dataset", help="HDF5 group of the input and output (default: dataset)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``semrecon replay``: replay, write the images, report."""
-    from semrecon_core.gadgetron.properties import parse_assignments
-
-    overrides = parse_assignments(args.set)
-    result = replay(args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group)
-    if not result.images:
-        raise ValueError(f"{args.input}: the chain produced no images")
-    counts = write_image_groups(args.output, result.images, group=args.group, xml_header=result.xml_header)
-    groups = ", ".join(f"{args.group}/{name} ({n})" for name, n in counts.items())
-    print(f"{len(result.images)} image(s) in {result.seconds:.1f} s → {args.output}: {groups}")
-    if args.png:
-        paths = write_pngs(args.png, result.images)
-        print(f"{len(paths)} PNG(s) → {args.png}")
-    return 0
-
-
 def _is_image(item: Any) -> bool:
     import ismrmrd
 
@@ -266,19 +174,11 @@ def _is_image(item: Any) -> bool:
 
 def _protocol_stage(header_xml: str) -> Callable[[Node, str], Stage]:
     """Stages that run ``<external>`` nodes through the Gadgetron-side emulator (child process / server)."""
-    from semrecon_core.gadgetron import emulator
+    from semrecon_core.emulation import emulator
 
     def make(node: Node, configuration: str) -> Stage:
-        external = emulator.ExternalNode(
-            configuration=configuration,
-            module=node.module,
-            target=node.target,
-            address=node.address,
-            port=node.port,
-        )
-
         def stage(items: Iterator[Any]) -> Iterator[Any]:
-            run = emulator.run_chain_over_protocol(external, header_xml, items)
+            run = emulator.run_node(replace(node, configuration=configuration), header_xml, items)
             for text in run.errors:
                 log.error("replay: the gadget reported an error: %s", text)
             yield from run.items

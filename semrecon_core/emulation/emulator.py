@@ -4,16 +4,17 @@
 it opens a port on 127.0.0.1, starts ``python -m gadgetron PORT MODULE FUNC`` with the gadget directory
 appended to ``PYTHONPATH``, waits for the child to connect back, sends CONFIG (the ``<configuration>``
 element text), HEADER, the data messages (ReconData buffers, acquisitions, ...) and CLOSE over the real
-wire format (:mod:`~semrecon_core.gadgetron.protocol`), and reads Images / ImageArrays back until the
+wire format (:mod:`~semrecon_core.emulation.wire`), and reads Images / ImageArrays back until the
 child's CLOSE. :func:`run_connect` does the same against a running ``<connect>`` server
 (``semrecon serve``). Every wait has a timeout, and the child is killed if it outlives the session.
 
-:func:`run_chain_over_protocol` takes an :class:`ExternalNode` (built from a chain's ``<external>``
-element, :mod:`semrecon_core.gadgetron.chain`) and picks the right one.
+:func:`run_node` takes an ``<external>`` node of a chain (:class:`~semrecon_core.emulation.chain.Node`)
+and picks the right one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,9 +26,12 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from semrecon_core.gadgetron import protocol
+from semrecon_core.emulation import wire
+
+if TYPE_CHECKING:
+    from semrecon_core.emulation.chain import Node
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +70,11 @@ class ProtocolRun:
         return [item for item in self.items if isinstance(item, ismrmrd.Image)]
 
 
-@dataclass(frozen=True)
-class ExternalNode:
-    """An ``<external>`` node of a Gadgetron chain.
-
-    Attributes:
-        configuration: the ``<configuration>`` element as text (sent verbatim as CONFIG).
-        module, target: ``<execute name=... target=...>`` (launch mode).
-        address, port: ``<connect address=... port=...>`` (connect mode).
-    """
-
-    configuration: str = "<configuration/>"
-    module: str | None = None
-    target: str | None = None
-    address: str | None = None
-    port: int | None = None
-
-
 def default_gadget_path() -> list[str]:
-    """Directories Gadgetron would append to ``PYTHONPATH``: this checkout's ``gadgets/`` and/or
-    ``$GADGETRON_HOME/share/gadgetron/python``, whichever exist."""
+    """Directories Gadgetron would append to ``PYTHONPATH``.
+
+    This checkout's ``gadgets/`` and/or ``$GADGETRON_HOME/share/gadgetron/python``, whichever exist.
+    """
     paths = []
     checkout = Path(__file__).resolve().parents[2] / "gadgets"
     if checkout.is_dir():
@@ -143,20 +132,19 @@ def exchange(
     :class:`EmulatorError` when the gadget closes without CLOSE, sends an illegal message, fails to
     read, or goes silent.
     """
-    stream = protocol.SocketStream(sock, timeout=timeout)
+    from gadgetron.external import constants
+
+    stream = wire.SocketStream(sock, timeout=timeout)
     run = ProtocolRun()
     failure: list[BaseException] = []
-    illegal = (protocol.MessageId.CONFIG, protocol.MessageId.HEADER, protocol.MessageId.TEXT)
 
     def receive() -> None:
         try:
             while True:
-                mid, item = protocol.read_message(stream)
-                if mid is protocol.MessageId.CLOSE:
+                mid, item = wire.read_message(stream)
+                if mid == constants.GADGET_MESSAGE_CLOSE:
                     return
-                if mid in illegal:
-                    raise protocol.ProtocolError(f"the gadget sent {mid.name}, which Gadgetron rejects")
-                if mid is protocol.MessageId.ERROR:
+                if mid == constants.GADGET_MESSAGE_ERROR:
                     log.error("gadget reported: %s", item)
                     run.errors.append(item)
                 else:
@@ -168,14 +156,14 @@ def exchange(
     reader = threading.Thread(target=receive, name="gadgetron-emulator-receive", daemon=True)
     reader.start()
     try:
-        protocol.write_config(stream, configuration)
-        protocol.write_header(stream, header_xml)
+        wire.write_config(stream, configuration)
+        wire.write_header(stream, header_xml)
         for item in messages:
             if not reader.is_alive() or run.errors:
                 break
-            protocol.write_item(stream, item)
+            wire.write_item(stream, item)
         if reader.is_alive():
-            protocol.write_close(stream)
+            wire.write_close(stream)
     except OSError as exc:
         if reader.is_alive() or not failure:
             failure.append(exc)
@@ -187,18 +175,16 @@ def exchange(
     reader.join()  # bounded: every receive waits at most ``timeout`` seconds
     run.seconds = time.perf_counter() - start
     if failure:
-        exc = failure[0]
-        if isinstance(exc, TimeoutError):
-            raise EmulatorError(f"the gadget was silent for more than {timeout:.0f} s") from exc
-        raise EmulatorError(f"the session ended abnormally: {type(exc).__name__}: {exc}") from exc
+        error = failure[0]
+        if isinstance(error, TimeoutError):
+            raise EmulatorError(f"the gadget was silent for more than {timeout:.0f} s") from error
+        raise EmulatorError(f"the session ended abnormally: {type(error).__name__}: {error}") from error
     return run
 
 
 def _shutdown(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class GadgetProcess:
@@ -306,7 +292,8 @@ def run_external(
         configuration: the ``<configuration>`` element text sent as CONFIG.
         header_xml: the ISMRMRD XML header sent as HEADER.
         messages: data messages to send (``gadgetron.types.ReconData``, ``ismrmrd.Acquisition``, ...).
-        module, target: the ``<execute>`` node's ``name`` and ``target``.
+        module: the ``<execute>`` node's ``name``.
+        target: the ``<execute>`` node's ``target``.
         gadget_path: directories appended to ``PYTHONPATH`` (default :func:`default_gadget_path`).
         timeout: longest silence of the gadget during the session, seconds.
         connect_timeout: longest wait for the child to connect back (imports included), seconds.
@@ -357,15 +344,18 @@ def run_connect(
         sock.close()
 
 
-def run_chain_over_protocol(
-    node: ExternalNode,
+def run_node(
+    node: Node,
     header_xml: str,
     messages: Iterable[Any],
     *,
     gadget_path: Sequence[str | os.PathLike[str]] | None = None,
     timeout: float = 300.0,
 ) -> ProtocolRun:
-    """One session of an ``<external>`` node: launch its ``<execute>`` module or reach its server."""
+    """One session of a chain's ``<external>`` node: launch its ``<execute>`` module or reach its server.
+
+    CONFIG is the node's ``configuration``; ``<connect>`` nodes reach ``address:port``.
+    """
     if node.module is not None and node.target is not None:
         return run_external(
             node.configuration,
@@ -377,7 +367,7 @@ def run_chain_over_protocol(
             timeout=timeout,
         )
     if node.port is None:
-        raise ValueError("external node has neither a module/target nor a port")
+        raise ValueError(f"<external> node '{node.name}' has neither <execute name= target=> nor <connect port=>")
     return run_connect(
         node.configuration,
         header_xml,

@@ -10,8 +10,10 @@ use is replaced by a faithful Python equivalent —
 - ``AutoScaleGadget``, ``FloatToUShortGadget``, ``ImageFinishGadget``: this module;
 
 and an ``<external>`` node runs its Python target in this process through :class:`InProcessConnection`,
-an object with the interface of ``gadgetron.external.Connection``. An unknown element, gadget or
-property is a :class:`ChainError` naming it and the file.
+an object with the interface of ``gadgetron.external.Connection``. semrecon's own node (``semrecon_gadget``
+or a ``<connect>`` to ``semrecon serve``) runs :func:`semrecon_core.gadgetron.gadget.reconstruct`, the
+function the scanner runs. An unknown element, gadget or property is a :class:`ChainError` naming it and
+the file.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ class InProcessConnection:
         self._sink = sink
         self.raw_bytes = InProcessConnection._Raw(configuration.encode("utf-8"), header_xml.encode("utf-8"))
         self.header = ismrmrd.xsd.CreateFromDocument(header_xml)
+        self.config: ET.Element | None
         try:
             self.config = ET.fromstring(configuration)
         except ET.ParseError:
@@ -199,31 +202,28 @@ class InProcessConnection:
         return None
 
     def __iter__(self) -> Iterator[Any]:
-        while True:
-            try:
-                _, item = self.next()
-            except StopIteration:
-                return
+        for _, item in self.iter_with_mids():
             yield item
 
     def __next__(self) -> tuple[int, Any]:
         return self.next()
 
     def iter_with_mids(self) -> Iterator[tuple[int, Any]]:
-        """Like ``Connection.iter_with_mids``: ``(message id, item)`` pairs."""
-        while True:
-            try:
-                yield self.next()
-            except StopIteration:
-                return
+        """Like ``Connection.iter_with_mids``: ``(message id, item)`` pairs passing the filters.
+
+        Items that do not pass are sent straight back.
+        """
+        for item in self._items:
+            if all(predicate(item) for predicate in self.filters):
+                yield message_id(item), item
+            else:
+                self.send(item)
 
     def next(self) -> tuple[int, Any]:
-        """The next ``(message id, item)`` passing the filters; others are sent straight back."""
-        item = next(self._items)
-        while not all(predicate(item) for predicate in self.filters):
-            self.send(item)
-            item = next(self._items)
-        return message_id(item), item
+        """The next ``(message id, item)`` passing the filters; :class:`StopIteration` at the end."""
+        for pair in self.iter_with_mids():
+            return pair
+        raise StopIteration
 
     def filter(self, predicate: Callable[[Any], bool] | type) -> None:
         """Only items satisfying ``predicate`` (or instances of a type) are returned; others pass."""
@@ -244,17 +244,18 @@ class InProcessConnection:
 
 
 def message_id(item: Any) -> int:
-    """The wire message id of ``item`` (REFERENCE.md §3); TypeError for anything else."""
+    """The wire message id of ``item`` (``gadgetron.external.constants``); TypeError for anything else."""
     import ismrmrd
+    from gadgetron.external import constants
     from gadgetron.types import AcquisitionBucket, ImageArray, ReconData
 
     for kind, mid in (
-        (ismrmrd.Acquisition, 1008),
-        (ismrmrd.Image, 1022),
-        (ReconData, 1023),
-        (ImageArray, 1024),
-        (ismrmrd.Waveform, 1026),
-        (AcquisitionBucket, 1050),
+        (ismrmrd.Acquisition, constants.GADGET_MESSAGE_ISMRMRD_ACQUISITION),
+        (ismrmrd.Image, constants.GADGET_MESSAGE_ISMRMRD_IMAGE),
+        (ReconData, constants.GADGET_MESSAGE_RECON_DATA),
+        (ImageArray, constants.GADGET_MESSAGE_IMAGE_ARRAY),
+        (ismrmrd.Waveform, constants.GADGET_MESSAGE_ISMRMRD_WAVEFORM),
+        (AcquisitionBucket, constants.GADGET_MESSAGE_BUCKET),
     ):
         if isinstance(item, kind):
             return mid
@@ -273,8 +274,8 @@ def load_target(node: Node) -> Callable[[Any], None]:
         raise ChainError(f"<execute name=\"{node.module}\">: cannot import module '{module_name}' ({exc})") from None
     target = getattr(module, target_name or "", None)
     if inspect.isclass(target):
-        cls = target
-        return lambda connection: cls().handle(connection)
+        handler: Any = target
+        return lambda connection: handler().handle(connection)
     if not callable(target):
         raise ChainError(f"<execute target=\"{target_name}\">: module '{module_name}' has no callable '{target_name}'")
     return target
@@ -287,8 +288,11 @@ def build_stages(
     overrides: dict[str, str] | None = None,
     external: Callable[[Node, str], Stage] | None = None,
 ) -> list[Stage]:
-    """One stage per node. ``external(node, configuration)`` builds the stage of ``<external>`` nodes
-    (default: run the target in-process); ``overrides`` are merged into their configuration."""
+    """One stage per node of ``chain``.
+
+    ``external(node, configuration)`` builds the stage of ``<external>`` nodes (default: run the target
+    in-process); ``overrides`` are merged into their configuration.
+    """
     import ismrmrd
 
     header = ismrmrd.xsd.CreateFromDocument(header_xml)
@@ -322,8 +326,10 @@ def run_chain(
 
 
 def autoscale(image: Any, *, max_value: float = 2048.0, histogram_bins: int = 100) -> Any:
-    """AutoScaleGadget: scale a magnitude image so that its 99th-percentile histogram bin maps to
-    ``max_value`` (histogram of ``histogram_bins`` bins between 0 and the maximum); other types pass."""
+    """AutoScaleGadget: scale a magnitude image so that its 99th-percentile histogram bin maps to ``max_value``.
+
+    The histogram has ``histogram_bins`` bins between 0 and the maximum; other image types pass unchanged.
+    """
     import ismrmrd
 
     if image.image_type != ismrmrd.IMTYPE_MAGNITUDE:
@@ -344,8 +350,10 @@ def autoscale(image: Any, *, max_value: float = 2048.0, histogram_bins: int = 10
 def float_to_ushort(
     image: Any, *, max_intensity: float = 4095, min_intensity: float = 0, intensity_offset: float = 2048
 ) -> Any:
-    """FloatToUShortGadget: magnitude → clamp(|v|); real/imag → clamp(v) (window centre + offset);
-    phase → clamp(v·offset/π + offset); rounded to unsigned 16-bit."""
+    """FloatToUShortGadget: float images to unsigned 16-bit, rounded.
+
+    Magnitude → clamp(|v|); real/imag → clamp(v) (window centre + offset); phase → clamp(v·offset/π + offset).
+    """
     import ismrmrd
 
     if image.data.dtype != np.float32:
@@ -456,6 +464,7 @@ def _parse_node(element: ET.Element, where: str) -> Node:
                 target=target,
                 configuration=text,
             )
+        assert connect is not None  # exactly one of <execute> and <connect>, checked above
         port = connect.get("port")
         try:
             port_number = int(port or "")
