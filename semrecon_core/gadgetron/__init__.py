@@ -1,11 +1,11 @@
-"""Gadgetron-facing pieces shared by ``gadgets/`` and the CLI.
+"""The scanner runtime: what Gadgetron's Python process imports, and nothing offline.
 
 - :mod:`~semrecon_core.gadgetron.properties`: ``<configuration>`` properties → validated settings.
-- :mod:`~semrecon_core.gadgetron.gadget`: the gadget's target (ReconData → images, fallbacks, pass-through).
-- :mod:`~semrecon_core.gadgetron.chain`: XML chains and in-process Python equivalents of the C++ gadgets.
-- :mod:`~semrecon_core.gadgetron.replay`: ``semrecon replay`` (offline runs of a chain on an ISMRMRD file).
-- :mod:`~semrecon_core.gadgetron.protocol`, :mod:`~semrecon_core.gadgetron.emulator`,
-  :mod:`~semrecon_core.gadgetron.serve`: the wire protocol, a Gadgetron-side emulator and ``semrecon serve``.
+- :mod:`~semrecon_core.gadgetron.gadget`: the gadget's target (ReconData → the pipeline → images, labelled
+  fallbacks, pass-through of every other message).
+- :mod:`~semrecon_core.gadgetron.compat`: fixes for gadgetron-python 1.4.1, installed on import of the gadget.
+- :mod:`~semrecon_core.gadgetron.serve`: the warm server for ``<connect>`` chains (``semrecon serve``).
 
+The offline emulation (chains, replay, the Gadgetron-side emulator) lives in :mod:`semrecon_core.emulation`.
 Nothing here imports ``gadgetron`` or torch at package import time.
 """
