@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 Backbone = Literal["zero-filled", "sense", "unet", "unrolled", "inr"]
 PriorName = Literal["none", "tv", "semantic"]
@@ -170,7 +170,7 @@ class ReconConfig:
 
     def resolved(self) -> ReconConfig:
         """Return a copy with every ``None`` field filled from the preset (or the classical defaults)."""
-        updates: dict[str, object] = {}
+        updates: dict[str, Any] = {}  # field values of several types; __post_init__ validates them
         for f in fields(self):
             if getattr(self, f.name) is not None:
                 continue
@@ -185,7 +185,7 @@ class ReconConfig:
                 updates[f.name] = table[(f.name, None)]
         return dataclasses.replace(self, **updates)
 
-    def replace(self, **changes: object) -> ReconConfig:
+    def replace(self, **changes: Any) -> ReconConfig:
         """Return a validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
@@ -199,7 +199,7 @@ class ReconConfig:
         base = base or cls()
         known = {f.name: f for f in fields(cls)}
         hints = typing.get_type_hints(cls)
-        changes: dict[str, object] = {}
+        changes: dict[str, Any] = {}
         unknown: dict[str, str] = {}
         for raw_name, raw_value in properties.items():
             name = raw_name.strip().replace("-", "_")

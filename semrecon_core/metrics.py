@@ -88,7 +88,8 @@ def lpips(reference: ArrayLike, image: ArrayLike, weights: str | os.PathLike | N
     """LPIPS distance (AlexNet) between magnitude images normalised to the reference max; lower is better.
 
     Args:
-        reference, image: magnitude ``(slices, y, x)`` or ``(y, x)`` images.
+        reference: magnitude ``(slices, y, x)`` or ``(y, x)`` reference image.
+        image: magnitude image of the same shape.
         weights: a torch hub directory holding ``checkpoints/alexnet-owt-7be5be79.pth`` (torchvision's
             AlexNet weights); default the torch hub directory (``$TORCH_HOME/hub``).
 

@@ -11,12 +11,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from semrecon_core.backbones.unet import UNet, UNetSpec
 from semrecon_core.backbones.unrolled import UnrolledNet
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT = "semrecon-backbone/1"
 
@@ -31,7 +32,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -18,7 +18,7 @@ def lora_targets(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]
 
 
-def apply_lora(model: nn.Module, rank: int, *, alpha: float | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, rank: int, *, alpha: int | None = None) -> nn.Module:
     """Inject LoRA adapters of ``rank`` into every conv/linear layer of ``model`` in place.
 
     Only the adapter weights stay trainable (BatchNorm affine parameters and biases are frozen too).

@@ -101,8 +101,10 @@ class Adaptor(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(features, 2, 3, padding=1),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = self.net[-1]
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Complex ``(slices, y, x)`` → refined complex image of the same shape."""

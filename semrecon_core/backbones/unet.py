@@ -77,6 +77,7 @@ class UNet(nn.Module):
             self.up.append(_double_conv(channels * 2, channels))
         self.output = nn.Conv2d(widths[0], 2, 1)
         if self.spec.residual:
+            assert self.output.bias is not None  # Conv2d(bias=True)
             nn.init.zeros_(self.output.weight)
             nn.init.zeros_(self.output.bias)
 

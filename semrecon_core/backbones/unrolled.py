@@ -9,12 +9,16 @@ part for data consistency, the loss is computed on the held-out part.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from semrecon_core.backbones.unet import UNet, UNetSpec
-from semrecon_core.physics.sense import SenseOp
 from semrecon_core.solvers.cg import conjugate_gradient
+
+if TYPE_CHECKING:
+    from semrecon_core.physics.sense import SenseOp
 
 
 class UnrolledNet(nn.Module):

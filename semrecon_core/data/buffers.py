@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def parse_header(header: Any) -> Any:
     if isinstance(header, str):
         try:
             return ismrmrd.xsd.CreateFromDocument(header)
-        except Exception as exc:  # pyxb raises many exception types for bad XML
+        except Exception as exc:  # noqa: BLE001 (pyxb raises many exception types for bad XML)
             raise ValueError(f"ISMRMRD XML header does not parse: {exc}") from None
     return header
 
@@ -247,6 +247,14 @@ def accumulate_trigger(acquisitions: Iterable[Any], trigger: str = "repetition")
 
 
 # ------------------------------------------------------------------------------------- buffering
+class _BufferOptions(TypedDict):
+    """How acquisitions are grouped into buffers (the BucketToBuffer options shared by every step)."""
+
+    n_dimension: str
+    s_dimension: str
+    split_slices: bool
+
+
 def _key(acq: Any, n_dimension: str, s_dimension: str, split_slices: bool) -> tuple[int, ...]:
     values = {name: getattr(acq.idx, name) for name in _DIMENSIONS}
     for name in (n_dimension, s_dimension):
@@ -375,8 +383,10 @@ def bucket_to_buffer(
     s_dimension: str = "",
     split_slices: bool = True,
 ) -> Any:
-    """BucketToBufferGadget: one ``ReconBit`` per key (average, slice, contrast, phase, repetition, set,
-    segment — minus the dimensions mapped to N and S, and slice unless ``split_slices``).
+    """BucketToBufferGadget: one ``ReconBit`` per acquisition key.
+
+    The key is (average, slice, contrast, phase, repetition, set, segment), minus the dimensions mapped to N
+    and S, and minus slice unless ``split_slices``.
 
     Returns a ``gadgetron.types.ReconData``; ``bit.ref`` is ``None`` when the key has no calibration lines.
     """
@@ -385,7 +395,7 @@ def bucket_to_buffer(
     for name in (n_dimension, s_dimension):
         if name and name not in _DIMENSIONS:
             raise ValueError(f"buffer dimension: expected one of {', '.join(_DIMENSIONS)}, found {name!r}")
-    options = {"n_dimension": n_dimension, "s_dimension": s_dimension, "split_slices": split_slices}
+    options: _BufferOptions = {"n_dimension": n_dimension, "s_dimension": s_dimension, "split_slices": split_slices}
     data_groups: dict[tuple[int, ...], list[Any]] = {}
     ref_groups: dict[tuple[int, ...], list[Any]] = {}
     for acq in bucket.data:

@@ -12,25 +12,29 @@ import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from semrecon_core.data.kspace import KSpace
+if TYPE_CHECKING:
+    from semrecon_core.data.kspace import KSpace
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed over ``path`` (``os.replace``),
-    on failure removed, so readers never see a half-written output."""
+    """Yield a temporary path beside ``path`` that replaces ``path`` on success.
+
+    On success the temporary file is renamed over ``path`` (``os.replace``), on failure removed, so readers
+    never see a half-written output.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: output directory {path.parent} does not exist")
     temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield temp
-        os.replace(temp, path)
+        temp.replace(path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

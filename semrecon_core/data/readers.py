@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from semrecon_core.data.kspace import Geometry, KSpace
@@ -38,12 +39,13 @@ STREAM_SUFFIXES = (".mrd", ".bin", ".dat")
 
 
 # ------------------------------------------------------------------------------ calibration region
-def calibration_region(mask: np.ndarray) -> tuple[slice, slice]:
+def calibration_region(mask: npt.ArrayLike) -> tuple[slice, slice]:
     """The largest centred rectangle of ``mask`` ``(ky, kx)`` that is fully sampled.
 
     Grows rows and columns alternately from the k-space centre while the new row/column is fully
     sampled inside the current rectangle. Returns ``(rows, cols)`` slices (possibly empty).
     """
+    mask = np.asarray(mask)
     ny, nx = mask.shape
     cy, cx = ny // 2, nx // 2
     if not mask[cy, cx]:
@@ -93,9 +95,10 @@ def from_arrays(
     xml_header: str | None = None,
     info: dict[str, Any] | None = None,
 ) -> KSpace:
-    """Build a ``KSpace`` from ``(slices, coils, ky, kx)`` k-space and a mask broadcastable to
-    ``(slices, ky, kx)`` (``None``: the non-zero samples); the calibration block is the fully sampled
-    centre common to all slices.
+    """Build a ``KSpace`` from ``(slices, coils, ky, kx)`` k-space and a mask.
+
+    The mask broadcasts to ``(slices, ky, kx)`` (``None``: the non-zero samples); the calibration block is
+    the fully sampled centre common to all slices.
     """
     if data.ndim != 4:
         raise ValueError(f"{source}: expected k-space (slices, coils, ky, kx), found shape {data.shape}")
@@ -175,12 +178,12 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
             for n in range(n_size):
                 kspace = np.ascontiguousarray(array[:, :, 0, :, n, s, loc].transpose(2, 1, 0))  # (CHA, E1, E0)
                 line_headers = [headers[y, 0, n, s, loc] for y in range(e1)]
-                rows = np.array([_filled(h) for h in line_headers])
-                if not rows.any():
-                    rows = np.abs(kspace).sum(axis=(0, 2)) > 0
-                if not rows.any():
+                lines = np.array([_filled(h) for h in line_headers])
+                if not lines.any():
+                    lines = np.abs(kspace).sum(axis=(0, 2)) > 0
+                if not lines.any():
                     raise ValueError(f"{source}: buffer (N={n}, S={s}, LOC={loc}) holds no sampled lines")
-                mask = rows[:, None] & (np.abs(kspace).sum(axis=0) > 0)
+                mask = lines[:, None] & (np.abs(kspace).sum(axis=0) > 0)
                 filled = [y for y in range(e1) if _filled(line_headers[y])]
                 centre = min(filled, key=lambda y: abs(y - e1 // 2)) if filled else e1 // 2
                 chosen = line_headers[centre] if filled else ismrmrd.AcquisitionHeader()
@@ -281,8 +284,10 @@ def _centre_rows(block: np.ndarray, height: int) -> np.ndarray:
 
 
 def concatenate(parts: Sequence[KSpace], *, source: str | None = None) -> KSpace:
-    """Stack ``KSpace`` objects along slices (same grid, coils and geometry); calibration blocks are
-    cropped to their common centred size."""
+    """Stack ``KSpace`` objects along slices (same grid, coils and geometry).
+
+    Calibration blocks are cropped to their common centred size.
+    """
     if not parts:
         raise ValueError(f"{source or 'k-space'}: no imaging data")
     first = parts[0]
@@ -445,8 +450,10 @@ def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "
 
 
 def read_ismrmrd_stream(path: str | Path, *, trigger: str = "repetition") -> KSpace:
-    """Read an ISMRMRD binary stream file (as written by ``ismrmrd.serialization.ProtocolSerializer``
-    or a client's ``-o`` dump): header message, acquisitions, optional CLOSE."""
+    """Read an ISMRMRD binary stream file: header message, acquisitions, optional CLOSE.
+
+    Such files are written by ``ismrmrd.serialization.ProtocolSerializer`` or a client's ``-o`` dump.
+    """
     import ismrmrd
     from ismrmrd.serialization import ProtocolDeserializer
 
@@ -455,7 +462,7 @@ def read_ismrmrd_stream(path: str | Path, *, trigger: str = "repetition") -> KSp
         raise FileNotFoundError(f"{path}: no such file")
     xml: str | None = None
     acquisitions: list[Any] = []
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         stream = ProtocolDeserializer(handle)
         try:
             for item in stream.deserialize():

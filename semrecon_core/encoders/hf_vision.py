@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from semrecon_core.encoders.common import (
 )
 from semrecon_core.encoders.loading import fingerprint, is_random_checkpoint, load_model, resolve_checkpoint
 from semrecon_core.encoders.preprocess import to_pixels
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class HFVisionEncoder:
@@ -44,7 +47,7 @@ class HFVisionEncoder:
 
     def __init__(
         self,
-        vision_model: torch.nn.Module,
+        vision_model: PreTrainedModel,
         *,
         name: str,
         revision: str,

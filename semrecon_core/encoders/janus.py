@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +38,9 @@ from semrecon_core.encoders.loading import (
 )
 from semrecon_core.encoders.preprocess import to_pixels
 
+if TYPE_CHECKING:
+    from transformers import JanusForConditionalGeneration, JanusVisionModel
+
 DEFAULT_MODEL = "deepseek-community/Janus-Pro-1B"
 # The DeepSeek conversation format of the original Janus code ("deepseek" sft format, default system prompt).
 SYSTEM_PROMPT = (
@@ -58,10 +61,12 @@ class _Loaded:
         self.revision = fingerprint(self.directory)
         self.is_random = is_random_checkpoint(self.directory)
         dtype = load_dtype(device, autocast)
-        self.model = load_model(JanusForConditionalGeneration, self.directory, dtype=dtype).to(device)
+        model = load_model(JanusForConditionalGeneration, self.directory, dtype=dtype)
+        # transformers wraps PreTrainedModel.to with functools.wraps, which mypy does not bind as a method
+        self.model = model.to(device)  # type: ignore[arg-type]
 
 
-def load_vision_tower(directory: Path, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_vision_tower(directory: Path, *, dtype: torch.dtype = torch.float32) -> JanusVisionModel:
     """The ``JanusVisionModel`` of a full Janus checkpoint, reading only its ``model.vision_model.*`` tensors.
 
     ``JanusVisionModel.from_pretrained`` on a full checkpoint silently keeps random weights (prefix
@@ -77,7 +82,7 @@ def load_vision_tower(directory: Path, *, dtype: torch.dtype = torch.float32) ->
     state: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 if key.startswith(prefix):
                     state[key[len(prefix) :]] = handle.get_tensor(key).to(dtype)
     try:
@@ -114,7 +119,7 @@ class JanusImageEncoder:
 
     def __init__(
         self,
-        vision_model: torch.nn.Module,
+        vision_model: JanusVisionModel,
         *,
         name: str,
         revision: str,
@@ -149,8 +154,9 @@ class JanusImageEncoder:
         """Load only the vision tower of a Janus checkpoint (HF id or directory)."""
         device = torch.device(device)
         directory = resolve_checkpoint(name, allow_download=allow_download)
+        vision = load_vision_tower(directory, dtype=load_dtype(device, autocast))
         return cls(
-            load_vision_tower(directory, dtype=load_dtype(device, autocast)).to(device),
+            vision.to(device),  # type: ignore[arg-type]  # PreTrainedModel.to: see _Loaded
             name=name,
             revision=fingerprint(directory),
             layers=layers,
@@ -218,7 +224,7 @@ class JanusLanguageEncoder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: JanusForConditionalGeneration,
         tokenizer: Any,
         *,
         name: str,
@@ -241,8 +247,11 @@ class JanusLanguageEncoder:
             )
             # HF checkpoints blocks only in training mode; the LLM has no dropout, so nothing else changes.
             self.model.model.language_model.train()
-        self.image_size = input_size(model.config.vision_config.image_size)
-        self.num_image_tokens = int(model.config.vision_config.num_image_tokens)
+        vision_config = model.config.vision_config
+        if vision_config is None or isinstance(vision_config, dict):  # JanusConfig makes it a JanusVisionConfig
+            raise TypeError(f"encoder '{name}': the model's config.vision_config is not a config object")
+        self.image_size = input_size(vision_config.image_size)
+        self.num_image_tokens = int(vision_config.num_image_tokens)
         self.input_ids, self.image_start = self._prompt_ids()
         self.choice_ids = [self._answer_token_ids(word) for word in self.choices]
         self.label = f"Janus image-language encoder ({name})"

@@ -11,10 +11,22 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 RANDOM_MARKER = "semrecon_random_weights"
+
+ModelT_co = TypeVar("ModelT_co", bound="torch.nn.Module", covariant=True)
+
+
+class PretrainedClass(Protocol[ModelT_co]):
+    """A HuggingFace model class (``JanusForConditionalGeneration``, ``AutoModel``): ``from_pretrained`` loads one."""
+
+    def from_pretrained(self, path: str | os.PathLike, /, *args: Any, **kwargs: Any) -> ModelT_co:
+        """Load the model stored at ``path``."""
+        ...
 
 
 class EncoderUnavailable(OSError):
@@ -68,7 +80,7 @@ def fingerprint(directory: Path) -> str:
     for file in weights:
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as handle:
+        with file.open("rb") as handle:
             digest.update(handle.read(chunk))
             if size > chunk:
                 handle.seek(max(size - chunk, chunk))
@@ -82,11 +94,12 @@ def is_random_checkpoint(directory: Path) -> bool:
     return bool(config.get(RANDOM_MARKER, False))
 
 
-def load_model(model_class: type, directory: Path, *, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(model_class: PretrainedClass[ModelT_co], directory: Path, *, dtype: torch.dtype) -> ModelT_co:
     """``model_class.from_pretrained`` from a resolved local directory: offline, safetensors only, frozen."""
     try:
         model = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise EncoderUnavailable(f"encoder '{directory}': cannot load {model_class.__name__}: {exc}") from exc
+        what = getattr(model_class, "__name__", repr(model_class))
+        raise EncoderUnavailable(f"encoder '{directory}': cannot load {what}: {exc}") from exc
     model.requires_grad_(False)
     return model.eval()

@@ -18,10 +18,7 @@ PREPROCESSING_VERSION = "magnitude/max;(x-mean)/std;centre-crop-pad-no-resample;
 
 def magnitude(image: torch.Tensor) -> torch.Tensor:
     """``|image|`` for complex or real input with a gradient that is finite (zero) at 0."""
-    if image.is_complex():
-        squared = image.real.square() + image.imag.square()
-    else:
-        squared = image.square()
+    squared = image.real.square() + image.imag.square() if image.is_complex() else image.square()
     return torch.sqrt(squared + _EPS) - _EPS**0.5
 
 

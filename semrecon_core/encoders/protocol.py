@@ -7,9 +7,10 @@ encoders return one level ``(slices, dim)`` (the final LLM state of the last tok
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @runtime_checkable
@@ -25,7 +26,11 @@ class SemanticEncoder(Protocol):
 
     label: str
     is_random: bool
-    identity: dict[str, Any]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The description stored in and checked against embedding banks (read-only)."""
+        ...
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Embed a complex ``(slices, y, x)`` image; differentiable with respect to ``image``."""

@@ -9,11 +9,14 @@ calibration runs through CuPy when it is installed, else on the CPU.
 from __future__ import annotations
 
 import logging
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from semrecon_core.data.kspace import KSpace
+if TYPE_CHECKING:
+    from semrecon_core.data.kspace import KSpace
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,8 @@ def rss(coil_images: torch.Tensor, dim: int = -3) -> torch.Tensor:
     return coil_images.abs().square().sum(dim=dim).sqrt()
 
 
-def _sigpy_device(device: str | torch.device) -> tuple[object, object]:
-    """sigpy device and array module: CuPy on CUDA when installed, else NumPy on the CPU."""
+def _sigpy_device(device: str | torch.device) -> tuple[Any, ModuleType]:
+    """The sigpy device and array module: CuPy on CUDA when installed, else NumPy on the CPU."""
     import sigpy as sp
 
     torch_device = torch.device(device)

@@ -88,10 +88,9 @@ class EmbeddingBank:
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata=metadata)
-            os.replace(temporary, path)
+            Path(temporary).replace(path)
         finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+            Path(temporary).unlink(missing_ok=True)
         self.path = path
         return path
 
@@ -116,10 +115,10 @@ class EmbeddingBank:
             lines.append(f"level {level}: positives {tuple(p.shape)}  negatives {tuple(n.shape)}")
         sources = meta.get("sources", [])
         lines.append(f"sources: {len(sources)}  created: {meta.get('created')}")
-        for source in sources:
-            lines.append(
-                f"  {source.get('role', '?'):9s} {source.get('path')}  sha256 {str(source.get('sha256'))[:16]}"
-            )
+        lines.extend(
+            f"  {source.get('role', '?'):9s} {source.get('path')}  sha256 {str(source.get('sha256'))[:16]}"
+            for source in sources
+        )
         return "\n".join(lines)
 
 
@@ -210,7 +209,7 @@ def load_bank(
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's content."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

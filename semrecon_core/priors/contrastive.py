@@ -158,6 +158,7 @@ class ContrastiveLoss:
         out = []
         for level, feature in enumerate(features):
             if self.similarity == "token-pca":
+                assert self.pca is not None, "__init__ refuses token-pca without one PCA per level"
                 out.append(self.pca[level](feature))
             elif self.similarity == "pooled" and feature.dim() == 3:
                 out.append(feature.mean(dim=1))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from semrecon_core.config import ConfigError, ReconConfig
-from semrecon_core.priors.base import Prior
+
+if TYPE_CHECKING:
+    from semrecon_core.encoders.protocol import SemanticEncoder
+    from semrecon_core.priors.base import Prior
 
 _ENCODERS: dict[tuple, Any] = {}
 _PRIORS: dict[tuple, Any] = {}
@@ -90,7 +93,7 @@ def _semantic_prior(config: ReconConfig, device: torch.device) -> Prior:
     return prior
 
 
-def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.device) -> Any:
+def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.device) -> SemanticEncoder:
     identity = metadata["encoder"]
     family = identity.get("family", "janus")
     kind = identity.get("kind")
@@ -109,6 +112,7 @@ def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.de
     with _LOCK:
         if key in _ENCODERS:
             return _ENCODERS[key]
+    encoder: SemanticEncoder
     if family == "hf-vision":
         from semrecon_core.encoders.hf_vision import HFVisionEncoder
 
@@ -144,4 +148,3 @@ def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.de
     with _LOCK:
         _ENCODERS[key] = encoder
     return encoder
-

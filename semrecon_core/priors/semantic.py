@@ -101,8 +101,11 @@ class SemanticPrior:
 
     @torch.no_grad()
     def status(self, image: torch.Tensor) -> dict[str, Any]:
-        """Trace extras: the ``embedding`` ``(slices, D)`` (reusing the last loss evaluation's when it is
-        of this batch, sparing a second encoder pass) and, for image-language banks, the model's ``answer``."""
+        """Trace extras: the ``embedding`` ``(slices, D)`` and, for image-language banks, the model's ``answer``.
+
+        The embedding of the last loss evaluation is reused when it is of this batch, sparing a second
+        encoder pass.
+        """
         cached = self.last_embedding
         embedding = cached if cached is not None and cached.shape[0] == image.shape[0] else self.embed(image)
         status: dict[str, Any] = {"embedding": embedding.float().cpu().tolist()}
