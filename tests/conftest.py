@@ -1,11 +1,19 @@
-"""Shared fixtures: the optional ../shared/data folder, tools on PATH, and the cuda marker."""
+"""Shared fixtures: the optional ../shared/data folder, the cuda marker, and session-wide test inputs.
+
+Session fixtures build each expensive input once per test run: the tiny random Janus (``tiny_janus``), an
+image-only bank built with it (``tiny_janus_bank``) and ismrmrd-tools' Shepp-Logan raw files
+(``shepp_logan_raw``). They are shared by every test that asks, so tests must treat them as read-only.
+Plain helper functions live in ``tests/helpers.py``; test modules import from there, never from each other.
+"""
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import build_image_bank, write_shepp_logan_raw
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -16,14 +24,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (it is not part of the repository)")
     return SHARED_DATA
-
-
-def require_tool(name: str) -> str:
-    """Path of a command-line tool, or skip the test naming the missing Debian package."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"'{name}' is not on PATH (install the Debian package: bart / ismrmrd-tools)")
-    return path
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,42 +37,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def shepp_logan_raw(path: Path, *, matrix: int, coils: int, acs: int, repetitions: int) -> Path:
-    """Write ``ismrmrd_generate_cartesian_shepp_logan``'s raw file to a fresh ``path``; skip without the tool.
-
-    Always with a noise scan (``-C``), 2× readout oversampling, acceleration 2 and noise 0.05; the tool
-    stores the true phantom and coil maps beside the acquisitions. It appends to existing files, so
-    ``path`` must not exist.
-    """
-    import subprocess
-
-    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
-    args = ["-m", matrix, "-c", coils, "-O", 2, "-a", 2, "-w", acs, "-C", "-r", repetitions, "-n", 0.05]
-    subprocess.run([tool, *map(str, args), "-o", str(path)], check=True, capture_output=True, timeout=120)
-    return path
-
-
-def tiny_janus_with_bank(folder: Path) -> tuple[Path, Path]:
-    """A tiny random Janus in ``folder`` and a pooled image-only bank built with it from random images.
-
-    Returns ``(model directory, bank path)``; for pipeline tests of the semantic prior (random weights).
-    """
-    import torch
-
-    from semrecon_core.encoders.janus import JanusImageEncoder
+@pytest.fixture(scope="session")
+def tiny_janus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory of a tiny random Janus (``build_tiny_janus``, seed 0), built once per session."""
+    pytest.importorskip("transformers")
     from semrecon_core.encoders.tiny import build_tiny_janus
-    from semrecon_core.priors.bank import bank_from_features, embed_images
 
-    tiny = build_tiny_janus(folder / "tiny-janus")
-    encoder = JanusImageEncoder.from_pretrained(str(tiny))
-    generator = torch.Generator().manual_seed(0)
-    positives = [torch.rand(1, 32, 32, generator=generator).to(torch.complex64) for _ in range(2)]
-    negatives = [p + 0.3 * torch.rand(1, 32, 32, generator=generator) for p in positives]
-    bank = bank_from_features(
-        embed_images(encoder, positives),
-        embed_images(encoder, negatives),
-        identity=encoder.identity,
-        similarity="pooled",
-        weights=(0.005, 0.5, 1.0),
-    )
-    return tiny, bank.save(folder / "bank.safetensors")
+    return build_tiny_janus(tmp_path_factory.mktemp("tiny-janus") / "tiny-janus")
+
+
+@pytest.fixture(scope="session")
+def tiny_janus_bank(tiny_janus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(model directory, bank path)``: the session's tiny Janus and a pooled image-only bank built with it."""
+    return tiny_janus, build_image_bank(tiny_janus, tmp_path_factory.mktemp("tiny-janus-bank") / "bank.safetensors")
+
+
+@pytest.fixture(scope="session")
+def shepp_logan_raw(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``shepp_logan_raw(matrix=32, coils=4, acs=16, repetitions=1) -> Path``: an ismrmrd-tools phantom file.
+
+    Each parameter set is written once per session (noise scan, 2× readout oversampling, R = 2, noise 0.05,
+    true phantom and coil maps stored beside the acquisitions); tests skip without the tool.
+    """
+    files: dict[tuple[int, int, int, int], Path] = {}
+
+    def make(*, matrix: int = 32, coils: int = 4, acs: int = 16, repetitions: int = 1) -> Path:
+        key = (matrix, coils, acs, repetitions)
+        if key not in files:
+            folder = tmp_path_factory.mktemp(f"shepp-logan-{matrix}-{coils}c-{acs}acs-{repetitions}r")
+            files[key] = write_shepp_logan_raw(
+                folder / "shepp_logan.h5", matrix=matrix, coils=coils, acs=acs, repetitions=repetitions
+            )
+        return files[key]
+
+    return make

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
-from semrecon_core.physics.linop import LinearOperator
+if TYPE_CHECKING:
+    from semrecon_core.data.kspace import KSpace
+    from semrecon_core.physics.linop import LinearOperator
 
 
 def random_tensor(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
@@ -55,3 +60,89 @@ def check_linear_operator(
     (vjp_adjoint,) = torch.autograd.grad(op.adjoint(y_leaf), y_leaf, grad_outputs=x)
     close(vjp_forward, ahy, "autograd through A does not give Aᴴ")
     close(vjp_adjoint, ax, "autograd through Aᴴ does not give A")
+
+
+# --- tools, phantoms and models shared by several test modules ------------------------------------
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool, or skip the test naming the missing Debian package."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"'{name}' is not on PATH (install the Debian package: bart / ismrmrd-tools)")
+    return path
+
+
+def write_shepp_logan_raw(path: Path, *, matrix: int, coils: int, acs: int, repetitions: int) -> Path:
+    """Write ``ismrmrd_generate_cartesian_shepp_logan``'s raw file to a fresh ``path``; skip without the tool.
+
+    Always with a noise scan (``-C``), 2× readout oversampling, acceleration 2 and noise 0.05; the tool
+    stores the true phantom and coil maps beside the acquisitions. It appends to existing files, so
+    ``path`` must not exist. Tests use the session fixture ``shepp_logan_raw`` (``conftest.py``).
+    """
+    import subprocess
+
+    if path.exists():
+        raise FileExistsError(f"{path}: the phantom tool would append to an existing file")
+    tool = require_tool("ismrmrd_generate_cartesian_shepp_logan")
+    args = ["-m", matrix, "-c", coils, "-O", 2, "-a", 2, "-w", acs, "-C", "-r", repetitions, "-n", 0.05]
+    subprocess.run([tool, *map(str, args), "-o", str(path)], check=True, capture_output=True, timeout=120)
+    return path
+
+
+def phantom_scan(n: int = 64, coils: int = 8, acceleration: float = 1.0, acs: int = 24) -> tuple[KSpace, torch.Tensor]:
+    """A Shepp-Logan phantom with birdcage coils and a smooth phase, sampled with a gaussian 1-D mask.
+
+    Returns the ``KSpace`` (one slice, ground truth attached) and the true coil maps ``(1, coils, n, n)``.
+    """
+    import numpy as np
+    import sigpy.mri
+
+    from semrecon_core.data.kspace import Geometry, KSpace
+    from semrecon_core.physics.fft import fft2c
+    from semrecon_core.physics.masks import sampling_mask
+
+    image = np.abs(sigpy.shepp_logan((n, n))).astype(np.complex64)
+    yy, xx = np.mgrid[-1 : 1 : n * 1j, -1 : 1 : n * 1j]
+    image = image * np.exp(1j * (0.8 * xx + 0.4 * yy**2)).astype(np.complex64)
+    maps = sigpy.mri.birdcage_maps((coils, n, n)).astype(np.complex64)
+    full = fft2c(torch.from_numpy(maps * image))[None]
+    mask = sampling_mask("gaussian", (n, n), acceleration, acs, seed=1)[None] if acceleration > 1 else None
+    mask = torch.ones(1, n, n, dtype=torch.bool) if mask is None else mask
+    start = n // 2 - acs // 2
+    scan = KSpace(
+        data=full * mask.unsqueeze(1),
+        mask=mask,
+        calibration=full[:, :, start : start + acs, :].clone(),
+        geometry=Geometry((n, n, 1), (n, n, 1), (200.0, 200.0, 5.0), (200.0, 200.0, 5.0)),
+        ground_truth=torch.from_numpy(image)[None],
+        source="phantom",
+    )
+    return scan, torch.from_numpy(maps)[None]
+
+
+def build_image_bank(encoder_directory: Path, path: Path) -> Path:
+    """A pooled image-only embedding bank at ``path``, built with the Janus in ``encoder_directory``.
+
+    Positives are two random 32² images, negatives the same images plus uniform noise; for pipeline tests
+    of the semantic prior (the tiny Janus has random weights, so the prior's values mean nothing).
+    """
+    from semrecon_core.encoders.janus import JanusImageEncoder
+    from semrecon_core.priors.bank import bank_from_features, embed_images
+
+    encoder = JanusImageEncoder.from_pretrained(str(encoder_directory))
+    generator = torch.Generator().manual_seed(0)
+    positives = [torch.rand(1, 32, 32, generator=generator).to(torch.complex64) for _ in range(2)]
+    negatives = [p + 0.3 * torch.rand(1, 32, 32, generator=generator) for p in positives]
+    bank = bank_from_features(
+        embed_images(encoder, positives),
+        embed_images(encoder, negatives),
+        identity=encoder.identity,
+        similarity="pooled",
+        weights=(0.005, 0.5, 1.0),
+    )
+    return bank.save(path)

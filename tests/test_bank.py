@@ -11,12 +11,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from semrecon_core.config import ConfigError, ReconConfig  # noqa: E402
-from semrecon_core.encoders.janus import JanusImageEncoder, JanusLanguageEncoder  # noqa: E402
-from semrecon_core.encoders.tiny import build_tiny_janus  # noqa: E402
-from semrecon_core.priors import build_prior, clear_cache  # noqa: E402
-from semrecon_core.priors.bank import BankError, bank_from_features, embed_images, load_bank  # noqa: E402
-from semrecon_core.priors.semantic import SemanticPrior  # noqa: E402
+from semrecon_core.config import ConfigError, ReconConfig
+from semrecon_core.encoders.janus import JanusImageEncoder, JanusLanguageEncoder
+from semrecon_core.encoders.tiny import build_tiny_janus
+from semrecon_core.priors.bank import BankError, bank_from_features, embed_images, load_bank
+from semrecon_core.priors.factory import build_prior, clear_cache
+from semrecon_core.priors.semantic import SemanticPrior
 
 WEIGHTS = (0.005, 0.5, 1.0)
 
@@ -42,13 +42,8 @@ def _aliased(image: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_janus(tmp_path_factory.mktemp("bank") / "tiny-janus")
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny: Path) -> JanusImageEncoder:
-    return JanusImageEncoder.from_pretrained(str(tiny))
+def encoder(tiny_janus: Path) -> JanusImageEncoder:
+    return JanusImageEncoder.from_pretrained(str(tiny_janus))
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +100,10 @@ def test_descending_the_semantic_loss_lowers_it(encoder, features) -> None:
     assert losses[-1] < losses[0]
 
 
-def test_bank_built_with_another_encoder_is_refused(tiny, encoder, features, tmp_path: Path) -> None:
+def test_bank_built_with_another_encoder_is_refused(tiny_janus, encoder, features, tmp_path: Path) -> None:
     bank = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS)
     path = bank.save(tmp_path / "bank.safetensors")
-    other_layers = JanusImageEncoder.from_pretrained(str(tiny), layers=(1, 12, 24))
+    other_layers = JanusImageEncoder.from_pretrained(str(tiny_janus), layers=(1, 12, 24))
     with pytest.raises(BankError, match="layers"):
         load_bank(path, other_layers)
     other_weights = build_tiny_janus(tmp_path / "other", seed=1)
@@ -124,7 +119,7 @@ def test_corrupt_or_foreign_bank_files_give_clear_errors(encoder, features, tmp_
     )
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(BankError, match="truncated.safetensors"):
+    with pytest.raises(BankError, match=r"truncated\.safetensors"):
         load_bank(truncated)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
@@ -138,35 +133,57 @@ def test_corrupt_or_foreign_bank_files_give_clear_errors(encoder, features, tmp_
         load_bank(tmp_path / "absent.safetensors")
 
 
-def test_language_bank_and_prior(tiny, tmp_path: Path) -> None:
-    language = JanusLanguageEncoder.from_pretrained(str(tiny))
+def _info_nce_by_hand(
+    query: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, tau_pos: float, tau_neg: float
+) -> torch.Tensor:
+    """Per-query ``−log Σ_p exp(s_p/τ_pos) / (Σ_p exp(s_p/τ_pos) + Σ_n exp(s_n/τ_neg))``, cosine ``s``."""
+    unit = torch.nn.functional.normalize
+    s_pos = unit(query.double(), dim=-1) @ unit(positives.double(), dim=-1).T
+    s_neg = unit(query.double(), dim=-1) @ unit(negatives.double(), dim=-1).T
+    numerator = torch.exp(s_pos / tau_pos).sum(-1)
+    return -torch.log(numerator / (numerator + torch.exp(s_neg / tau_neg).sum(-1)))
+
+
+def test_language_bank_and_prior(tiny_janus, tmp_path: Path) -> None:
+    language = JanusLanguageEncoder.from_pretrained(str(tiny_janus))
     positives = [_phantom(seed) for seed in range(2)]
     pos = embed_images(language, positives, perturbations=2, sigma=0.03)
     neg = embed_images(language, [_aliased(p) for p in positives], perturbations=2, sigma=0.03, seed=1)
     assert pos[0].shape == (4, 64)
     bank = bank_from_features(pos, neg, identity=language.identity, similarity="vector", weights=(1.0,))
     loaded = load_bank(bank.save(tmp_path / "lang.safetensors"), language)
-    image = _phantom(5).requires_grad_(True)
+    image = torch.cat([_phantom(5), _aliased(_phantom(6))]).requires_grad_(True)  # two slices
+    with torch.no_grad():
+        query = language.encode(image)[0]
+    bank_pos, bank_neg = loaded.positives[0], loaded.negatives[0]
+    # paper: Eq. (3) with one temperature τ = 0.07 for positives and negatives, mean over slices
+    expected = {"paper": _info_nce_by_hand(query, bank_pos, bank_neg, 0.07, 0.07).mean()}
+    # public code (image-language): τ_pos = 0.1 for the positives, τ_neg = 0.7 for the negatives, sum over slices
+    expected["public-code"] = _info_nce_by_hand(query, bank_pos, bank_neg, 0.1, 0.7).sum()
+    swapped = _info_nce_by_hand(query, bank_pos, bank_neg, 0.7, 0.1).sum()
+    assert abs(swapped - expected["public-code"]) > 0.01 * abs(expected["public-code"])  # the check can tell
     for variant in ("paper", "public-code"):
         prior = SemanticPrior(language, loaded, variant=variant)
+        image.grad = None
         loss = prior.loss(image)
         loss.backward()
-        assert torch.isfinite(loss) and torch.isfinite(torch.view_as_real(image.grad)).all()
+        assert loss.item() == pytest.approx(expected[variant].item(), rel=1e-4), variant
+        assert torch.isfinite(torch.view_as_real(image.grad)).all()
     answers = prior.answer(image.detach())
-    assert len(answers) == 1 and set(answers[0]) >= {"answer", "choice", "p_high", "p_low"}
+    assert len(answers) == 2 and all(set(answer) >= {"answer", "choice", "p_high", "p_low"} for answer in answers)
     with pytest.raises(BankError, match="instruction"):
-        SemanticPrior(JanusLanguageEncoder.from_pretrained(str(tiny), instruction="table-s1-3"), loaded)
+        SemanticPrior(JanusLanguageEncoder.from_pretrained(str(tiny_janus), instruction="table-s1-3"), loaded)
 
 
-def test_build_prior_none_tv_semantic_and_cache(tiny, encoder, features, tmp_path: Path) -> None:
+def test_build_prior_none_tv_semantic_and_cache(tiny_janus, encoder, features, tmp_path: Path) -> None:
     assert build_prior(ReconConfig(prior="none"), "cpu") is None
     assert build_prior(ReconConfig(prior="tv"), "cpu").label.startswith("TV")
     with pytest.raises(ConfigError, match="bank"):
-        build_prior(ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny)), "cpu")
+        build_prior(ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny_janus)), "cpu")
     path = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS).save(
         tmp_path / "bank.safetensors"
     )
-    config = ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny), bank=str(path))
+    config = ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny_janus), bank=str(path))
     clear_cache()
     prior = build_prior(config, "cpu")
     assert isinstance(prior, SemanticPrior) and build_prior(config, "cpu") is prior
@@ -177,7 +194,7 @@ def test_build_prior_none_tv_semantic_and_cache(tiny, encoder, features, tmp_pat
 
 
 def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positives(
-    tiny, tmp_path: Path, capsys
+    tiny_janus, tmp_path: Path, capsys
 ) -> None:
     from semrecon_core.commands.main import main
     from semrecon_core.physics.fft import fft2c
@@ -195,7 +212,7 @@ def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positiv
         str(tmp_path / "images.npy"),
         str(tmp_path / "kspace.npy"),
         "--encoder",
-        str(tiny),
+        str(tiny_janus),
         "--device",
         "cpu",
         "--similarity",
@@ -224,7 +241,7 @@ def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positiv
                 "--positives",
                 str(tmp_path / "under.npy"),
                 "--encoder",
-                str(tiny),
+                str(tiny_janus),
                 "--device",
                 "cpu",
             ]

@@ -72,8 +72,13 @@ def test_image_slices_must_match_the_kspace() -> None:
 def test_failed_write_leaves_the_previous_file_untouched(tmp_path) -> None:
     target = tmp_path / "out.bin"
     target.write_bytes(b"previous")
-    with pytest.raises(RuntimeError), atomic_path(target) as temp:
-        temp.write_bytes(b"partial")
-        raise RuntimeError("writer failed")
+
+    def write_and_fail() -> None:
+        with atomic_path(target) as temp:
+            temp.write_bytes(b"partial")
+            raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        write_and_fail()
     assert target.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [target]

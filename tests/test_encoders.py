@@ -16,22 +16,16 @@ from semrecon_core.encoders.janus import JanusImageEncoder, JanusLanguageEncoder
 from semrecon_core.encoders.loading import EncoderUnavailable  # noqa: E402
 from semrecon_core.encoders.preprocess import crop_or_pad, to_pixels  # noqa: E402
 from semrecon_core.encoders.protocol import SemanticEncoder  # noqa: E402
-from semrecon_core.encoders.tiny import build_tiny_janus  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_janus(tmp_path_factory.mktemp("enc") / "tiny-janus")
+def image_encoder(tiny_janus: Path) -> JanusImageEncoder:
+    return JanusImageEncoder.from_pretrained(str(tiny_janus))
 
 
 @pytest.fixture(scope="module")
-def image_encoder(tiny: Path) -> JanusImageEncoder:
-    return JanusImageEncoder.from_pretrained(str(tiny))
-
-
-@pytest.fixture(scope="module")
-def language_encoder(tiny: Path) -> JanusLanguageEncoder:
-    return JanusLanguageEncoder.from_pretrained(str(tiny))
+def language_encoder(tiny_janus: Path) -> JanusLanguageEncoder:
+    return JanusLanguageEncoder.from_pretrained(str(tiny_janus))
 
 
 def _image(slices: int = 1, y: int = 40, x: int = 50, seed: int = 0) -> torch.Tensor:
@@ -62,19 +56,19 @@ def test_crop_or_pad_does_not_resample() -> None:
     assert torch.equal(padded[:, 1:8, 1:10], image) and padded.sum() == image.sum()
 
 
-def test_tiny_checkpoint_loads_offline_and_is_labelled_random(tiny: Path, monkeypatch) -> None:
+def test_tiny_checkpoint_loads_offline_and_is_labelled_random(tiny_janus: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    encoder = JanusImageEncoder.from_pretrained(str(tiny), layers=(1, 13, 24))
+    encoder = JanusImageEncoder.from_pretrained(str(tiny_janus), layers=(1, 13, 24))
     assert encoder.is_random and "RANDOM WEIGHTS" in encoder.label
     assert isinstance(encoder, SemanticEncoder)
     assert encoder.identity["layers"] == [1, 13, 24] and encoder.identity["random_weights"] is True
-    processor = transformers.AutoProcessor.from_pretrained(tiny, local_files_only=True)
+    processor = transformers.AutoProcessor.from_pretrained(tiny_janus, local_files_only=True)
     assert type(processor).__name__ == "JanusProcessor" and processor.num_image_tokens == 144
     assert processor.tokenizer.image_token == "<image_placeholder>"
 
 
-def test_vision_tower_alone_loads_the_checkpoints_vision_weights(tiny: Path, image_encoder) -> None:
-    full = transformers.JanusForConditionalGeneration.from_pretrained(tiny, local_files_only=True)
+def test_vision_tower_alone_loads_the_checkpoints_vision_weights(tiny_janus: Path, image_encoder) -> None:
+    full = transformers.JanusForConditionalGeneration.from_pretrained(tiny_janus, local_files_only=True)
     ours, reference = image_encoder.vision.state_dict(), full.model.vision_model.state_dict()
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
@@ -102,8 +96,8 @@ def test_gradients_reach_the_complex_image_and_weights_stay_frozen(image_encoder
     assert all(not p.requires_grad and p.grad is None for p in image_encoder.vision.parameters())
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny: Path, image_encoder: JanusImageEncoder) -> None:
-    checkpointed = JanusImageEncoder.from_pretrained(str(tiny), gradient_checkpointing=True)
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_janus: Path, image_encoder: JanusImageEncoder) -> None:
+    checkpointed = JanusImageEncoder.from_pretrained(str(tiny_janus), gradient_checkpointing=True)
     grads = []
     for encoder in (image_encoder, checkpointed):
         image = _image(seed=3).requires_grad_(True)
@@ -112,9 +106,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny: Path, image_encod
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
-def test_layers_outside_the_model_are_rejected(tiny: Path) -> None:
+def test_layers_outside_the_model_are_rejected(tiny_janus: Path) -> None:
     with pytest.raises(ValueError, match="layers"):
-        JanusImageEncoder.from_pretrained(str(tiny), layers=(1, 30))
+        JanusImageEncoder.from_pretrained(str(tiny_janus), layers=(1, 30))
 
 
 def test_language_embedding_equals_the_models_own_forward(language_encoder: JanusLanguageEncoder) -> None:
