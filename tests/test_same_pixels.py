@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_janus_with_bank
-
 ismrmrd = pytest.importorskip("ismrmrd")
 pytest.importorskip("gadgetron")
 
@@ -51,9 +49,9 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def model(tiny_janus_bank: tuple[Path, Path]) -> dict[str, str]:
     """Properties of the semantic prior: a tiny random Janus and a bank built with it."""
-    tiny, bank = tiny_janus_with_bank(tmp_path_factory.mktemp("model"))
+    tiny, bank = tiny_janus_bank
     return {"encoder": str(tiny), "bank": str(bank)}
 
 

@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import shepp_logan_raw, tiny_janus_with_bank
-
 pytest.importorskip("gadgetron")
 ismrmrd = pytest.importorskip("ismrmrd")
 
@@ -28,11 +26,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:A builtin ctypes object gave a P
 
 
 @pytest.fixture(scope="module")
-def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
+def scan(shepp_logan_raw) -> tuple[str, list]:
     """A small Shepp-Logan raw file (4 coils, 32², R=2, 16 ACS lines) as ``(xml header, [ReconData])``."""
     from semrecon_core.data.buffers import recon_data_from_acquisitions
 
-    path = shepp_logan_raw(tmp_path_factory.mktemp("serve") / "phantom.h5", matrix=32, coils=4, acs=16, repetitions=1)
+    path = shepp_logan_raw(matrix=32, coils=4, acs=16, repetitions=1)
     dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
     try:
         header = dataset.read_xml_header().decode("utf-8")
@@ -43,9 +41,9 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
 
 
 @pytest.fixture(scope="module")
-def semantic_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def semantic_properties(tiny_janus_bank: tuple[Path, Path]) -> dict[str, str]:
     """Properties of a semantic reconstruction with a tiny random Janus and a bank built from it."""
-    tiny, path = tiny_janus_with_bank(tmp_path_factory.mktemp("model"))
+    tiny, path = tiny_janus_bank
     return {
         "backbone": "unet",
         "prior": "semantic",
