@@ -29,11 +29,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:A builtin ctypes object gave a P
 CHAIN = Path(__file__).resolve().parents[1] / "config" / "semrecon_cgsense.xml"
 DISPLAY_GADGETS = ("AutoScaleGadget", "FloatToUShortGadget")
 DEEP = ("unet", "unrolled", "inr")
+PRIORS = ("none", "tv", "semantic")
 CASES = [
     ("zero-filled", "none"),
     ("sense", "none"),
     ("sense", "tv"),
-    *((backbone, prior) for backbone in DEEP for prior in ("none", "tv", "semantic")),
+    # about 10 s each on 2 CPU cores
+    *(pytest.param(backbone, prior, marks=pytest.mark.slow) for backbone in DEEP for prior in PRIORS),
 ]
 # Small networks and few iterations: the test is about the paths, not about image quality.
 DEEP_PROPERTIES = {"iterations": "3", "width": "8", "depth": "3"}
