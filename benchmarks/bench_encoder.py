@@ -206,7 +206,7 @@ def _write_atomic(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w") as file:
         file.write(text)
-    os.replace(temporary, path)
+    Path(temporary).replace(path)
 
 
 def _markdown(runs: dict) -> str:
@@ -217,8 +217,10 @@ def _markdown(runs: dict) -> str:
             "",
         ]
         lines += [
-            f"CPU threads per case: {run['cpu_threads']}; 1-min load average of the (shared) machine "
-            f"when the run started: {run['load_average_1min_at_start']:.1f}",
+            (
+                f"CPU threads per case: {run['cpu_threads']}; 1-min load average of the (shared) machine "
+                f"when the run started: {run['load_average_1min_at_start']:.1f}"
+            ),
             "",
         ]
         lines += [

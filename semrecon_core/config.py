@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 Backbone = Literal["zero-filled", "sense", "unet", "unrolled", "inr"]
 PriorName = Literal["none", "tv", "semantic"]
@@ -168,8 +168,8 @@ class ReconConfig:
         """True for the solvers without a network (zero-filled, CG-SENSE, compressed-sensing TV)."""
         return self.backbone in ("zero-filled", "sense")
 
-    def resolved(self) -> ReconConfig:
-        """Return a copy with every ``None`` field filled from the preset (or the classical defaults)."""
+    def resolved(self) -> ResolvedConfig:
+        """Return a copy with every preset-dependent field filled from the preset (or the classical defaults)."""
         updates: dict[str, Any] = {}  # field values of several types; __post_init__ validates them
         for f in fields(self):
             if getattr(self, f.name) is not None:
@@ -183,10 +183,11 @@ class ReconConfig:
                 updates[f.name] = table[(f.name, self.backbone)]
             elif (f.name, None) in table:
                 updates[f.name] = table[(f.name, None)]
-        return dataclasses.replace(self, **updates)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ResolvedConfig(**{**values, **updates})
 
-    def replace(self, **changes: Any) -> ReconConfig:
-        """Return a validated copy with ``changes`` applied."""
+    def replace(self: _Config, **changes: Any) -> _Config:
+        """Return a validated copy (of the same class) with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -227,6 +228,36 @@ class ReconConfig:
             else:
                 out[f.name] = str(value)
         return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedConfig(ReconConfig):
+    """A :class:`ReconConfig` whose preset-dependent fields are all set: what the engines receive.
+
+    Made by :meth:`ReconConfig.resolved`; ``bank``, ``checkpoint``, ``width`` and ``depth`` stay optional.
+    """
+
+    lam: float = 0.0
+    iterations: int = 0
+    lr: float = 0.0
+    data_term: Literal["l2", "l1"] = "l2"
+    level_weights: tuple[float, ...] = ()
+    similarity: Literal["pooled", "token-pca"] = "pooled"
+    sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        missing = [name for name in _RESOLVED if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"resolved configuration: no value for {', '.join(missing)}")
+
+    def resolved(self) -> ResolvedConfig:
+        """Already resolved: itself."""
+        return self
+
+
+_RESOLVED = ("lam", "iterations", "lr", "data_term", "level_weights", "similarity", "sigma")
+_Config = TypeVar("_Config", bound=ReconConfig)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

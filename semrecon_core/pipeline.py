@@ -18,16 +18,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from semrecon_core.config import ReconConfig
+from semrecon_core.config import ReconConfig, ResolvedConfig
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.priors.base import AnsweringPrior, Prior
-from semrecon_core.solvers.status import Callback
+
+if TYPE_CHECKING:
+    from semrecon_core.solvers.status import Callback
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ class Reconstruction:
     kspace: KSpace
     maps: torch.Tensor
     result: ReconResult
-    config: ReconConfig
+    config: ResolvedConfig
     answers: list[dict[str, Any]] | None = None
     seconds: float = 0.0
 

@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("peft")
 
-from semrecon_core.backbones.checkpoint import load_backbone, metadata_path, save_checkpoint  # noqa: E402
-from semrecon_core.backbones.lora import apply_lora, count_parameters  # noqa: E402
-from semrecon_core.backbones.siren import Adaptor, InrImage, Siren, SirenSpec, coordinate_grid  # noqa: E402
-from semrecon_core.backbones.unet import UNet, UNetSpec  # noqa: E402
-from semrecon_core.backbones.unrolled import UnrolledNet, ssdu_split  # noqa: E402
-from semrecon_core.physics.sense import SenseOp  # noqa: E402
+from semrecon_core.backbones.checkpoint import load_backbone, metadata_path, save_checkpoint
+from semrecon_core.backbones.lora import apply_lora, count_parameters
+from semrecon_core.backbones.siren import Adaptor, InrImage, Siren, SirenSpec, coordinate_grid
+from semrecon_core.backbones.unet import UNet, UNetSpec
+from semrecon_core.backbones.unrolled import UnrolledNet, ssdu_split
+from semrecon_core.physics.sense import SenseOp
 
 
 def _complex(*shape: int, seed: int = 0) -> torch.Tensor:

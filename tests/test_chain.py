@@ -59,7 +59,7 @@ def test_shipped_chains_parse_and_validate(name: str) -> None:
     assert [node.classname for node in chain.nodes] == STREAM
     trigger = chain.nodes[2].properties
     assert trigger["trigger_dimension"] == "repetition"
-    assert chain.nodes[3].properties["split_slices"] == "true"
+    assert chain.nodes[3].properties["split_slices"] == "false"  # the volume in one buffer, like semrecon recon
     settings = settings_from_configuration(chain.external.configuration)
     config = settings.config
     if name in ("semrecon_semantic.xml", "semrecon_connect.xml"):

@@ -15,8 +15,7 @@ from semrecon_core.engines.classical import sense
 from semrecon_core.pipeline import reconstruct
 from semrecon_core.priors.tv import TVPrior
 from semrecon_core.solvers.status import SolverStatus
-from tests.conftest import require_tool
-from tests.test_physics import phantom_scan
+from tests.helpers import phantom_scan, require_tool
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_classical_vs_bart.py"
 

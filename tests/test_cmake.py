@@ -48,8 +48,10 @@ def test_install_into_a_prefix_puts_files_where_gadgetron_looks(tmp_path: Path) 
         [
             sys.executable,
             "-c",
-            "import semrecon_gadget, inspect; print(inspect.getfile(semrecon_gadget)); "
-            "print(callable(semrecon_gadget.reconstruct))",
+            (
+                "import semrecon_gadget, inspect; print(inspect.getfile(semrecon_gadget)); "
+                "print(callable(semrecon_gadget.reconstruct))"
+            ),
         ],
         capture_output=True,
         text=True,

@@ -10,21 +10,21 @@ import torch
 
 pytest.importorskip("peft")
 
-from semrecon_core import metrics  # noqa: E402
-from semrecon_core.backbones.checkpoint import save_checkpoint  # noqa: E402
-from semrecon_core.backbones.siren import SirenSpec  # noqa: E402
-from semrecon_core.backbones.unet import UNet, UNetSpec  # noqa: E402
-from semrecon_core.backbones.unrolled import UnrolledNet  # noqa: E402
-from semrecon_core.config import ReconConfig  # noqa: E402
-from semrecon_core.data.simulate import coil_maps, simulate_kspace  # noqa: E402
-from semrecon_core.engines import get_engine  # noqa: E402
-from semrecon_core.engines.base import ReconResult  # noqa: E402
-from semrecon_core.engines.fitting import data_term, final_data_consistency  # noqa: E402
-from semrecon_core.physics.sense import SenseOp  # noqa: E402
-from semrecon_core.pipeline import prepare_problem, reconstruct  # noqa: E402
-from semrecon_core.priors.base import Prior  # noqa: E402
-from semrecon_core.priors.tv import TVPrior  # noqa: E402
-from semrecon_core.solvers.status import Callback, SolverStatus  # noqa: E402
+from semrecon_core import metrics
+from semrecon_core.backbones.checkpoint import save_checkpoint
+from semrecon_core.backbones.siren import SirenSpec
+from semrecon_core.backbones.unet import UNet, UNetSpec
+from semrecon_core.backbones.unrolled import UnrolledNet
+from semrecon_core.config import ReconConfig
+from semrecon_core.data.simulate import coil_maps, simulate_kspace
+from semrecon_core.engines import get_engine
+from semrecon_core.engines.base import ReconResult
+from semrecon_core.engines.fitting import data_term, final_data_consistency
+from semrecon_core.physics.sense import SenseOp
+from semrecon_core.pipeline import prepare_problem, reconstruct
+from semrecon_core.priors.base import Prior
+from semrecon_core.priors.tv import TVPrior
+from semrecon_core.solvers.status import Callback, SolverStatus
 
 SIZE = 48
 
@@ -181,15 +181,12 @@ def test_inr_public_code_two_phase(case) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_semantic_prior(tmp_path_factory: pytest.TempPathFactory, case):
-    pytest.importorskip("transformers")
+def tiny_semantic_prior(tiny_janus: Path, case):
     from semrecon_core.encoders.janus import JanusImageEncoder
-    from semrecon_core.encoders.tiny import build_tiny_janus
     from semrecon_core.priors.bank import bank_from_features, embed_images
     from semrecon_core.priors.semantic import SemanticPrior
 
-    directory = build_tiny_janus(tmp_path_factory.mktemp("tiny") / "janus")
-    encoder = JanusImageEncoder.from_pretrained(str(directory), device="cpu")
+    encoder = JanusImageEncoder.from_pretrained(str(tiny_janus), device="cpu")
     kspace, _, problem, _ = case
     truth = kspace.ground_truth.to(torch.complex64)
     zero_filled = SenseOp(problem.maps, problem.mask).adjoint(problem.kspace)
@@ -236,7 +233,7 @@ def test_pretrain_cli_writes_checkpoint_the_engine_loads(case, tmp_path: Path) -
     np.save(images / "b.npy", case[0].ground_truth[0].numpy()[::-1].copy())
     out = tmp_path / "warm.safetensors"
     argv = ["pretrain", str(out), "--images", str(images), "--width", "4", "--depth", "2", "--epochs", "2"]
-    assert main(argv + ["--acs-width", "12"]) == 0
+    assert main([*argv, "--acs-width", "12"]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["backbone"] == "unet" and meta["epochs"] == 2 and len(meta["loss_per_epoch"]) == 2
     assert meta["data"][0]["sha256"] == hashlib.sha256((images / "a.npy").read_bytes()).hexdigest()

@@ -56,7 +56,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for successor in sorted(graph[node]):
             if state.get(successor) == 1:
-                return path[path.index(successor) :] + [successor]
+                return [*path[path.index(successor) :], successor]
             if successor not in state and (cycle := visit(successor)):
                 return cycle
         path.pop()

@@ -14,31 +14,7 @@ from semrecon_core.physics.fft import fft2c, ifft2c
 from semrecon_core.physics.linop import FFTOp, GradientOp, LinearOperator, MaskOp, SensitivityOp
 from semrecon_core.physics.masks import MASK_KINDS, sampling_mask
 from semrecon_core.physics.sense import SenseOp
-from tests.helpers import check_linear_operator, random_tensor
-
-
-def phantom_scan(n: int = 64, coils: int = 8, acceleration: float = 1.0, acs: int = 24) -> tuple[KSpace, torch.Tensor]:
-    """A Shepp-Logan phantom with birdcage coils and a smooth phase, sampled with a gaussian 1-D mask."""
-    import sigpy.mri
-
-    image = np.abs(sigpy.shepp_logan((n, n))).astype(np.complex64)
-    yy, xx = np.mgrid[-1 : 1 : n * 1j, -1 : 1 : n * 1j]
-    image = image * np.exp(1j * (0.8 * xx + 0.4 * yy**2)).astype(np.complex64)
-    maps = sigpy.mri.birdcage_maps((coils, n, n)).astype(np.complex64)
-    full = fft2c(torch.from_numpy(maps * image))[None]
-    mask = sampling_mask("gaussian", (n, n), acceleration, acs, seed=1)[None] if acceleration > 1 else None
-    mask = torch.ones(1, n, n, dtype=torch.bool) if mask is None else mask
-    start = n // 2 - acs // 2
-    scan = KSpace(
-        data=full * mask.unsqueeze(1),
-        mask=mask,
-        calibration=full[:, :, start : start + acs, :].clone(),
-        geometry=Geometry((n, n, 1), (n, n, 1), (200.0, 200.0, 5.0), (200.0, 200.0, 5.0)),
-        ground_truth=torch.from_numpy(image)[None],
-        source="phantom",
-    )
-    return scan, torch.from_numpy(maps)[None]
-
+from tests.helpers import check_linear_operator, phantom_scan, random_tensor
 
 # --- FFT and linear operators -------------------------------------------------------------------
 

@@ -9,8 +9,7 @@ from semrecon_core.priors.tv import TVPrior
 from semrecon_core.solvers.cg import conjugate_gradient
 from semrecon_core.solvers.pdhg import pdhg
 from semrecon_core.solvers.status import Callback, SolverStatus
-from tests.helpers import random_tensor
-from tests.test_physics import phantom_scan
+from tests.helpers import phantom_scan, random_tensor
 
 
 def _stop_after(iteration: int, statuses: list[SolverStatus]) -> Callback:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from semrecon_core.config import ReconConfig
+    from semrecon_core.config import ReconConfig, ResolvedConfig
     from semrecon_core.data.kspace import KSpace
 
 DEMO_BACKBONES = ("unet", "unrolled", "inr")
@@ -88,7 +88,7 @@ def choose_encoder(name: str, allow_download: bool, out: Path) -> tuple[str, boo
         return str(directory), True
 
 
-def build_demo_bank(kspace: KSpace, out: Path, config: ReconConfig) -> Path:
+def build_demo_bank(kspace: KSpace, out: Path, config: ResolvedConfig) -> Path:
     """Embedding bank from the simulated scan: fully sampled positive, zero-filled negatives at R ∈ [3, 8].
 
     Encoder, layers, similarity, level weights, device and seed come from the resolved semantic ``config``.
@@ -108,6 +108,8 @@ def build_demo_bank(kspace: KSpace, out: Path, config: ReconConfig) -> Path:
         device=resolve_device(config.device),
         autocast=config.autocast == "bfloat16",
     )
+    if kspace.ground_truth is None:
+        raise ValueError(f"{kspace.source}: the demo bank needs the simulation's ground truth")
     truth = kspace.ground_truth.to(torch.complex64)
     source = Source(images=truth, kspace=fft2c(truth).unsqueeze(1), sha256="", path=Path("simulated"))
     rng = np.random.default_rng(config.seed)

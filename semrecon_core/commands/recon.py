@@ -149,14 +149,15 @@ class _Progress:
         self.start = time.monotonic()
         self.shown = 0.0
 
-    def update(self, status: dict[str, Any]) -> None:
+    def update(self, status: SolverStatus) -> None:
+        """Show ``status`` unless the line was updated less than 0.25 s ago."""
         now = time.monotonic()
         if now - self.shown < 0.25:
             return
         self.shown = now
-        iteration = int(status.get("iteration", 0)) + 1
+        iteration = status.iteration + 1
         eta = (now - self.start) / iteration * max(self.total - iteration, 0)
-        terms = "  ".join(f"{k} {v:.4g}" for k, v in status.items() if k != "iteration" and isinstance(v, (int, float)))
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in status.values.items())
         sys.stderr.write(f"\r  iteration {iteration}/{self.total}  ETA {eta:5.1f} s  {terms}"[:160].ljust(80))
         sys.stderr.flush()
 
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     write_images(args.output, done.images(series_index=args.series_index), xml_header=kspace.xml_header)
     print(f"{args.output}: {image.shape[0]} image(s) {image.shape[-2]}×{image.shape[-1]} — {done.label}")
     if args.npy is not None:
-        with atomic_path(args.npy) as temp, open(temp, "wb") as handle:
+        with atomic_path(args.npy) as temp, temp.open("wb") as handle:
             np.save(handle, image.numpy().astype(np.complex64))
     if args.png is not None:
         _save_png(args.png, image.abs().numpy())

@@ -10,11 +10,13 @@ The named constructors are the readers in :mod:`semrecon_core.data.readers` (``r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
 
 
 @dataclass(frozen=True)

@@ -334,11 +334,11 @@ def write_ismrmrd_raw(
     for s in range(slices):
         plan: list[tuple[int, list[int]]] = []
         if calibration == "separate":
-            plan += [(y, [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION]) for y in np.flatnonzero(acs)]
-            plan += [(y, []) for y in np.flatnonzero(lines)]
+            plan += [(int(y), [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION]) for y in np.flatnonzero(acs)]
+            plan += [(int(y), []) for y in np.flatnonzero(lines)]
         else:
             plan += [
-                (y, [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING] if acs[y] else [])
+                (int(y), [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING] if acs[y] else [])
                 for y in np.flatnonzero(lines | acs)
             ]
         for number, (y, flags) in enumerate(plan):

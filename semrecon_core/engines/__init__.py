@@ -5,8 +5,11 @@ Imports stay lazy so that a classical reconstruction never imports the deep-lear
 
 from __future__ import annotations
 
-from semrecon_core.config import Backbone
-from semrecon_core.engines.base import Engine
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from semrecon_core.config import Backbone
+    from semrecon_core.engines.base import Engine
 
 
 def get_engine(backbone: Backbone) -> Engine:

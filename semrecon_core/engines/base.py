@@ -8,13 +8,14 @@ An engine turns a :class:`ReconProblem` (scaled k-space, mask and coil maps on t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from semrecon_core.config import ReconConfig
-from semrecon_core.priors.base import Prior
-from semrecon_core.solvers.status import Callback
+    from semrecon_core.config import ResolvedConfig
+    from semrecon_core.priors.base import Prior
+    from semrecon_core.solvers.status import Callback
 
 
 @dataclass
@@ -64,5 +65,7 @@ class Engine(Protocol):
     """
 
     def __call__(
-        self, problem: ReconProblem, config: ReconConfig, *, prior: Prior | None, callback: Callback | None
-    ) -> ReconResult: ...
+        self, problem: ReconProblem, config: ResolvedConfig, *, prior: Prior | None, callback: Callback | None
+    ) -> ReconResult:
+        """Reconstruct ``problem``; the image is in the problem's scaled units."""
+        ...

@@ -16,18 +16,20 @@ of MRI; each iteration's status goes to the trace and to the callback, which can
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from semrecon_core.config import ReconConfig
 from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.priors.base import Prior
 from semrecon_core.priors.tv import GRADIENT, TVPrior
 from semrecon_core.solvers.cg import conjugate_gradient
 from semrecon_core.solvers.pdhg import pdhg
 from semrecon_core.solvers.status import Callback, SolverStatus, chain
+
+if TYPE_CHECKING:
+    from semrecon_core.config import ResolvedConfig
+    from semrecon_core.priors.base import Prior
 
 # Primal step of the TV solver relative to the image scale (max |zero-filled| = 1); σ = 1 / (τ‖∇‖²).
 TV_PRIMAL_STEP = 3.0
@@ -36,7 +38,7 @@ TV_INNER_CG = 2
 
 
 def zero_filled(
-    problem: ReconProblem, config: ReconConfig, *, prior: Prior | None, callback: Callback | None
+    problem: ReconProblem, config: ResolvedConfig, *, prior: Prior | None, callback: Callback | None
 ) -> ReconResult:
     """Coil-combined zero-filled image ``Aᴴy`` (maps-weighted adjoint); no iterations, so no callback calls."""
     op = SenseOp(problem.maps, problem.mask)
@@ -45,7 +47,9 @@ def zero_filled(
     return ReconResult(image=image, label="zero-filled (coil-combined adjoint)")
 
 
-def sense(problem: ReconProblem, config: ReconConfig, *, prior: Prior | None, callback: Callback | None) -> ReconResult:
+def sense(
+    problem: ReconProblem, config: ResolvedConfig, *, prior: Prior | None, callback: Callback | None
+) -> ReconResult:
     """CG-SENSE (prior ``none``) or compressed-sensing TV (prior ``tv``) as ``config`` says.
 
     For prior ``tv`` the regulariser is ``config.lam · TV``; a built ``prior`` (a
@@ -72,7 +76,7 @@ def _recorder(trace: list[dict[str, Any]]) -> Callback:
     return record
 
 
-def _cg_sense(problem: ReconProblem, config: ReconConfig, callback: Callback | None) -> ReconResult:
+def _cg_sense(problem: ReconProblem, config: ResolvedConfig, callback: Callback | None) -> ReconResult:
     op = SenseOp(problem.maps, problem.mask)
     trace: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -93,7 +97,7 @@ def _cg_sense(problem: ReconProblem, config: ReconConfig, callback: Callback | N
     )
 
 
-def _tv_pdhg(problem: ReconProblem, config: ReconConfig, tv: TVPrior, callback: Callback | None) -> ReconResult:
+def _tv_pdhg(problem: ReconProblem, config: ResolvedConfig, tv: TVPrior, callback: Callback | None) -> ReconResult:
     op = SenseOp(problem.maps, problem.mask)
     trace: list[dict[str, Any]] = []
     with torch.no_grad():

@@ -12,18 +12,20 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from semrecon_core.config import ReconConfig
 from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.priors.base import Prior
 from semrecon_core.solvers.adam import Closure, adam_fit
 from semrecon_core.solvers.cg import conjugate_gradient
 from semrecon_core.solvers.status import Callback, SolverStatus, chain
+
+if TYPE_CHECKING:
+    from semrecon_core.config import ResolvedConfig
+    from semrecon_core.priors.base import Prior
 
 Batch = Callable[[nn.Module, ReconProblem], tuple[Closure, Callable[[], torch.Tensor]]]
 """``batch(network, sub_problem) -> (training closure, final image function)`` of one slice batch."""
@@ -47,7 +49,7 @@ def loss_terms(
     image: torch.Tensor,
     op: SenseOp,
     measured: torch.Tensor,
-    config: ReconConfig,
+    config: ResolvedConfig,
     prior: Prior | None,
     *,
     lam: float | None = None,
@@ -77,7 +79,7 @@ def final_data_consistency(
         )
 
 
-def autocast(device: torch.device, config: ReconConfig) -> AbstractContextManager[Any]:
+def autocast(device: torch.device, config: ResolvedConfig) -> AbstractContextManager[Any]:
     """bf16 autocast on CUDA when configured (never on CPU, where it is slow and changes results)."""
     if device.type == "cuda" and config.autocast == "bfloat16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -97,6 +99,7 @@ class TraceRecorder:
         self.records: list[dict[str, Any]] = []
 
     def __call__(self, status: SolverStatus) -> None:
+        """Keep ``status.record()``."""
         self.records.append(status.record())
 
 
@@ -105,7 +108,7 @@ def fit_batch(
     parameters: list[nn.Parameter],
     *,
     lr: float,
-    config: ReconConfig,
+    config: ResolvedConfig,
     prior: Prior | None,
     callback: Callback | None,
     trace: TraceRecorder,
@@ -127,7 +130,7 @@ def fit_batch(
 
 def fit_network(
     problem: ReconProblem,
-    config: ReconConfig,
+    config: ResolvedConfig,
     base: nn.Module,
     *,
     prior: Prior | None,
@@ -159,7 +162,7 @@ def fit_network(
 
 def prepare_network(
     network: nn.Module | None,
-    config: ReconConfig,
+    config: ResolvedConfig,
     backbone: str,
     default: Callable[[], nn.Module],
 ) -> tuple[nn.Module, str, dict[str, Any]]:
@@ -196,7 +199,7 @@ def prepare_network(
 def finish(
     images: list[torch.Tensor],
     problem: ReconProblem,
-    config: ReconConfig,
+    config: ResolvedConfig,
     label: str,
     prior: Prior | None,
     info: dict[str, Any],

@@ -8,25 +8,27 @@ adaptor on its image with data + λ·prior at learning rate 1e-3. The SIREN is `
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from semrecon_core.backbones.lora import count_parameters
 from semrecon_core.backbones.siren import Adaptor, InrImage, SirenSpec
-from semrecon_core.config import ReconConfig
-from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.engines.fitting import TraceRecorder, autocast, finish, fit_batch, loss_terms, slice_batches
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.priors.base import Prior
 from semrecon_core.priors.tv import TVPrior
-from semrecon_core.solvers.status import Callback
+
+if TYPE_CHECKING:
+    from semrecon_core.config import ResolvedConfig
+    from semrecon_core.engines.base import ReconProblem, ReconResult
+    from semrecon_core.priors.base import Prior
+    from semrecon_core.solvers.status import Callback
 
 INR_TV_WEIGHT = 3.0  # phase 1 of the public code's INR: L1 + 3·TV
 ADAPTOR_LR = 1e-3  # public code's generic Adam step, used for the INR adaptor
 
 
-def siren_spec(config: ReconConfig) -> SirenSpec:
+def siren_spec(config: ResolvedConfig) -> SirenSpec:
     """The SIREN ``config`` asks for (``width`` features, ``depth`` layers; default the paper's)."""
     default = SirenSpec()
     return SirenSpec(features=config.width or default.features, layers=config.depth or default.layers)
@@ -34,7 +36,7 @@ def siren_spec(config: ReconConfig) -> SirenSpec:
 
 def reconstruct_inr(
     problem: ReconProblem,
-    config: ReconConfig,
+    config: ResolvedConfig,
     *,
     prior: Prior | None,
     callback: Callback | None,

@@ -7,22 +7,26 @@ With ``config.checkpoint`` the U-Net starts from a warm-start checkpoint and onl
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from semrecon_core.backbones.unet import UNet, UNetSpec
-from semrecon_core.config import ReconConfig
-from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.engines.fitting import autocast, finish, fit_network, loss_terms, prepare_network
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.priors.base import Prior
-from semrecon_core.solvers.adam import Closure
-from semrecon_core.solvers.status import Callback
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+    from torch import nn
+
+    from semrecon_core.config import ResolvedConfig
+    from semrecon_core.engines.base import ReconProblem, ReconResult
+    from semrecon_core.priors.base import Prior
+    from semrecon_core.solvers.adam import Closure
+    from semrecon_core.solvers.status import Callback
 
 
-def unet_spec(config: ReconConfig, *, residual: bool = False) -> UNetSpec:
+def unet_spec(config: ResolvedConfig, *, residual: bool = False) -> UNetSpec:
     """The U-Net architecture ``config`` asks for (``width``/``depth``, default the paper's)."""
     default = UNetSpec()
     return UNetSpec(width=config.width or default.width, depth=config.depth or default.depth, residual=residual)
@@ -30,7 +34,7 @@ def unet_spec(config: ReconConfig, *, residual: bool = False) -> UNetSpec:
 
 def reconstruct_unet(
     problem: ReconProblem,
-    config: ReconConfig,
+    config: ResolvedConfig,
     *,
     prior: Prior | None,
     callback: Callback | None,

@@ -6,27 +6,31 @@ split of the scan, drawn from ``config.seed``); once trained, it runs on all mea
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from semrecon_core.backbones.unrolled import UnrolledNet, ssdu_split
-from semrecon_core.config import ReconConfig
-from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.engines.fitting import autocast, finish, fit_network, loss_terms, prepare_network
 from semrecon_core.engines.unet import unet_spec
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.priors.base import Prior
-from semrecon_core.solvers.adam import Closure
-from semrecon_core.solvers.status import Callback
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from semrecon_core.config import ResolvedConfig
+    from semrecon_core.engines.base import ReconProblem, ReconResult
+    from semrecon_core.priors.base import Prior
+    from semrecon_core.solvers.adam import Closure
+    from semrecon_core.solvers.status import Callback
 
 SSDU_HOLDOUT = 0.4  # fraction of measured samples held out for the unrolled network's loss
 
 
 def reconstruct_unrolled(
     problem: ReconProblem,
-    config: ReconConfig,
+    config: ResolvedConfig,
     *,
     prior: Prior | None,
     callback: Callback | None,
@@ -56,7 +60,7 @@ def reconstruct_unrolled(
 
         def final() -> torch.Tensor:
             """The trained network on all measured samples; records its learned data-consistency weight."""
-            learned.append(float(net.lam.detach().abs()))
+            learned.append(float(cast("UnrolledNet", net).lam.detach().abs()))
             return net(zero_filled, measured, op_full)
 
         return closure, final

@@ -113,6 +113,9 @@ class GramOperator(LinearOperator):
 class LinearOperatorComposition(LinearOperator):
     """``outer ∘ inner``: ``inner`` applied first; the adjoint is ``innerᴴ ∘ outerᴴ``."""
 
+    outer: LinearOperator
+    inner: LinearOperator
+
     def __init__(self, outer: LinearOperator, inner: LinearOperator) -> None:
         super().__init__()
         self.outer = outer
@@ -150,6 +153,8 @@ class MaskOp(LinearOperator):
         mask: bool mask that broadcasts against the data, e.g. ``(slices, 1, ky, kx)`` for multicoil k-space.
     """
 
+    mask: torch.Tensor
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
@@ -178,6 +183,8 @@ class SensitivityOp(LinearOperator):
     Args:
         maps: complex coil maps ``(slices, coils, y, x)``.
     """
+
+    maps: torch.Tensor
 
     def __init__(self, maps: torch.Tensor) -> None:
         super().__init__()

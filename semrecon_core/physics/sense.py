@@ -6,6 +6,8 @@ mask ``(slices, ky, kx)`` (or broadcastable, e.g. ``(1, ky, kx)``). All complex6
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from semrecon_core.physics.linop import FFTOp, LinearOperatorComposition, MaskOp, SensitivityOp
@@ -30,9 +32,9 @@ class SenseOp(LinearOperatorComposition):
     @property
     def maps(self) -> torch.Tensor:
         """Coil maps ``(slices, coils, y, x)``: the buffer of the sensitivity operator (applied first)."""
-        return self.inner.maps
+        return cast("SensitivityOp", self.inner).maps
 
     @property
     def mask(self) -> torch.Tensor:
         """Sampling mask ``(slices, ky, kx)``: the buffer of the mask operator (applied last)."""
-        return self.outer.outer.mask.squeeze(-3)
+        return cast("MaskOp", cast("LinearOperatorComposition", self.outer).outer).mask.squeeze(-3)

@@ -1,3 +1,6 @@
-"""Priors of the reconstruction: the ``Prior`` protocol (``base``), total variation (``tv``), the semantic
-contrastive prior (``semantic``, ``contrastive``, ``bank``) and the factory that builds them from a
-configuration and keeps encoders and banks loaded per process (``factory``)."""
+"""Priors of the reconstruction.
+
+The ``Prior`` protocol (``base``), total variation (``tv``), the semantic contrastive prior (``semantic``,
+``contrastive``, ``bank``) and the factory that builds them from a configuration and keeps encoders and
+banks loaded per process (``factory``).
+"""

@@ -9,11 +9,14 @@ it takes the normal operator as a callable (e.g. ``A.normal`` of a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from semrecon_core.solvers.status import Callback, SolverStatus, notify
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

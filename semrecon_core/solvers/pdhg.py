@@ -7,12 +7,16 @@ The solver knows nothing of MRI: ``K`` is a :class:`~semrecon_core.physics.linop
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from semrecon_core.physics.linop import LinearOperator
 from semrecon_core.solvers.status import Callback, SolverStatus, notify
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from semrecon_core.physics.linop import LinearOperator
 
 # A power-iteration estimate of ‖K‖ approaches it from below; this margin keeps σ·τ·‖K‖² ≤ 1.
 NORM_ESTIMATE_MARGIN = 1.01
