@@ -86,7 +86,7 @@ def prepare_buffers(path: Path) -> tuple[str, list[Any]]:
     from semrecon_core.emulation.replay import read_raw
 
     header, acquisitions, _ = read_raw(path)
-    return header, recon_data_from_acquisitions(list(acquisitions), header, trigger="repetition", split_slices=True)
+    return header, recon_data_from_acquisitions(list(acquisitions), header, trigger="repetition", split_slices=False)
 
 
 def reconstruction_only(header: str, buffers: list[Any]) -> tuple[float, float, int]:

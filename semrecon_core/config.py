@@ -26,43 +26,72 @@ class ConfigError(ValueError):
     """A configuration property is unknown or has a value that does not parse or validate."""
 
 
-# Defaults per preset. Keys: (field, backbone) or (field, None) for all backbones.
-_PRESET_DEFAULTS: dict[str, dict[tuple[str, str | None], object]] = {
-    "paper": {
-        ("data_term", None): "l2",
-        ("level_weights", None): (0.005, 0.5, 1.0),
-        ("similarity", None): "pooled",
-        ("sigma", None): 0.03,
-        ("lr", None): 1e-3,
-        ("lr", "inr"): 1e-4,
-        ("iterations", None): 1500,
-        ("iterations", "inr"): 1600,
-        ("lam", None): 0.1,
-        ("lam", "unrolled"): 1.0,
-        ("lam", "inr"): 5.0,
-    },
-    "public-code": {
-        ("data_term", None): "l1",
-        ("level_weights", None): (0.01, 0.5, 1.0),
-        ("similarity", None): "token-pca",
-        ("sigma", None): 0.02,
-        ("lr", None): 1e-3,
-        ("lr", "inr"): 1e-4,
-        ("iterations", None): 1500,
-        ("iterations", "inr"): 1600,
-        ("lam", None): 0.1,
-        ("lam", "unrolled"): 1.0,
-        ("lam", "inr"): 5.0,
-    },
+BankKind = Literal["image", "language"]
+
+# Defaults. Key: (field, preset, backbone, prior, bank kind), None = any; the most specific match wins, where a
+# bank kind outweighs a prior, a prior a backbone, and a backbone a preset.
+# λ (REFERENCE.md §7, benchmarks/results/calibration.md): public-code uses the authors' values on the authors'
+# loss definitions; its TV λ per backbone keeps the TV/data gradient ratio of the authors' INR phase 1 (TV
+# weight 3). The paper preset's TV λ is CS-TV's (its per-pixel data term and TV make the deep fit minimise the
+# CS-TV objective); its semantic λ is the authors' λ times the measured ratio of the two presets' data-term
+# gradients at initialisation (320² knee, 15 coils, R = 4), so the prior/data balance at the start of a fit
+# equals the authors'.
+_Key = tuple[str, "Preset | None", "Backbone | None", "PriorName | None", "BankKind | None"]
+_DEFAULTS: dict[_Key, object] = {
+    ("level_weights", "paper", None, None, None): (0.005, 0.5, 1.0),
+    ("level_weights", "public-code", None, None, None): (0.01, 0.5, 1.0),
+    ("similarity", "paper", None, None, None): "pooled",
+    ("similarity", "public-code", None, None, None): "token-pca",
+    ("sigma", "paper", None, None, None): 0.03,
+    ("sigma", "public-code", None, None, None): 0.02,
+    ("lr", None, None, None, None): 1e-3,
+    ("lr", None, "inr", None, None): 1e-4,
+    ("iterations", None, None, None, None): 1500,
+    ("iterations", None, "inr", None, None): 1600,
+    ("iterations", None, None, "semantic", "language"): 200,
+    ("stages", None, None, None, None): 4,
+    ("stages", None, None, "semantic", "language"): 8,
+    ("dc_init", None, None, None, None): 0.01,
+    ("dc_init", None, None, "semantic", "language"): 0.001,
+    ("final_dc", None, None, None, None): 0.0,
+    ("final_dc", "public-code", "unet", None, None): 0.5,
+    ("final_dc", "public-code", "inr", None, None): 0.05,
+    ("lam", None, None, "none", None): 0.0,
+    ("lam", "paper", None, "tv", None): 0.003,
+    ("lam", "public-code", "unet", "tv", None): 0.75,
+    ("lam", "public-code", "unrolled", "tv", None): 6.75,
+    ("lam", "public-code", "inr", "tv", None): 3.0,
+    ("lam", "public-code", "unet", "semantic", None): 0.1,
+    ("lam", "public-code", "unrolled", "semantic", None): 1.0,
+    ("lam", "public-code", "inr", "semantic", None): 5.0,
+    ("lam", "public-code", None, "semantic", "language"): 500.0,
+    ("lam", "paper", "unet", "semantic", None): 0.0016,
+    ("lam", "paper", "unrolled", "semantic", None): 0.0018,
+    ("lam", "paper", "inr", "semantic", None): 0.02,
+    ("lam", "paper", None, "semantic", "language"): 0.47,
 }
 
 # Classical solvers have their own defaults whatever the preset, per prior: CG-SENSE (prior none) with a
 # small Tikhonov weight and early stopping, primal-dual TV with λ relative to max |zero-filled| = 1
 # (tuned on the real 8-coil brain at R = 4: benchmarks/results/classical_vs_bart.md).
 _CLASSICAL_DEFAULTS: dict[str, dict[str, object]] = {
-    "none": {"iterations": 30, "lam": 0.003, "lr": 0.0, "data_term": "l2"},
-    "tv": {"iterations": 100, "lam": 0.003, "lr": 0.0, "data_term": "l2"},
+    "none": {"iterations": 30, "lam": 0.003, "lr": 0.0},
+    "tv": {"iterations": 100, "lam": 0.003, "lr": 0.0},
 }
+
+
+def default_value(name: str, preset: str, backbone: str, prior: str, kind: str | None) -> tuple[bool, object]:
+    """``(found, value)``: the most specific default of field ``name`` for this combination."""
+    best: tuple[int, object] | None = None
+    for (field_name, *pattern), value in _DEFAULTS.items():
+        if field_name != name:
+            continue
+        wanted = (preset, backbone, prior, kind)
+        if all(p is None or p == w for p, w in zip(pattern, wanted, strict=True)):
+            specificity = sum(weight for p, weight in zip(pattern, (1, 2, 4, 8), strict=True) if p is not None)
+            if best is None or specificity > best[0]:
+                best = (specificity, value)
+    return (False, None) if best is None else (True, best[1])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +107,6 @@ class ReconConfig:
         lam: regularisation weight λ; for ``sense`` + ``none`` the Tikhonov weight of CG-SENSE.
         iterations: optimiser iterations (CG / primal-dual iterations for ``sense``).
         lr: Adam learning rate of the deep backbones.
-        data_term: ``l2`` (paper, 0.5·‖·‖²) or ``l1`` (public code).
         level_weights: weights of the encoder levels (vision layers ``layers``).
         layers: vision-tower hidden-state indices used by the image-only encoder.
         similarity: ``pooled`` cosine (paper) or ``token-pca`` per-token cosine after PCA (public code).
@@ -92,7 +120,10 @@ class ReconConfig:
             layer (``None``: the paper's 64 / 256).
         depth: network size: U-Net levels, SIREN sine layers (``None``: the paper's 5 / 8).
         lora_rank: LoRA rank for scan-specific fine-tuning of a warm-started backbone (0: train all weights).
-        final_dc: apply a final hard data-consistency step to the output.
+        final_dc: weight of a final soft data-consistency step, ``argmin_x ‖Ax − y‖² + w‖x − f‖²`` from the
+            network's image ``f`` (0: none; public-code: the authors' 0.5 for the U-Net, 0.05 for the INR).
+        stages: unrolled network stages (4; image-language banks: the authors' 8).
+        dc_init: initial data-consistency weight of each unrolled stage (0.01; image-language: 0.001).
         slice_batch: slices optimised together (0: all).
         calib_width: calibration (ACS) width used for ESPIRiT when the data do not say.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -108,7 +139,6 @@ class ReconConfig:
     lam: float | None = None
     iterations: int | None = None
     lr: float | None = None
-    data_term: Literal["l2", "l1"] | None = None
     level_weights: tuple[float, ...] | None = None
     layers: tuple[int, ...] = (1, 13, 24)
     similarity: Literal["pooled", "token-pca"] | None = None
@@ -121,7 +151,9 @@ class ReconConfig:
     width: int | None = None
     depth: int | None = None
     lora_rank: int = 4
-    final_dc: bool = False
+    final_dc: float | None = None
+    stages: int | None = None
+    dc_init: float | None = None
     slice_batch: int = 0
     calib_width: int = 24
     device: str = "auto"
@@ -133,10 +165,9 @@ class ReconConfig:
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("prior", self.prior, PRIORS)
         _check_choice("preset", self.preset, PRESETS)
-        _check_choice("data_term", self.data_term, ("l2", "l1", None))
         _check_choice("similarity", self.similarity, ("pooled", "token-pca", None))
         _check_choice("autocast", self.autocast, ("bfloat16", "none"))
-        for name in ("lam", "lr", "sigma"):
+        for name in ("lam", "lr", "sigma", "final_dc", "dc_init"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ConfigError(f"property '{name}': expected a non-negative number, found {value!r}")
@@ -146,7 +177,7 @@ class ReconConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"property '{name}': expected a non-negative integer, found {value!r}")
-        for name in ("width", "depth"):
+        for name in ("width", "depth", "stages"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"property '{name}': expected a positive integer, found {value!r}")
@@ -168,8 +199,13 @@ class ReconConfig:
         """True for the solvers without a network (zero-filled, CG-SENSE, compressed-sensing TV)."""
         return self.backbone in ("zero-filled", "sense")
 
-    def resolved(self) -> ResolvedConfig:
-        """Return a copy with every preset-dependent field filled from the preset (or the classical defaults)."""
+    def resolved(self, bank_kind: BankKind | None = None) -> ResolvedConfig:
+        """A copy with every unset field filled from the defaults of (preset, backbone, prior, bank kind).
+
+        ``bank_kind`` (``image`` or ``language``, from the bank's metadata) selects the image-language
+        settings of the semantic prior; ``None``: image-only.
+        """
+        kind = bank_kind if self.prior == "semantic" else None
         updates: dict[str, Any] = {}  # field values of several types; __post_init__ validates them
         for f in fields(self):
             if getattr(self, f.name) is not None:
@@ -178,13 +214,11 @@ class ReconConfig:
             if f.name in classical:
                 updates[f.name] = classical[f.name]
                 continue
-            table = _PRESET_DEFAULTS[self.preset]
-            if (f.name, self.backbone) in table:
-                updates[f.name] = table[(f.name, self.backbone)]
-            elif (f.name, None) in table:
-                updates[f.name] = table[(f.name, None)]
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return ResolvedConfig(**{**values, **updates})
+            found, value = default_value(f.name, self.preset, self.backbone, self.prior, kind)
+            if found:
+                updates[f.name] = value
+        values = {f.name: getattr(self, f.name) for f in fields(ReconConfig)}
+        return ResolvedConfig(**{**values, **updates}, bank_kind=kind)
 
     def replace(self: _Config, **changes: Any) -> _Config:
         """Return a validated copy (of the same class) with ``changes`` applied."""
@@ -235,12 +269,18 @@ class ResolvedConfig(ReconConfig):
     """A :class:`ReconConfig` whose preset-dependent fields are all set: what the engines receive.
 
     Made by :meth:`ReconConfig.resolved`; ``bank``, ``checkpoint``, ``width`` and ``depth`` stay optional.
+    ``bank_kind`` records the kind of bank the defaults were chosen for (``None``: no semantic prior, or an
+    image-only bank assumed).
     """
+
+    bank_kind: BankKind | None = None
 
     lam: float = 0.0
     iterations: int = 0
     lr: float = 0.0
-    data_term: Literal["l2", "l1"] = "l2"
+    final_dc: float = 0.0
+    stages: int = 4
+    dc_init: float = 0.01
     level_weights: tuple[float, ...] = ()
     similarity: Literal["pooled", "token-pca"] = "pooled"
     sigma: float = 0.0
@@ -251,12 +291,12 @@ class ResolvedConfig(ReconConfig):
         if missing:
             raise ConfigError(f"resolved configuration: no value for {', '.join(missing)}")
 
-    def resolved(self) -> ResolvedConfig:
+    def resolved(self, bank_kind: BankKind | None = None) -> ResolvedConfig:
         """Already resolved: itself."""
         return self
 
 
-_RESOLVED = ("lam", "iterations", "lr", "data_term", "level_weights", "similarity", "sigma")
+_RESOLVED = ("lam", "iterations", "lr", "final_dc", "stages", "dc_init", "level_weights", "similarity", "sigma")
 _Config = TypeVar("_Config", bound=ReconConfig)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from semrecon_core.config import ReconConfig, ResolvedConfig
+from semrecon_core.config import BankKind, ReconConfig, ResolvedConfig
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconProblem, ReconResult
@@ -80,6 +80,36 @@ def check_coverage(kspace: KSpace, maps: torch.Tensor) -> None:
                 f"{kspace.source}: ESPIRiT coil maps cover only {fraction:.0%} of the object in slice "
                 f"{index} (calibration region {region}); more calibration lines are needed"
             )
+
+
+IMAGE_ONLY_FIELDS = ("level_weights", "similarity")
+"""Settings that mean nothing to an image-language bank."""
+
+
+def bank_kind(config: ReconConfig) -> BankKind | None:
+    """The kind (``image`` / ``language``) of the semantic prior's bank, read from its metadata; else ``None``.
+
+    A language bank used with image-only settings set explicitly gets a warning naming them. A bank that cannot
+    be read gives ``None`` here; building the prior reports the problem.
+    """
+    if config.prior != "semantic" or not config.bank:
+        return None
+    from semrecon_core.priors.bank import read_metadata
+
+    try:
+        kind = read_metadata(config.bank)["encoder"].get("kind")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if kind == "language":
+        ignored = [name for name in IMAGE_ONLY_FIELDS if getattr(config, name) is not None]
+        if ignored:
+            log.warning(
+                "semrecon: bank %s is an image-language bank; the image-only settings %s do not apply to it",
+                config.bank,
+                ", ".join(ignored),
+            )
+        return "language"
+    return "image"
 
 
 def prepare_problem(kspace: KSpace, maps: torch.Tensor, device: torch.device) -> ReconProblem:
@@ -193,7 +223,7 @@ class Pipeline:
     def __init__(
         self, config: ReconConfig, *, coil_maps: CoilMapEstimator = espirit, prior: Prior | None = None
     ) -> None:
-        self.config = config.resolved()
+        self.config = config.resolved(bank_kind(config))
         self.device = resolve_device(self.config.device)
         self.estimate_maps_with = coil_maps
         self._prior = prior

@@ -64,7 +64,7 @@ def test_unrolled_data_consistency_and_gradients() -> None:
     residual = (op(out) - kspace).norm() / kspace.norm()
     assert residual < 0.05
     out.abs().sum().backward()
-    assert net.lam.grad is not None and torch.isfinite(net.lam.grad)
+    assert all(w.grad is not None and torch.isfinite(w.grad) for w in net.lams)  # one weight per stage
     assert all(p.grad is not None for p in net.denoisers[0].parameters() if p.requires_grad)
 
 
@@ -83,18 +83,26 @@ def test_ssdu_split_is_disjoint_and_complete() -> None:
 
 
 def test_siren_grid_and_init() -> None:
-    grid = coordinate_grid((1, 5, 7))
-    assert grid.shape == (1, 5, 7, 3)
-    assert grid[..., 0].abs().max() == 0 and grid[..., 1].min() == -1 and grid[..., 2].max() == 1
+    grid = coordinate_grid((5, 7))
+    assert grid.shape == (5, 7, 2)
+    assert grid[..., 0].min() == -1 and grid[..., 1].max() == 1
     siren = Siren(SirenSpec())
-    assert len(siren.body) == 8 and siren.body[0].linear.out_features == 256 and siren.spec.omega0 == 15
-    image = InrImage((2, 8, 9), SirenSpec(features=16, layers=3, omega0=30))()
+    linear = [m for m in siren.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 8 and linear[0].in_features == 2  # 7 sine layers + linear output, 2-D coordinates
+    assert linear[0].out_features == 256 and siren.spec.omega0 == 15
+    inr = InrImage((2, 8, 9), SirenSpec(features=16, layers=3, omega0=30))
+    image = inr()
     assert image.shape == (2, 8, 9) and image.dtype == torch.complex64
+    # one 2-D SIREN per slice, all starting from the same weights: both slices start as the same image
+    assert len(inr.sirens) == 2 and torch.equal(image[0], image[1])
 
 
-def test_adaptor_starts_as_identity() -> None:
-    image = _complex(1, 12, 12)
-    assert torch.equal(Adaptor()(image), image)
+def test_adaptor_is_the_authors_three_layer_tanh_cnn() -> None:
+    adaptor = Adaptor()
+    convolutions = [m for m in adaptor.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convolutions] == [256, 256, 2]
+    out = adaptor(3 * _complex(1, 12, 12))
+    assert out.shape == (1, 12, 12) and out.real.abs().max() < 1 and out.imag.abs().max() < 1  # tanh output
 
 
 def test_lora_adapts_convolutions_only_adapters_train() -> None:

@@ -19,11 +19,11 @@ from semrecon_core.config import ReconConfig
 from semrecon_core.data.simulate import coil_maps, simulate_kspace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconResult
-from semrecon_core.engines.fitting import data_term, final_data_consistency
+from semrecon_core.engines.fitting import final_data_consistency
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.pipeline import prepare_problem, reconstruct
 from semrecon_core.priors.base import Prior
-from semrecon_core.priors.tv import TVPrior
+from semrecon_core.priors.factory import build_prior
 from semrecon_core.solvers.status import Callback, SolverStatus
 
 SIZE = 48
@@ -33,7 +33,7 @@ def fit(problem, config: ReconConfig, *, prior: Prior | None = None, callback: C
     """Run the engine of ``config.backbone`` on ``problem`` (TV prior built when ``config.prior`` is tv)."""
     config = config.resolved()
     if prior is None and config.prior == "tv":
-        prior = TVPrior()
+        prior = build_prior(config, "cpu")
     engine = get_engine(config.backbone)
     result: ReconResult = engine(problem, config, prior=prior, callback=callback, **network)
     return result
@@ -80,7 +80,8 @@ def _psnr(case, result) -> float:
     ],
 )
 def test_backbone_with_tv_beats_zero_filled(case, backbone, iterations, lr, network) -> None:
-    config = ReconConfig(backbone=backbone, prior="tv", iterations=iterations, lr=lr, lam=0.005)
+    # the paper preset's TV λ (no override): CS-TV's, on the per-pixel data term and TV
+    config = ReconConfig(backbone=backbone, prior="tv", iterations=iterations, lr=lr)
     result = fit(case[2], config, **network())
     gain = _psnr(case, result) - case[3]
     assert gain >= 3.0, f"{backbone} + TV: {gain:.2f} dB over zero-filled"
@@ -93,7 +94,7 @@ def test_same_seed_same_output_and_trace(case) -> None:
         torch.manual_seed(0)
         return UNet(UNetSpec(width=4, depth=2))
 
-    config = ReconConfig(backbone="unrolled", prior="tv", iterations=4, lam=0.005, seed=3)
+    config = ReconConfig(backbone="unrolled", prior="tv", iterations=4, seed=3)
     unrolled = [fit(case[2], config, network=UnrolledNet(net().spec, stages=2, cg_iterations=3)) for _ in range(2)]
     assert torch.equal(unrolled[0].image, unrolled[1].image)  # same SSDU split, same training
     config = config.replace(backbone="unet", iterations=6)
@@ -118,14 +119,14 @@ def test_entry_point_dispatches_paper_unet_and_slice_batches(case) -> None:
             "calibration": kspace.calibration.repeat(2, 1, 1, 1),
         }
     )
-    config = ReconConfig(backbone="unet", prior="none", iterations=2, slice_batch=1, final_dc=True)
+    config = ReconConfig(backbone="unet", prior="none", iterations=2, slice_batch=1, final_dc=1e-3)
     done = reconstruct(two, config, maps=maps.repeat(2, 1, 1, 1))
     assert done.image.shape == (2, SIZE, SIZE)
     assert done.label.startswith("U-Net (random init") and done.label.endswith("no prior")
     assert done.result.info["total_parameters"] > 30_000_000  # the paper's 64–1024 U-Net
     assert sorted({tuple(r["slices"]) for r in done.result.trace}) == [(0, 1), (1, 2)]
     # the final data-consistency step moves the image towards the measured samples
-    plain = reconstruct(two, config.replace(final_dc=False), maps=maps.repeat(2, 1, 1, 1))
+    plain = reconstruct(two, config.replace(final_dc=0.0), maps=maps.repeat(2, 1, 1, 1))
     assert done.result.info["data_residual"] < 0.5 * plain.result.info["data_residual"]
 
 
@@ -137,32 +138,31 @@ def test_a_callback_stops_the_fit_early(case) -> None:
         return status.iteration < 2
 
     # 60 iterations flush every 2: the stop takes effect at the end of the flush holding iteration 2
-    config = ReconConfig(backbone="unet", prior="tv", iterations=60, lam=0.005, width=4, depth=2)
+    config = ReconConfig(backbone="unet", prior="tv", iterations=60, width=4, depth=2)
     result = fit(case[2], config, callback=stop_at_two)
     assert seen == [0, 1, 2, 3] and len(result.trace) == 4
 
 
-def test_final_data_consistency_and_data_terms(case) -> None:
+def test_final_data_consistency_moves_towards_the_samples_by_its_weight(case) -> None:
     _, _, problem, _ = case
     op = SenseOp(problem.maps, problem.mask)
     truth = case[0].ground_truth.to(torch.complex64) / problem.scale
     noiseless = op(truth)
     start = truth.roll(3, dims=-1)
-    image = final_data_consistency(start, noiseless, op)
     before = (op(start) - noiseless).norm() / noiseless.norm()
-    assert (op(image) - noiseless).norm() / noiseless.norm() < 0.05 * before
-    residual = torch.full((1, 2, 3, 3), 1 + 1j, dtype=torch.complex64)
-    assert float(data_term(residual, torch.zeros_like(residual), "l2")) == pytest.approx(0.5 * 18 * 2)
-    assert float(data_term(residual, torch.zeros_like(residual), "l1")) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="data term"):
-        data_term(residual, residual, "l3")
+    residuals = []
+    for weight in (1e-3, 0.05, 0.5):
+        image = final_data_consistency(start, noiseless, op, weight=weight)
+        residuals.append(float((op(image) - noiseless).norm() / noiseless.norm()))
+    assert residuals[0] < 0.05 * before
+    assert residuals[0] < residuals[1] < residuals[2] < before  # a softer step keeps more of the network image
 
 
 def test_warm_start_lora_trains_adapters_only(case, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = UNet(UNetSpec(width=8, depth=3))
     path = save_checkpoint(tmp_path / "unet.safetensors", net, "unet", {"epochs": 0})
-    config = ReconConfig(backbone="unet", prior="tv", iterations=4, lam=0.005, checkpoint=str(path), lora_rank=2)
+    config = ReconConfig(backbone="unet", prior="tv", iterations=4, checkpoint=str(path), lora_rank=2)
     result = fit(case[2], config)
     assert "LoRA rank 2" in result.label
     assert 0 < result.info["trainable_parameters"] < result.info["total_parameters"] // 3
@@ -173,11 +173,12 @@ def test_warm_start_lora_trains_adapters_only(case, tmp_path: Path) -> None:
 
 
 def test_inr_public_code_two_phase(case) -> None:
-    config = ReconConfig(backbone="inr", prior="tv", preset="public-code", iterations=5, lam=0.005)
-    result = fit(case[2], config, prior=TVPrior(), spec=SirenSpec(features=16, layers=2))
+    config = ReconConfig(backbone="inr", prior="tv", preset="public-code", iterations=5)
+    result = fit(case[2], config, spec=SirenSpec(features=16, layers=2))
     phases = [r["phase"] for r in result.trace]
     assert phases == [1] * 5 + [2] * 5
-    assert "two-phase" in result.label and result.info["phase1_label"] == "TV (weight 3)"
+    assert "two-phase" in result.label and result.info["phase1_label"] == "TV (weight 3, authors)"
+    assert result.info["final_dc"] == 0.05  # the authors' soft data-consistency step
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +207,7 @@ def test_semantic_loss_decreases_and_residual_bounded(case, tiny_semantic_prior)
     prior = tiny_semantic_prior
     encoder_weights = [p.detach().clone() for p in prior.encoder.vision.parameters()]
     seen: list[dict] = []
-    config = ReconConfig(backbone="unet", prior="semantic", iterations=30, lam=5.0, lr=3e-3, width=8, depth=3)
+    config = ReconConfig(backbone="unet", prior="semantic", iterations=30, lam=0.02, lr=3e-3, width=8, depth=3)
     result = fit(case[2], config, prior=prior, callback=lambda status: seen.append(status.record()))
     assert "RANDOM WEIGHTS" in result.label
     losses = [r["prior"] for r in seen]
@@ -238,7 +239,7 @@ def test_pretrain_cli_writes_checkpoint_the_engine_loads(case, tmp_path: Path) -
     assert meta["backbone"] == "unet" and meta["epochs"] == 2 and len(meta["loss_per_epoch"]) == 2
     assert meta["data"][0]["sha256"] == hashlib.sha256((images / "a.npy").read_bytes()).hexdigest()
     assert meta["masks"]["kind"] == "gaussian" and meta["masks"]["acceleration"] == 4.0
-    config = ReconConfig(backbone="unet", prior="tv", iterations=3, lam=0.005, checkpoint=str(out), lora_rank=2)
+    config = ReconConfig(backbone="unet", prior="tv", iterations=3, checkpoint=str(out), lora_rank=2)
     result = fit(case[2], config)
     assert "warm start, LoRA rank 2" in result.label
     assert result.info["checkpoint_metadata"]["architecture"]["width"] == 4

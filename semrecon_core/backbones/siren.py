@@ -1,14 +1,15 @@
-"""SIREN implicit neural representation of a complex image, and the public code's CNN adaptor.
+"""SIREN implicit neural representation of a complex image, and the authors' CNN adaptor.
 
-``Siren`` maps coordinates in [-1, 1] to (real, imaginary) with sine layers (Sitzmann et al. 2020):
-8 layers × 256 features by default, ``omega0`` configurable (15 in the public code), the SIREN weight
-initialisation, a linear output with 2 features. :class:`InrImage` evaluates it on the pixel grid of a
-``(slices, y, x)`` volume (the slice coordinate is a third input, 0 for a single slice).
-:class:`Adaptor` is the 3-layer CNN of the public code's second phase (residual, so it starts as identity).
+``Siren`` maps 2-D pixel coordinates in [-1, 1] to (real, imaginary) with sine layers (Sitzmann et al. 2020):
+``layers`` linear layers in all (the last one a linear output with 2 features; 8 × 256 by default, as the
+authors), ``omega0`` (15 in the public code) and the SIREN weight initialisation. :class:`InrImage` represents a
+``(slices, y, x)`` volume with one 2-D SIREN per slice (the paper's INR is per image), each initialised alike.
+:class:`Adaptor` is the authors' 3-layer CNN (256 features, ReLU, ReLU, tanh) of the public code's INR.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -20,7 +21,10 @@ from semrecon_core.backbones.unet import channels_to_complex, complex_to_channel
 
 @dataclass(frozen=True, kw_only=True)
 class SirenSpec:
-    """SIREN architecture: ``layers`` sine layers of ``features`` units, frequency ``omega0``."""
+    """SIREN architecture: ``layers`` linear layers in all, frequency ``omega0``.
+
+    ``layers − 1`` sine layers of ``features`` units, then a linear output.
+    """
 
     features: int = 256
     layers: int = 8
@@ -50,12 +54,14 @@ class SineLayer(nn.Module):
 class Siren(nn.Module):
     """Coordinates ``(..., in_features)`` in [-1, 1] → ``(..., 2)`` real outputs."""
 
-    def __init__(self, spec: SirenSpec | None = None, *, in_features: int = 3) -> None:
+    def __init__(self, spec: SirenSpec | None = None, *, in_features: int = 2) -> None:
         super().__init__()
         self.spec = spec or SirenSpec()
+        if self.spec.layers < 2:
+            raise ValueError(f"SIREN: expected at least 2 linear layers, found {self.spec.layers}")
         layers: list[nn.Module] = []
         features = in_features
-        for index in range(self.spec.layers):
+        for index in range(self.spec.layers - 1):
             layers.append(SineLayer(features, self.spec.features, omega0=self.spec.omega0, first=index == 0))
             features = self.spec.features
         self.body = nn.Sequential(*layers)
@@ -69,30 +75,37 @@ class Siren(nn.Module):
         return self.head(self.body(coords))
 
 
-def coordinate_grid(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pixel-centre coordinates ``(slices, y, x, 3)`` in [-1, 1] (slice axis 0 when there is one slice)."""
-    axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape]
+def coordinate_grid(shape: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixel-centre coordinates ``(y, x, 2)`` in [-1, 1] of a ``shape`` image."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
 class InrImage(nn.Module):
-    """A SIREN evaluated on the grid of a ``(slices, y, x)`` image: ``forward() -> complex (slices, y, x)``."""
+    """One 2-D SIREN per slice of a ``(slices, y, x)`` image: ``forward() -> complex (slices, y, x)``.
+
+    Every slice's SIREN starts from the same weights (drawn once), so a slice's fit does not depend on the
+    other slices of its batch.
+    """
+
+    coords: torch.Tensor
 
     def __init__(self, shape: tuple[int, int, int], spec: SirenSpec | None = None) -> None:
         super().__init__()
-        self.siren = Siren(spec)
-        self.register_buffer("coords", coordinate_grid(shape))
+        first = Siren(spec)
+        self.sirens = nn.ModuleList([first, *(copy.deepcopy(first) for _ in range(shape[0] - 1))])
+        self.register_buffer("coords", coordinate_grid((shape[1], shape[2])))
 
     def forward(self) -> torch.Tensor:
         """The represented complex image."""
-        out = self.siren(self.coords).float()
+        out = torch.stack([siren(self.coords) for siren in self.sirens]).float()
         return torch.complex(out[..., 0], out[..., 1])
 
 
 class Adaptor(nn.Module):
-    """3-layer CNN refining a complex image (residual; last layer zero-initialised so it starts as identity)."""
+    """The authors' CNN adaptor: 3 convolutions (``features`` channels, ReLU, ReLU, tanh) on a complex image."""
 
-    def __init__(self, features: int = 32) -> None:
+    def __init__(self, features: int = 256) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(2, features, 3, padding=1),
@@ -100,12 +113,9 @@ class Adaptor(nn.Module):
             nn.Conv2d(features, features, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(features, 2, 3, padding=1),
+            nn.Tanh(),
         )
-        last = self.net[-1]
-        assert isinstance(last, nn.Conv2d) and last.bias is not None
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Complex ``(slices, y, x)`` → refined complex image of the same shape."""
-        return image + channels_to_complex(self.net(complex_to_channels(image)))
+        """Complex ``(slices, y, x)`` → complex image of the same shape (values in the tanh range)."""
+        return channels_to_complex(self.net(complex_to_channels(image)))

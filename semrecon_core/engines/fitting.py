@@ -1,10 +1,10 @@
 """What the deep engines share: the scan-specific objective of Eq. (7) and the loop over slice batches.
 
 ``min_θ  D(A f_θ(x₀), y) + λ · R(f_θ(x₀))`` where ``A = M F C`` is the SENSE operator of the scan, ``y``
-the measured k-space (scaled so that the zero-filled image has max magnitude 1), ``D`` the data term
-(``config.data_term``: paper ``0.5·Σ|·|²``, public code mean absolute difference of the stacked real and
-imaginary parts) and ``R`` the prior. Slices are fitted in batches of ``config.slice_batch`` (0 = all),
-each batch from the same initial weights, by :func:`semrecon_core.solvers.adam.adam_fit`.
+the measured k-space (scaled so that the zero-filled image has max magnitude 1), ``D`` the data term of the
+preset (:mod:`semrecon_core.engines.objective`) and ``R`` the prior. Slices are fitted in batches of
+``config.slice_batch`` (0 = all), each batch from the same initial weights, by
+:func:`semrecon_core.solvers.adam.adam_fit`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from semrecon_core.engines.base import ReconProblem, ReconResult
+from semrecon_core.engines.objective import L1Reduction, data_term
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.solvers.adam import Closure, adam_fit
+from semrecon_core.solvers.adam import AdamSchedule, Closure, adam_fit
 from semrecon_core.solvers.cg import conjugate_gradient
 from semrecon_core.solvers.status import Callback, SolverStatus, chain
 
@@ -31,20 +32,6 @@ Batch = Callable[[nn.Module, ReconProblem], tuple[Closure, Callable[[], torch.Te
 """``batch(network, sub_problem) -> (training closure, final image function)`` of one slice batch."""
 
 
-def data_term(predicted: torch.Tensor, measured: torch.Tensor, kind: str) -> torch.Tensor:
-    """Data fidelity between predicted and measured (already masked) k-space.
-
-    ``l2``: ``0.5·Σ|p − y|²`` (paper); ``l1``: mean of ``|Re(p − y)|`` and ``|Im(p − y)|`` over the
-    whole masked array (public code's ``L1Loss`` on stacked real/imaginary parts).
-    """
-    residual = predicted - measured
-    if kind == "l2":
-        return 0.5 * residual.abs().square().sum()
-    if kind == "l1":
-        return torch.view_as_real(residual).abs().mean()
-    raise ValueError(f"data term: expected 'l2' or 'l1', found {kind!r}")
-
-
 def loss_terms(
     image: torch.Tensor,
     op: SenseOp,
@@ -53,10 +40,11 @@ def loss_terms(
     prior: Prior | None,
     *,
     lam: float | None = None,
+    reduction: L1Reduction = "whole",
 ) -> dict[str, torch.Tensor]:
     """``{"data", "prior", "loss"}`` of an image against the measured samples of ``op``'s mask."""
     image = image.to(torch.complex64)
-    data = data_term(op(image), measured, str(config.data_term))
+    data = data_term(op(image), measured, op.mask, preset=config.preset, reduction=reduction)
     if prior is None:
         return {"data": data, "loss": data}
     value = prior.loss(image)
@@ -65,18 +53,16 @@ def loss_terms(
 
 
 def final_data_consistency(
-    image: torch.Tensor, kspace: torch.Tensor, op: SenseOp, *, weight: float = 1e-3, iterations: int = 30
+    image: torch.Tensor, kspace: torch.Tensor, op: SenseOp, *, weight: float, iterations: int = 20
 ) -> torch.Tensor:
-    """``argmin_x ‖A x − y‖² + weight·‖x − image‖²`` by conjugate gradient from ``image``.
+    """``argmin_x ‖A x − y‖² + weight·‖x − image‖²`` by conjugate gradient from zero (the authors' soft step).
 
-    With a small ``weight`` the result reproduces the measured samples (up to noise the network removed
-    and the conditioning of ``A``) while keeping the network's image in the unmeasured part.
+    A small ``weight`` reproduces the measured samples (up to the conditioning of ``A``) and keeps the network's
+    image in the unmeasured part; the authors' saved outputs use 0.5 (U-Net) and 0.05 (INR).
     """
     measured = kspace * op.mask.unsqueeze(-3)
     with torch.no_grad():
-        return conjugate_gradient(
-            op.normal, op.adjoint(measured) + weight * image, lam=weight, x0=image, max_iter=iterations
-        )
+        return conjugate_gradient(op.normal, op.adjoint(measured) + weight * image, lam=weight, max_iter=iterations)
 
 
 def autocast(device: torch.device, config: ResolvedConfig) -> AbstractContextManager[Any]:
@@ -114,6 +100,7 @@ def fit_batch(
     trace: TraceRecorder,
     description: str,
     extra: dict[str, Any],
+    schedule: AdamSchedule | None = None,
 ) -> None:
     """One Adam fit of ``closure`` with the prior's trace extras and the trace recorder chained to ``callback``."""
     adam_fit(
@@ -125,6 +112,7 @@ def fit_batch(
         describe=None if prior is None else prior.status,
         extra=extra,
         description=description,
+        schedule=schedule,
     )
 
 
@@ -169,6 +157,7 @@ def prepare_network(
     """The network to fit, its label and info: a given one, a warm start (LoRA) or a fresh random one."""
     from semrecon_core.backbones.checkpoint import load_backbone
     from semrecon_core.backbones.lora import apply_lora, count_parameters
+    from semrecon_core.backbones.unrolled import UnrolledNet
 
     info: dict[str, Any] = {"warm_start": config.checkpoint, "lora_rank": 0}
     name = {"unet": "U-Net", "unrolled": "unrolled network"}[backbone]
@@ -179,9 +168,9 @@ def prepare_network(
         info["checkpoint_metadata"] = {k: meta[k] for k in ("architecture", "epochs") if k in meta}
         if config.lora_rank > 0:
             apply_lora(network, config.lora_rank)
-            lam = getattr(network, "lam", None)
-            if isinstance(lam, nn.Parameter):  # the unrolled network's data-consistency weight keeps training
-                lam.requires_grad_(True)
+            if isinstance(network, UnrolledNet):  # the data-consistency weights keep training
+                for weight in network.lams:
+                    weight.requires_grad_(True)
             info["lora_rank"] = config.lora_rank
             label = f"{name} (warm start, LoRA rank {config.lora_rank})"
         else:
@@ -208,8 +197,8 @@ def finish(
     """Join the batches, apply the optional final data consistency, zero pixels outside the maps' support."""
     image = torch.cat(images, dim=0).to(torch.complex64)
     op = SenseOp(problem.maps, problem.mask)
-    if config.final_dc:
-        image = final_data_consistency(image, problem.kspace, op)
+    if config.final_dc > 0:
+        image = final_data_consistency(image, problem.kspace, op, weight=config.final_dc)
     # pixels where no coil is sensitive (ESPIRiT crops its maps) are not determined by the data: zero them
     support = problem.maps.abs().square().sum(dim=1) > 0
     image = image * support

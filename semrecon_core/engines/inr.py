@@ -1,9 +1,11 @@
-"""The SIREN INR engine: a sinusoidal network represents the image and is fitted to the scan.
+"""The SIREN INR engine: one 2-D sinusoidal network per slice represents the image and is fitted to the scan.
 
-``paper`` preset: Eq. (7) directly on the SIREN's image. ``public-code`` preset: two phases, as in the
-authors' code: phase 1 fits the SIREN with data + 3·TV, phase 2 freezes it and trains a 3-layer CNN
-adaptor on its image with data + λ·prior at learning rate 1e-3. The SIREN is ``config.width`` features ×
-``config.depth`` layers (default 256 × 8, ω0 = 15).
+``paper`` preset: Eq. (7) directly on the SIREN's image. ``public-code`` preset, as the authors' ``INR_demo.py``:
+the SIREN (learning rate ``config.lr``) and the CNN adaptor on its output (learning rate 1e-3) share one Adam and
+one ``StepLR(1000, 0.5)``; phase 1 (``iterations`` steps) fits both with L1(SIREN) + L1(adaptor) + 3·TV(SIREN)
++ 3·TV(adaptor), the L1 a mean over the sampled entries; phase 2 (``iterations`` steps) freezes the SIREN and
+fits the adaptor with L1 + λ·prior. The SIREN is ``config.width`` features × ``config.depth`` linear layers
+(default 256 × 8, ω0 = 15).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from semrecon_core.backbones.siren import Adaptor, InrImage, SirenSpec
 from semrecon_core.engines.fitting import TraceRecorder, autocast, finish, fit_batch, loss_terms, slice_batches
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.priors.tv import TVPrior
+from semrecon_core.solvers.adam import AdamSchedule
 
 if TYPE_CHECKING:
     from semrecon_core.config import ResolvedConfig
@@ -24,12 +27,12 @@ if TYPE_CHECKING:
     from semrecon_core.priors.base import Prior
     from semrecon_core.solvers.status import Callback
 
-INR_TV_WEIGHT = 3.0  # phase 1 of the public code's INR: L1 + 3·TV
-ADAPTOR_LR = 1e-3  # public code's generic Adam step, used for the INR adaptor
+INR_TV_WEIGHT = 3.0  # phase 1 of the public code's INR: L1 + 3·TV on the SIREN and on the adaptor output
+ADAPTOR_LR = 1e-3  # the authors' learning rate of the adaptor
 
 
 def siren_spec(config: ResolvedConfig) -> SirenSpec:
-    """The SIREN ``config`` asks for (``width`` features, ``depth`` layers; default the paper's)."""
+    """The SIREN ``config`` asks for (``width`` features, ``depth`` linear layers; default the paper's)."""
     default = SirenSpec()
     return SirenSpec(features=config.width or default.features, layers=config.depth or default.layers)
 
@@ -42,15 +45,13 @@ def reconstruct_inr(
     callback: Callback | None,
     spec: SirenSpec | None = None,
 ) -> ReconResult:
-    """Fit a SIREN to the scan: Eq. (7) directly (``paper``) or the public code's two phases."""
+    """Fit one SIREN per slice: Eq. (7) directly (``paper``) or the authors' two phases (``public-code``)."""
     spec = spec or siren_spec(config)
     two_phase = config.preset == "public-code"
     images: list[torch.Tensor] = []
     trace = TraceRecorder()
     info: dict[str, Any] = {"siren": spec.to_dict(), "form": "two-phase" if two_phase else "eq7"}
-    phase1_tv = TVPrior(INR_TV_WEIGHT)
-    first_prior: Prior | None = phase1_tv if two_phase else prior
-    first_lam = 1.0 if two_phase else float(config.lam)
+    phase1_tv = TVPrior(INR_TV_WEIGHT, scaling="authors")
     for part in slice_batches(problem.kspace.shape[0], config.slice_batch):
         sub = problem.select(part)
         torch.manual_seed(config.seed)
@@ -58,55 +59,70 @@ def reconstruct_inr(
         op = SenseOp(sub.maps, sub.mask)
         measured = sub.kspace * sub.mask.unsqueeze(-3)
         extra = {"slices": [part.start, part.stop]}
+        description = f"INR slices {part.start}-{part.stop - 1}"
+        if not two_phase:
 
-        def phase1(
-            inr: InrImage = inr, op: SenseOp = op, measured: torch.Tensor = measured
-        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            image = inr()
-            return image, loss_terms(image, op, measured, config, first_prior, lam=first_lam)
-
-        fit_batch(
-            phase1,
-            list(inr.parameters()),
-            lr=float(config.lr),
-            config=config,
-            prior=first_prior,
-            callback=callback,
-            trace=trace,
-            description=f"INR slices {part.start}-{part.stop - 1}",
-            extra={**extra, "phase": 1},
-        )
-        with torch.no_grad():
-            image = inr().detach()
-        if two_phase:
-            info.setdefault("phase1_label", phase1_tv.label)
-            torch.manual_seed(config.seed)
-            adaptor = Adaptor().to(problem.device)
-
-            def phase2(
-                adaptor: Adaptor = adaptor,
-                op: SenseOp = op,
-                measured: torch.Tensor = measured,
-                base: torch.Tensor = image,
+            def eq7(
+                inr: InrImage = inr, op: SenseOp = op, measured: torch.Tensor = measured
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                with autocast(problem.device, config):
-                    refined = adaptor(base)
-                return refined, loss_terms(refined, op, measured, config, prior)
+                image = inr()
+                return image, loss_terms(image, op, measured, config, prior)
 
             fit_batch(
-                phase2,
-                list(adaptor.parameters()),
-                lr=ADAPTOR_LR,
+                eq7,
+                list(inr.parameters()),
+                lr=config.lr,
                 config=config,
                 prior=prior,
                 callback=callback,
                 trace=trace,
-                description=f"INR adaptor slices {part.start}-{part.stop - 1}",
-                extra={**extra, "phase": 2},
+                description=description,
+                extra=extra,
             )
-            with torch.no_grad(), autocast(problem.device, config):
-                image = adaptor(image).detach().to(torch.complex64)
-        images.append(image)
+            with torch.no_grad():
+                images.append(inr().detach())
+            continue
+        info.setdefault("phase1_label", phase1_tv.label)
+        adaptor = Adaptor().to(problem.device)
+        schedule = AdamSchedule.create([(list(inr.parameters()), config.lr), (list(adaptor.parameters()), ADAPTOR_LR)])
+
+        def phase1(
+            inr: InrImage = inr, adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            base = inr()
+            with autocast(problem.device, config):
+                refined = adaptor(base).to(torch.complex64)
+            first = loss_terms(base, op, measured, config, phase1_tv, lam=1.0, reduction="sampled")
+            second = loss_terms(refined, op, measured, config, phase1_tv, lam=1.0, reduction="sampled")
+            terms = {name: first[name] + second[name] for name in first}
+            return refined, terms
+
+        def phase2(
+            inr: InrImage = inr, adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with torch.no_grad():
+                base = inr()
+            with autocast(problem.device, config):
+                refined = adaptor(base).to(torch.complex64)
+            return refined, loss_terms(refined, op, measured, config, prior, reduction="sampled")
+
+        for phase, closure, tracked in ((1, phase1, phase1_tv), (2, phase2, prior)):
+            if phase == 2:
+                inr.requires_grad_(False)
+            fit_batch(
+                closure,
+                [],
+                lr=config.lr,
+                config=config,
+                prior=tracked,
+                callback=callback,
+                trace=trace,
+                description=f"{description} phase {phase}",
+                extra={**extra, "phase": phase},
+                schedule=schedule,
+            )
+        with torch.no_grad(), autocast(problem.device, config):
+            images.append(adaptor(inr()).detach().to(torch.complex64))
     info["trainable_parameters"] = count_parameters(InrImage((1, 2, 2), spec))["trainable"]
     name = "SIREN INR (two-phase, adaptor)" if two_phase else "SIREN INR"
     return finish(images, problem, config, name, prior, info, trace.records)

@@ -35,9 +35,9 @@ def build_prior(config: ReconConfig, device: torch.device | str) -> Prior | None
     if config.prior == "none":
         return None
     if config.prior == "tv":
-        from semrecon_core.priors.tv import TVPrior
+        from semrecon_core.priors.tv import DEEP_TV_SCALING, TVPrior
 
-        return TVPrior(weight=1.0)
+        return TVPrior(weight=1.0, scaling=DEEP_TV_SCALING[config.preset])
     return _semantic_prior(config, torch.device(device))
 
 

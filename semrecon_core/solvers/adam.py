@@ -35,6 +35,20 @@ def record_interval(iterations: int) -> int:
 
 
 @dataclass
+class AdamSchedule:
+    """An Adam optimiser with its ``StepLR(1000, 0.5)``; several fits may share one (the INR's two phases)."""
+
+    optimizer: torch.optim.Adam
+    scheduler: torch.optim.lr_scheduler.StepLR
+
+    @classmethod
+    def create(cls, groups: Sequence[tuple[Sequence[nn.Parameter], float]]) -> AdamSchedule:
+        """One parameter group per ``(parameters, learning rate)``."""
+        optimizer = torch.optim.Adam([{"params": list(params), "lr": lr} for params, lr in groups])
+        return cls(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA))
+
+
+@dataclass
 class FitOutcome:
     """The detached output of the last iteration and how many iterations ran."""
 
@@ -54,6 +68,7 @@ def adam_fit(
     extra: dict[str, Any] | None = None,
     description: str = "fit",
     record_every: int | None = None,
+    schedule: AdamSchedule | None = None,
 ) -> FitOutcome:
     """Adam with ``StepLR(1000, 0.5)`` for at most ``iterations`` steps.
 
@@ -68,16 +83,19 @@ def adam_fit(
         extra: constant entries of every status's ``extra`` (e.g. the slice range).
         description: names the loop in the progress bar, the log and errors.
         record_every: flush interval (default :func:`record_interval`).
+        schedule: an optimiser and scheduler to continue (``parameters`` and ``lr`` are then ignored; parameters
+            without ``requires_grad`` get no gradient and stay as they are).
     """
     from tqdm.auto import tqdm
 
-    trainable = [p for p in parameters if p.requires_grad]
-    if not trainable:
-        raise ValueError(f"{description}: no trainable parameters")
+    if schedule is None:
+        trainable = [p for p in parameters if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"{description}: no trainable parameters")
+        schedule = AdamSchedule.create([(trainable, lr)])
     if iterations < 1:
         raise ValueError(f"{description}: expected at least one iteration, found {iterations}")
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA)
+    optimizer, scheduler = schedule.optimizer, schedule.scheduler
     every = record_every or record_interval(iterations)
     pending: list[dict[str, torch.Tensor]] = []
     started = time.perf_counter()
