@@ -12,6 +12,8 @@ import torch
 
 from semrecon_core.data.buffers import (
     crop_readout,
+    drop_discarded_samples,
+    noise_bandwidth_scale,
     noise_prewhitener,
     recon_data_from_acquisitions,
 )
@@ -86,6 +88,35 @@ def test_prewhitening_decorrelates_coil_noise() -> None:
     covariance = np.cov(whitener @ test)
     # scale² = 2 · dwell ratio · bandwidth = 1: identity covariance
     np.testing.assert_allclose(covariance, np.eye(4), atol=0.06)
+
+
+def test_noise_bandwidth_scale_is_gadgetrons() -> None:
+    # sqrt(2 · dwell_data / dwell_noise · receiver noise bandwidth)
+    assert noise_bandwidth_scale(5.0, 2.5, 0.793) == pytest.approx(np.sqrt(2 * 2 * 0.793))
+    assert noise_bandwidth_scale(2.5, 5.0, 0.5) == pytest.approx(np.sqrt(0.5))
+    # 1.0 when either dwell time is 0 (no ZeroDivisionError, no zeroed scan)
+    assert noise_bandwidth_scale(0.0, 5.0, 0.793) == 1.0
+    assert noise_bandwidth_scale(5.0, 0.0, 0.793) == 1.0
+    assert noise_bandwidth_scale(0.0, 0.0, 0.793) == 1.0
+
+
+def test_discard_samples_are_dropped_and_the_centre_kept() -> None:
+    import ismrmrd
+
+    data = np.arange(3 * 40, dtype=np.float32).reshape(3, 40).astype(np.complex64)
+    # mrpro's files: the centre counts from the first kept sample
+    acq = ismrmrd.Acquisition.from_array(data, discard_pre=4, discard_post=6, center_sample=15)
+    (kept,) = drop_discarded_samples([acq])
+    np.testing.assert_array_equal(kept.data, data[:, 4:34])
+    assert (kept.number_of_samples, kept.center_sample, kept.discard_pre, kept.discard_post) == (30, 15, 0, 0)
+    assert acq.number_of_samples == 40 and acq.discard_pre == 4  # the input is left alone
+    # a symmetric readout's centre counts from the first acquired sample
+    (kept,) = drop_discarded_samples(
+        [ismrmrd.Acquisition.from_array(data, discard_pre=5, discard_post=5, center_sample=20)]
+    )
+    assert (kept.number_of_samples, kept.center_sample) == (30, 15)
+    with pytest.raises(ValueError, match=r"discard_pre 30 \+ discard_post 10 leave none of its 40 samples"):
+        list(drop_discarded_samples([ismrmrd.Acquisition.from_array(data, discard_pre=30, discard_post=10)]))
 
 
 def test_readout_crop_keeps_the_central_field_of_view() -> None:
@@ -169,6 +200,43 @@ def test_bart_cfl_reader(tmp_path) -> None:
     loaded = load_kspace(tmp_path / "k.cfl")
     np.testing.assert_array_equal(loaded.data.numpy(), kspace)
     assert loaded.calibration.shape[-2:] == (30, 20)
+
+
+def _write_cfl(base: Path, array: np.ndarray) -> None:
+    base.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(str(n) for n in array.shape) + "\n")
+    np.asarray(array, np.complex64).ravel(order="F").tofile(base.with_suffix(".cfl"))
+
+
+@pytest.mark.parametrize(("readout", "phase"), [(24, 30), (32, 32)])
+def test_bart_masks_are_read_in_barts_order(tmp_path, readout: int, phase: int) -> None:
+    """A .cfl mask is (readout, phase) like BART's k-space and ``bart pattern``: readout → kx, phase → ky."""
+    rng = np.random.default_rng(3)
+    kspace = (rng.standard_normal((readout, phase, 1, 2)) + 1j * rng.standard_normal((readout, phase, 1, 2))).astype(
+        np.complex64
+    )
+    lines = np.zeros(phase, bool)
+    lines[::3] = True
+    lines[phase // 2 - 6 : phase // 2 + 6] = True
+    mask = np.zeros((readout, phase), bool)
+    mask[:, lines] = True
+    mask[: readout // 4, ~lines] = True  # a few early readout samples on every other line: not symmetric
+    _write_cfl(tmp_path / "k", kspace)
+    _write_cfl(tmp_path / "mask", mask.astype(np.complex64))
+    expected = torch.from_numpy(mask.T.copy())  # (ky, kx)
+    loaded = load_kspace(tmp_path / "k.cfl", mask=tmp_path / "mask.cfl")
+    assert loaded.shape == (1, 2, phase, readout)
+    assert torch.equal(loaded.mask[0], expected)
+    # the same k-space as .npy (coils, ky, kx) with the same BART mask
+    np.save(tmp_path / "k.npy", np.transpose(kspace[:, :, 0], (2, 1, 0)))
+    assert torch.equal(load_kspace(tmp_path / "k.npy", mask=tmp_path / "mask.cfl").mask[0], expected)
+    # `bart upat` lines: (1, phase), the same for every readout sample
+    _write_cfl(tmp_path / "lines", lines[None].astype(np.complex64))
+    assert torch.equal(
+        load_kspace(tmp_path / "k.cfl", mask=tmp_path / "lines.cfl").mask[0, :, 0], torch.from_numpy(lines)
+    )
+    _write_cfl(tmp_path / "wrong", np.ones((phase + 1, readout), np.complex64))
+    with pytest.raises(ValueError, match=r"wrong\.cfl: BART mask dimensions \(readout"):
+        load_kspace(tmp_path / "k.cfl", mask=tmp_path / "wrong.cfl")
 
 
 def test_bart_tool_output_reads(tmp_path) -> None:

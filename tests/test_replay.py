@@ -91,7 +91,7 @@ def test_simulated_slices_match_ground_truth(small: Path) -> None:
     positions = [image.position[2] for image in images]
     assert np.diff(positions) == pytest.approx([6.0, 6.0])  # 5 mm slices + 1 mm gap
     with h5py.File(small, "r") as file:
-        truth = file["semrecon/ground_truth"][()]
+        truth = file["dataset/ground_truth"][()]
     for image, reference in zip(images, truth, strict=True):
         assert image.data.shape[-2:] == reference.shape
         # Measured: 25.2-25.8 dB per slice (CG-SENSE, 15 iterations; zero-filled: 21.5-22.3 dB).
@@ -157,6 +157,24 @@ def test_replay_errors_name_the_problem(small: Path, tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert "GrappaGadget" in err and "chain.xml" in err
     assert not out.exists()
+
+
+def test_replay_refuses_to_overwrite_its_input(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    scan = tmp_path / "scan.h5"
+    shutil.copyfile(small, scan)
+    before = _digest(scan)
+    (tmp_path / "link.h5").symlink_to(scan)
+    (tmp_path / "hard.h5").hardlink_to(scan)
+    for output in (scan, tmp_path / "link.h5", tmp_path / "hard.h5", tmp_path / "." / "scan.h5"):
+        assert main(["replay", str(scan), str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"OUT {output}: would overwrite the input file {scan}" in err
+    assert main(["replay", str(scan), str(tmp_path / "out.h5"), "--png", str(scan)]) == 2
+    assert f"--png {scan}: would overwrite the input file" in capsys.readouterr().err
+    assert _digest(scan) == before
+    assert not (tmp_path / "out.h5").exists()
 
 
 def test_semantic_chain_with_a_tiny_random_janus(tiny_janus_bank: tuple[Path, Path], tmp_path: Path) -> None:

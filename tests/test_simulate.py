@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import h5py
 import ismrmrd
 import numpy as np
@@ -135,3 +137,29 @@ def test_simulate_cli_writes_a_readable_file_from_an_image(tmp_path) -> None:
     kspace = read_ismrmrd(tmp_path / "s.h5")
     np.testing.assert_allclose(kspace.ground_truth[0].numpy(), image)
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_header_leaves_out_the_version_and_follows_the_schema_order(tmp_path) -> None:
+    """libismrmrd refuses a <version> other than its own; the schema's xs:sequence fixes the element order."""
+    path = write_ismrmrd_raw(tmp_path / "scan.h5", matrix=(32, 32), slices=2, coils=4, acceleration=2, acs_width=12)
+    with h5py.File(path, "r") as file:
+        xml = file["dataset/xml"][0].decode()
+    root = ET.fromstring(xml)
+    assert root.find("{http://www.ismrm.org/ISMRMRD}version") is None
+    # ismrmrd's schema bindings write elements in the schema's order: a header in that order survives unchanged
+    again = ET.fromstring(ismrmrd.xsd.ToXML(ismrmrd.xsd.CreateFromDocument(xml)))
+    assert [e.tag for e in root.iter()] == [e.tag for e in again.iter()]
+
+
+def test_ground_truth_is_kept_inside_the_ismrmrd_group(tmp_path) -> None:
+    """One top-level group, as ismrmrd-tools writes (readers such as mrpro open the file's last group)."""
+    path = write_ismrmrd_raw(tmp_path / "scan.h5", matrix=(32, 32), coils=4, acceleration=2, acs_width=12)
+    with h5py.File(path, "r") as file:
+        assert list(file.keys()) == ["dataset"]
+        truth = file["dataset/ground_truth"][()]
+    kspace = read_ismrmrd(path)
+    np.testing.assert_array_equal(kspace.ground_truth.numpy(), truth)
+    # files written before keep it in a top-level group 'semrecon': still read
+    with h5py.File(path, "a") as file:
+        file.move("dataset/ground_truth", "semrecon/ground_truth")
+    np.testing.assert_array_equal(read_ismrmrd(path).ground_truth.numpy(), truth)

@@ -3,7 +3,8 @@
 The chain runs as :func:`semrecon_core.emulation.replay.replay` runs it (the gadget in this process, or
 with ``--protocol`` in a child process over the wire protocol). The images that leave the chain are
 written to ``OUT.h5`` (one group ``image_<series>`` per series, atomically, with the scan's header), and
-with ``--png`` as one PNG per image. ``IN.h5`` is opened read-only.
+with ``--png`` as one PNG per image. ``IN.h5`` is opened read-only, and an output that names it is refused
+before anything runs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from semrecon_core.emulation.replay import replay
     from semrecon_core.gadgetron.properties import parse_assignments
 
+    _check_outputs(args)
     overrides = parse_assignments(args.set)
     result = replay(args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group)
     if not result.images:
@@ -54,6 +56,23 @@ def run(args: argparse.Namespace) -> int:
         paths = write_pngs(args.png, result.images)
         print(f"{len(paths)} PNG(s) → {args.png}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output (``OUT``, ``--png``) that is the input file (a path to it, a link or a hard link)."""
+    source = Path(args.input)
+    for option, path in (("OUT", args.output), ("--png", args.png)):
+        if path is not None and _same_file(Path(path), source):
+            raise ValueError(f"{option} {path}: would overwrite the input file {args.input}")
+
+
+def _same_file(path: Path, source: Path) -> bool:
+    if path.resolve() == source.resolve():
+        return True
+    try:
+        return path.samefile(source)
+    except OSError:  # either does not exist (yet)
+        return False
 
 
 def write_image_groups(

@@ -3,9 +3,13 @@
 The offline readers and the emulator use the same steps as a Gadgetron chain
 ``NoiseAdjust → RemoveROOversampling → AcquisitionAccumulateTrigger → BucketToBuffer``:
 
+- :func:`drop_discarded_samples`: the ``discard_pre``/``discard_post`` samples of every acquisition are
+  dropped before anything else (as mrpro does; Gadgetron's BucketToBuffer never copies them). Every step
+  below drops them from its input too, so a chain that starts at any of them never sees them.
 - :func:`noise_adjust`: noise scans (``ACQ_IS_NOISE_MEASUREMENT``) give the coil noise covariance;
-  every later acquisition is prewhitened with the inverse Cholesky factor, scaled by the
-  dwell-time / receiver-bandwidth ratio as Gadgetron's NoiseAdjustGadget does. Noise scans are dropped.
+  every later acquisition is prewhitened with the inverse Cholesky factor, scaled per acquisition by
+  the dwell-time / receiver-bandwidth factor of Gadgetron's NoiseAdjustGadget (1 when either dwell
+  time is 0). Noise scans are dropped.
 - :func:`remove_ro_oversampling`: when the encoded readout FOV exceeds the recon FOV, FFT along the
   readout, keep the centre, inverse FFT (RemoveROOversamplingGadget).
 - :func:`accumulate_trigger`: collect acquisitions into buckets until a trigger dimension changes
@@ -88,19 +92,85 @@ def _with_data(acq: Any, data: np.ndarray, **changes: int) -> Any:
     return ismrmrd.Acquisition(head, np.ascontiguousarray(data, dtype=np.complex64), traj)
 
 
-# --------------------------------------------------------------------------------------------- noise
-def noise_prewhitener(
-    noise: Sequence[Any],
-    *,
-    acquisition_dwell_time_us: float,
-    receiver_noise_bandwidth: float = DEFAULT_RECEIVER_NOISE_BANDWIDTH,
-) -> np.ndarray:
-    """The ``(coils, coils)`` prewhitening matrix ``W`` from noise acquisitions.
+# ------------------------------------------------------------------------------------ discard samples
+def _without_discarded(acq: Any) -> Any:
+    """``acq`` without its ``discard_pre``/``discard_post`` samples (``acq`` itself when it has none).
 
-    ``W = s · L⁻¹`` with ``L Lᴴ`` the sample noise covariance and
-    ``s = sqrt(2 · dwell_data / dwell_noise · receiver_noise_bandwidth)`` (Gadgetron's NoiseAdjustGadget),
-    so whitened data have uncorrelated coils of equal noise level.
+    ``center_sample`` then counts from the first kept sample. A file may count it either way: a symmetric
+    readout (centre = half the acquired samples) or a centre beyond the kept samples counts from the first
+    acquired sample and is shifted by ``discard_pre`` (Gadgetron places such lines at their acquired
+    position); otherwise it already counts from the first kept sample, as in mrpro's files and for
+    Gadgetron's asymmetric readouts.
     """
+    import ismrmrd
+
+    pre, post = int(acq.discard_pre), int(acq.discard_post)
+    if not pre and not post:
+        return acq
+    samples = int(acq.number_of_samples)
+    kept = samples - pre - post
+    if kept <= 0:
+        raise ValueError(
+            f"{_describe(acq)}: discard_pre {pre} + discard_post {post} leave none of its {samples} samples"
+        )
+    head = copy.deepcopy(acq.getHead())
+    centre = int(acq.center_sample)
+    if centre == samples // 2 or centre >= kept:
+        centre -= pre
+    head.center_sample = min(max(centre, 0), kept - 1)
+    head.number_of_samples = kept
+    head.discard_pre = head.discard_post = 0
+    data = np.ascontiguousarray(np.asarray(acq.data)[:, pre : pre + kept], dtype=np.complex64)
+    traj = np.ascontiguousarray(acq.traj[pre : pre + kept]) if acq.traj.size else None
+    if traj is None:
+        head.trajectory_dimensions = 0
+    return ismrmrd.Acquisition(head, data, traj)
+
+
+def drop_discarded_samples(acquisitions: Iterable[Any]) -> Iterator[Any]:
+    """Drop the ``discard_pre``/``discard_post`` samples of every acquisition (noise scans included).
+
+    The first step of every chain, as in mrpro; acquisitions without discard samples pass unchanged.
+    Inputs are never modified.
+    """
+    for acq in acquisitions:
+        yield _without_discarded(acq)
+
+
+# --------------------------------------------------------------------------------------------- noise
+def noise_bandwidth_scale(
+    acquisition_dwell_time_us: float,
+    noise_dwell_time_us: float,
+    receiver_noise_bandwidth: float = DEFAULT_RECEIVER_NOISE_BANDWIDTH,
+) -> float:
+    """Gadgetron's NoiseAdjustGadget scale ``sqrt(2 · dwell_data / dwell_noise · receiver_noise_bandwidth)``.
+
+    1.0 when either dwell time (``sample_time_us``) is 0, as Gadgetron does (files written without dwell
+    times, e.g. mrpro's, have 0).
+    """
+    if acquisition_dwell_time_us == 0 or noise_dwell_time_us == 0:
+        return 1.0
+    return float(np.sqrt(2.0 * acquisition_dwell_time_us / noise_dwell_time_us * receiver_noise_bandwidth))
+
+
+def noise_dwell_time_us(noise: Sequence[Any]) -> float:
+    """The noise scan's dwell time: the first non-zero ``sample_time_us`` of its acquisitions (else 0)."""
+    for acq in noise:
+        dwell = _dwell_time_us(acq)
+        if dwell:
+            return dwell
+    return 0.0
+
+
+def _dwell_time_us(acq: Any) -> float:
+    dwell = float(acq.sample_time_us)
+    if not np.isfinite(dwell) or dwell < 0:
+        raise ValueError(f"{_describe(acq)}: sample_time_us {dwell} is not a dwell time (expected >= 0)")
+    return dwell
+
+
+def _inverse_noise_factor(noise: Sequence[Any]) -> np.ndarray:
+    """``L⁻¹`` with ``L Lᴴ`` the sample noise covariance of the noise acquisitions."""
     if not noise:
         raise ValueError("noise prewhitening: no noise acquisitions")
     channels = noise[0].active_channels
@@ -120,40 +190,63 @@ def noise_prewhitener(
             f"noise scan: the {channels}×{channels} noise covariance is not positive definite "
             "(a dead or duplicated channel?)"
         ) from None
-    noise_dwell = float(noise[0].sample_time_us) or acquisition_dwell_time_us
-    scale = np.sqrt(2.0 * acquisition_dwell_time_us / noise_dwell * receiver_noise_bandwidth)
-    return (scale * np.linalg.inv(lower)).astype(np.complex64)
+    return np.linalg.inv(lower)
+
+
+def noise_prewhitener(
+    noise: Sequence[Any],
+    *,
+    acquisition_dwell_time_us: float,
+    receiver_noise_bandwidth: float = DEFAULT_RECEIVER_NOISE_BANDWIDTH,
+) -> np.ndarray:
+    """The ``(coils, coils)`` prewhitening matrix ``W`` for acquisitions of the given dwell time.
+
+    ``W = s · L⁻¹`` with ``L Lᴴ`` the sample noise covariance and ``s`` =
+    :func:`noise_bandwidth_scale` of the acquisition's and the noise scan's dwell times (Gadgetron's
+    NoiseAdjustGadget), so whitened data have uncorrelated coils of equal noise level.
+    """
+    noise = [_without_discarded(acq) for acq in noise]
+    scale = noise_bandwidth_scale(acquisition_dwell_time_us, noise_dwell_time_us(noise), receiver_noise_bandwidth)
+    return (scale * _inverse_noise_factor(noise)).astype(np.complex64)
 
 
 def noise_adjust(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
     """NoiseAdjustGadget: drop noise scans and prewhiten every following acquisition with them.
 
-    Without noise scans the acquisitions pass through unchanged. Inputs are never modified.
+    The scale of each acquisition comes from its own dwell time (:func:`noise_bandwidth_scale`).
+    Discard samples are dropped first. Without noise scans the acquisitions pass through unchanged.
+    Inputs are never modified.
     """
     header = parse_header(header)
     system = header.acquisitionSystemInformation
     bandwidth = getattr(system, "relativeReceiverNoiseBandwidth", None) if system is not None else None
     bandwidth = float(bandwidth) if bandwidth else DEFAULT_RECEIVER_NOISE_BANDWIDTH
     noise: list[Any] = []
-    whitener: np.ndarray | None = None
-    for acq in acquisitions:
+    inverse: np.ndarray | None = None
+    noise_dwell = 0.0
+    whiteners: dict[float, np.ndarray] = {}
+    for acq in drop_discarded_samples(acquisitions):
         if _is(acq, FLAG_NOISE):
-            if whitener is not None:
+            if inverse is not None:
                 raise ValueError(f"noise scan after imaging data ({_describe(acq)}); expected noise scans first")
             noise.append(acq)
             continue
-        if noise and whitener is None:
-            whitener = noise_prewhitener(
-                noise, acquisition_dwell_time_us=float(acq.sample_time_us), receiver_noise_bandwidth=bandwidth
-            )
-        if whitener is None:
+        if noise and inverse is None:
+            inverse = _inverse_noise_factor(noise)
+            noise_dwell = noise_dwell_time_us(noise)
+        if inverse is None:
             yield acq
             continue
-        if acq.active_channels != whitener.shape[0]:
+        if acq.active_channels != inverse.shape[0]:
             raise ValueError(
                 f"inconsistent channel counts: {_describe(acq)} has {acq.active_channels} channels, "
-                f"the noise scan {whitener.shape[0]}"
+                f"the noise scan {inverse.shape[0]}"
             )
+        dwell = _dwell_time_us(acq)
+        whitener = whiteners.get(dwell)
+        if whitener is None:
+            scale = noise_bandwidth_scale(dwell, noise_dwell, bandwidth)
+            whitener = whiteners[dwell] = (scale * inverse).astype(np.complex64)
         # einsum, not BLAS: tiny per-line products are far slower through a multithreaded BLAS
         yield _with_data(acq, np.einsum("ij,jk->ik", whitener, acq.data))
 
@@ -188,10 +281,10 @@ def crop_readout(data: np.ndarray, keep: int) -> np.ndarray:
 def remove_ro_oversampling(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
     """RemoveROOversamplingGadget: crop the oversampled readout FOV to the recon FOV.
 
-    Sample positions (``center_sample``, ``discard_pre/post``) are scaled with the readout length.
+    Discard samples are dropped first; ``center_sample`` is scaled with the readout length.
     """
     ratio = readout_oversampling(header)
-    for acq in acquisitions:
+    for acq in drop_discarded_samples(acquisitions):
         if ratio == 1.0 or _is(acq, FLAG_NOISE):
             yield acq
             continue
@@ -201,8 +294,6 @@ def remove_ro_oversampling(acquisitions: Iterable[Any], header: Any) -> Iterator
             acq,
             crop_readout(np.asarray(acq.data), keep),
             center_sample=int(round(acq.center_sample * keep / samples)),
-            discard_pre=int(round(acq.discard_pre * keep / samples)),
-            discard_post=int(round(acq.discard_post * keep / samples)),
         )
 
 
@@ -398,9 +489,9 @@ def bucket_to_buffer(
     options: _BufferOptions = {"n_dimension": n_dimension, "s_dimension": s_dimension, "split_slices": split_slices}
     data_groups: dict[tuple[int, ...], list[Any]] = {}
     ref_groups: dict[tuple[int, ...], list[Any]] = {}
-    for acq in bucket.data:
+    for acq in drop_discarded_samples(bucket.data):
         data_groups.setdefault(_key(acq, **options), []).append(acq)
-    for acq in bucket.ref:
+    for acq in drop_discarded_samples(bucket.ref):
         ref_groups.setdefault(_key(acq, **options), []).append(acq)
     bits = []
     for key, acqs in data_groups.items():
@@ -427,10 +518,10 @@ def recon_data_from_acquisitions(
 ) -> list[Any]:
     """The whole chain NoiseAdjust → RemoveROOversampling → AccumulateTrigger → BucketToBuffer.
 
-    Returns one ``ReconData`` per trigger.
+    Discard samples are dropped first. Returns one ``ReconData`` per trigger.
     """
     header = parse_header(header)
-    stream = remove_ro_oversampling(noise_adjust(acquisitions, header), header)
+    stream = remove_ro_oversampling(noise_adjust(drop_discarded_samples(acquisitions), header), header)
     return [
         bucket_to_buffer(bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices)
         for bucket in accumulate_trigger(stream, trigger)

@@ -2,13 +2,18 @@
 
 - ISMRMRD raw HDF5 (``dataset/xml`` + ``dataset/data``): acquisitions → :mod:`semrecon_core.data.buffers`
   (noise prewhitening, readout-oversampling removal, accumulation, buffering) → :func:`from_recon_buffer`,
-  the one constructor shared with the Gadgetron gadget. Ground truth from ``dataset/phantom``
-  (``ismrmrd_generate_cartesian_shepp_logan``) or ``semrecon/ground_truth`` (``semrecon simulate``).
+  the one constructor shared with the Gadgetron gadget. Ground truth from ``<group>/phantom``
+  (``ismrmrd_generate_cartesian_shepp_logan``) or ``<group>/ground_truth`` (``semrecon simulate``; files
+  written before it kept it inside the ISMRMRD group have ``semrecon/ground_truth``).
 - ISMRMRD binary streams (``.mrd``/``.bin``/``.dat`` that are not HDF5): header + acquisition messages,
   through the same buffering.
 - fastMRI HDF5 (``kspace`` ``(slices, coils, rows, cols)`` + ``ismrmrd_header``; readout along rows).
-- ``.npy`` k-space ``(coils, ky, kx)`` or ``(slices, coils, ky, kx)`` with an optional mask ``.npy``.
-- BART ``.cfl``/``.hdr`` (dims: readout, phase 1, phase 2, coils, ..., slice at index 13).
+- ``.npy`` k-space ``(coils, ky, kx)`` or ``(slices, coils, ky, kx)`` with an optional mask ``.npy``
+  (``(ky,)``, ``(ky, kx)`` or ``(slices, ky, kx)``) or BART ``.cfl`` mask.
+- BART ``.cfl``/``.hdr`` k-space and masks (``bart pattern``, ``bart upat``, ``bart poisson``) in BART's
+  Fortran-ordered (readout, phase 1, phase 2, coils, ..., slice at index 13): the readout becomes ``kx``
+  and phase 1 ``ky``, as for ISMRMRD and fastMRI input, so images show the readout horizontally
+  (transposed relative to ``bart toimg``, which draws dimension 0 downwards).
 
 Every reader checks what it reads and raises ``ValueError`` naming the file and the problem; files
 are only opened for reading.
@@ -33,7 +38,11 @@ log = logging.getLogger(__name__)
 
 #: fewest fully sampled centre lines accepted as a calibration region (ESPIRiT kernel 6 + margin)
 MIN_CALIBRATION = 8
-GROUND_TRUTH_DATASETS = ("semrecon/ground_truth", "dataset/phantom")
+#: ground truth inside the ISMRMRD group: ``semrecon simulate``'s, ismrmrd-tools' phantom
+GROUND_TRUTH_DATASETS = ("ground_truth", "phantom")
+#: where ``semrecon simulate`` kept its ground truth before (a top-level group, which readers that
+#: open the last group of a file, such as mrpro, took for the ISMRMRD group)
+LEGACY_GROUND_TRUTH = "semrecon/ground_truth"
 #: suffixes of ISMRMRD binary stream files (non-HDF5 content with these suffixes is read as a stream)
 STREAM_SUFFIXES = (".mrd", ".bin", ".dat")
 
@@ -370,10 +379,10 @@ def _read_acquisitions(path: Path, group: Any) -> list[Any]:
     return acquisitions
 
 
-def _ground_truth(file: Any, kspace: KSpace, path: Path) -> np.ndarray | None:
+def _ground_truth(file: Any, group: str, kspace: KSpace, path: Path) -> np.ndarray | None:
     """Magnitude ground truth ``(slices, recon_y, recon_x)`` matched to the KSpace entries, if stored."""
-    for name in GROUND_TRUTH_DATASETS:
-        if name not in file:
+    for name in (*(f"{group}/{name}" for name in GROUND_TRUTH_DATASETS), LEGACY_GROUND_TRUTH):
+        if name not in file or not hasattr(file[name], "dtype"):
             continue
         raw = file[name][()]
         if raw.dtype.names and {"real", "imag"} <= set(raw.dtype.names):
@@ -443,7 +452,7 @@ def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "
         xml = group["xml"][0]
         xml = xml.decode("utf-8") if isinstance(xml, bytes) else str(xml)
         kspace = _kspace_from_acquisitions(_read_acquisitions(path, group), xml, str(path), trigger)
-        truth = _ground_truth(file, kspace, path)
+        truth = _ground_truth(file, dataset, kspace, path)
     if truth is not None:
         kspace = replace(kspace, ground_truth=torch.from_numpy(truth))
     return kspace
@@ -552,20 +561,27 @@ def _plain_geometry(ny: int, nx: int) -> Geometry:
 
 
 def _load_mask(mask: str | Path | np.ndarray | None, shape: tuple[int, int, int], source: str) -> np.ndarray | None:
-    """A mask broadcast to ``(slices, ky, kx)``; 1-D masks select ky lines."""
+    """A mask broadcast to ``(slices, ky, kx)``.
+
+    Arrays and ``.npy`` files are ``(ky,)`` (lines), ``(ky, kx)`` or ``(slices, ky, kx)``; BART ``.cfl``
+    masks are in BART's order (:func:`_bart_mask`).
+    """
     if mask is None:
         return None
+    slices, ny, nx = shape
     if isinstance(mask, (str, Path)):
         mask_path = Path(mask)
+        source = str(mask_path)
+        bart = mask_path.suffix in (".cfl", ".hdr")
         try:
-            array = read_cfl(mask_path) if mask_path.suffix in (".cfl", ".hdr") else np.load(mask_path)
+            array = read_cfl(mask_path) if bart else np.load(mask_path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{mask_path}: cannot read the mask: {exc}") from None
-        source = str(mask_path)
+        if bart:
+            return _bart_mask(array, shape, source)
     else:
         array = np.asarray(mask)
     array = np.abs(np.squeeze(np.asarray(array))) > 0 if np.iscomplexobj(array) else np.squeeze(array) != 0
-    slices, ny, nx = shape
     if array.shape == (ny,):
         array = array[:, None]
     try:
@@ -577,11 +593,36 @@ def _load_mask(mask: str | Path | np.ndarray | None, shape: tuple[int, int, int]
         ) from None
 
 
+def _bart_mask(array: np.ndarray, shape: tuple[int, int, int], source: str) -> np.ndarray:
+    """A BART mask (readout, phase 1, ..., slices at index 13) as ``(slices, ky, kx)``.
+
+    Dimension 0 is the readout (kx; 1 for ``bart upat``/``bart poisson`` line masks, which then hold for
+    every readout sample), dimension 1 the phase encoding (ky), as in ``bart pattern``'s output.
+    """
+    slices, ny, nx = shape
+    dims = list(array.shape) + [1] * max(0, 16 - array.ndim)
+    extra = [i for i, n in enumerate(dims) if n > 1 and i not in (0, 1, 13)]
+    if extra:
+        raise ValueError(
+            f"{source}: unsupported BART mask dimensions {extra} (sizes {[dims[i] for i in extra]}); "
+            "expected readout, phase and slices only"
+        )
+    readout, phase, count = dims[0], dims[1], dims[13]
+    fits = readout in (1, nx) and phase in (1, ny) and count in (1, slices)
+    if not fits:
+        raise ValueError(
+            f"{source}: BART mask dimensions (readout {readout}, phase {phase}, slices {count}) do not fit the "
+            f"k-space (readout {nx}, phase {ny}, slices {slices}; 1 = the same for all)"
+        )
+    planes = np.abs(array.reshape(readout, phase, count, order="F")) > 0
+    return np.broadcast_to(planes.transpose(2, 1, 0), shape).copy()  # (slices, ky = phase, kx = readout)
+
+
 def read_npy(path: str | Path, mask: str | Path | np.ndarray | None = None) -> KSpace:
     """Read ``.npy`` k-space ``(coils, ky, kx)`` or ``(slices, coils, ky, kx)`` (complex).
 
-    ``mask``: a ``.npy``/``.cfl`` path or array of shape ``(ky,)``, ``(ky, kx)`` or ``(slices, ky, kx)``;
-    without it the non-zero samples are the mask.
+    ``mask``: a ``.npy`` path or array of shape ``(ky,)``, ``(ky, kx)`` or ``(slices, ky, kx)``, or a BART
+    ``.cfl`` mask in BART's (readout, phase, ...) order; without it the non-zero samples are the mask.
     """
     path = Path(path)
     if not path.is_file():
@@ -622,7 +663,12 @@ def read_cfl(path: str | Path) -> np.ndarray:
 
 
 def read_bart(path: str | Path, mask: str | Path | np.ndarray | None = None) -> KSpace:
-    """Read BART k-space (dims: readout, phase 1, phase 2 = 1, coils, ..., slices at index 13)."""
+    """Read BART k-space (dims: readout, phase 1, phase 2 = 1, coils, ..., slices at index 13).
+
+    The readout becomes ``kx`` and phase 1 ``ky`` (the KSpace is ``(slices, coils, ky, kx)``). ``mask``: a
+    BART ``.cfl`` mask in the same BART order (``bart pattern``, ``bart upat``, ``bart poisson``), or a
+    ``.npy`` path or array in semrecon's ``(ky,)``, ``(ky, kx)`` or ``(slices, ky, kx)``.
+    """
     path = Path(path)
     array = read_cfl(path)
     dims = list(array.shape) + [1] * max(0, 14 - array.ndim)

@@ -5,10 +5,13 @@ normalised to unit root-sum-of-squares), is Fourier transformed (centred, orthon
 correlated complex Gaussian coil noise and is undersampled with
 :func:`semrecon_core.physics.masks.sampling_mask`.
 
-:func:`write_ismrmrd_raw` (behind ``semrecon simulate OUT.h5``) writes the scan as a scanner would: an ISMRMRD
-XML header (encoded/recon spaces, encoding limits, parallel-imaging block), an optional noise scan,
-optional 2× readout oversampling, several slices along the slice normal, acquisition flags (first/last in
-slice, last in repetition/measurement, calibration flags) and the ground truth in ``semrecon/ground_truth``.
+:func:`write_ismrmrd_raw` (behind ``semrecon simulate OUT.h5``) writes the scan as a scanner would: a
+schema-valid ISMRMRD XML header without ``<version>`` (libismrmrd refuses a version other than its own when
+it re-serializes the header, as Gadgetron does for every ``<external>`` node) with encoded/recon spaces,
+encoding limits and the parallel-imaging block, an optional noise scan, optional 2× readout oversampling,
+several slices along the slice normal, acquisition flags (first/last in slice, last in repetition/measurement,
+calibration flags) and the ground truth in ``dataset/ground_truth``, inside the ISMRMRD group as
+ismrmrd-tools keeps its ``phantom`` (readers that open a file's last group, such as mrpro, find the scan).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ DWELL_TIME_US = 5.0
 RECEIVER_NOISE_BANDWIDTH = 0.793
 NOISE_SCAN_LINES = 16
 LINE_MASK_KINDS = ("equispaced", "random", "gaussian")
+#: the ISMRMRD group of simulated files; it also holds the ground truth (``ground_truth``)
+GROUP = "dataset"
 
 
 def builtin_anatomy(shape: tuple[int, int], slices: int = 1) -> np.ndarray:
@@ -180,7 +185,6 @@ def _header_xml(
     fov_y, fov_x = fov_mm
     return f"""<?xml version="1.0"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
-  <version>2</version>
   <measurementInformation>
     <patientPosition>HFS</patientPosition>
     <protocolName>semrecon simulate</protocolName>
@@ -188,8 +192,8 @@ def _header_xml(
   <acquisitionSystemInformation>
     <systemVendor>semrecon</systemVendor>
     <systemModel>simulator</systemModel>
-    <receiverChannels>{coils}</receiverChannels>
     <relativeReceiverNoiseBandwidth>{RECEIVER_NOISE_BANDWIDTH}</relativeReceiverNoiseBandwidth>
+    <receiverChannels>{coils}</receiverChannels>
   </acquisitionSystemInformation>
   <experimentalConditions><H1resonanceFrequency_Hz>127740000</H1resonanceFrequency_Hz></experimentalConditions>
   <encoding>
@@ -353,12 +357,12 @@ def write_ismrmrd_raw(
             acquisitions.append(acquisition(line, flags, int(y), s))
 
     with atomic_path(path) as temp:
-        dataset = ismrmrd.Dataset(str(temp), "dataset", mode="w")
+        dataset = ismrmrd.Dataset(str(temp), GROUP, mode="w")
         try:
             dataset.write_xml_header(xml.encode("utf-8"))
             for acq in acquisitions:
                 dataset.append_acquisition(acq)
-            dataset._file.create_dataset("semrecon/ground_truth", data=images)
+            dataset._file.create_dataset(f"{GROUP}/ground_truth", data=images)
         finally:
             dataset.close()
     return path
