@@ -103,7 +103,7 @@ def _without_prewhitening(path: Path) -> Any:
     with h5py.File(path, "r") as file:
         xml = file["dataset/xml"][0].decode()
         acquisitions = [a for a in _read_acquisitions(path, file["dataset"]) if not a.is_flag_set(19)]
-        truth = file["semrecon/ground_truth"][()]
+        truth = file["dataset/ground_truth"][()]
     header = buffers.parse_header(xml)
     stream = buffers.remove_ro_oversampling(acquisitions, header)
     parts = [
