@@ -106,6 +106,46 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_janus: Path, image
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+def test_image_only_encoder_computes_in_float32_even_under_an_enclosing_autocast(
+    tiny_janus: Path, image_encoder: JanusImageEncoder
+) -> None:
+    assert image_encoder.precision == "float32" and image_encoder.identity["dtype"] == "float32"
+    # bfloat16 takes effect on CUDA only: asked for on the CPU, the encoder still computes in float32
+    asked = JanusImageEncoder.from_pretrained(str(tiny_janus), precision="bfloat16")
+    assert asked.precision == "bfloat16" and asked.dtype == torch.float32 and asked.identity["dtype"] == "float32"
+    pixels = image_encoder.pixels(_image(seed=5))
+    with torch.no_grad():
+        reference = image_encoder.encode_pixels(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as an engine's autocast around the prior would be
+            inside = image_encoder.encode_pixels(pixels)
+            leaked = image_encoder.vision(pixels, output_hidden_states=True).hidden_states[24]
+    assert all(torch.equal(a, b) for a, b in zip(reference, inside, strict=True))
+    assert not torch.allclose(leaked, reference[2], atol=1e-4)  # unguarded, autocast reaches the tower
+    with pytest.raises(ValueError, match="precision"):
+        JanusImageEncoder.from_pretrained(str(tiny_janus), precision="float16")
+
+
+def test_language_encoder_asks_for_bfloat16_which_only_cuda_honours(language_encoder: JanusLanguageEncoder) -> None:
+    assert language_encoder.precision == "bfloat16"
+    assert language_encoder.dtype == torch.float32 and language_encoder.identity["dtype"] == "float32"
+
+
+@pytest.mark.cuda
+def test_on_cuda_image_only_is_float32_and_the_llm_path_bfloat16(tiny_janus: Path) -> None:
+    image = JanusImageEncoder.from_pretrained(str(tiny_janus), device="cuda")
+    assert image.identity["dtype"] == "float32" and next(image.vision.parameters()).dtype == torch.float32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        states = image.encode_pixels(image.pixels(_image(seed=6)))
+    cpu = JanusImageEncoder.from_pretrained(str(tiny_janus))
+    reference = cpu.encode_pixels(cpu.pixels(_image(seed=6)))
+    assert torch.allclose(states[-1].cpu(), reference[-1], rtol=1e-3, atol=1e-4)
+    language = JanusLanguageEncoder.from_pretrained(str(tiny_janus), device="cuda")
+    assert language.identity["dtype"] == "bfloat16" and next(language.model.parameters()).dtype == torch.bfloat16
+    off = JanusLanguageEncoder.from_pretrained(str(tiny_janus), device="cuda", autocast=False)
+    assert off.identity["dtype"] == "float32"
+    assert torch.isfinite(language.encode(_image().cuda())[0]).all()
+
+
 def test_layers_outside_the_model_are_rejected(tiny_janus: Path) -> None:
     with pytest.raises(ValueError, match="layers"):
         JanusImageEncoder.from_pretrained(str(tiny_janus), layers=(1, 30))
@@ -143,18 +183,52 @@ def test_language_gradients_reach_the_image(language_encoder: JanusLanguageEncod
     assert all(p.grad is None for p in language_encoder.model.parameters())
 
 
-def test_answer_reports_the_two_choice_probabilities(language_encoder: JanusLanguageEncoder) -> None:
+def _word_logp_by_hand(encoder: JanusLanguageEncoder, image: torch.Tensor, word: str) -> torch.Tensor:
+    """log P(reply starts with ``word``): each spelling teacher-forced through the full model, no cache."""
+    pixels = encoder.pixels(image)
+    length = encoder.input_ids.numel()
+    totals = []
+    for spelling in encoder.word_spellings(word):
+        ids = torch.cat([encoder.input_ids, torch.tensor(spelling[:-1], dtype=torch.long)])
+        with torch.no_grad():
+            logits = encoder.model(input_ids=ids[None], pixel_values=pixels).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        totals.append(sum(logp[length - 1 + t, token] for t, token in enumerate(spelling)))
+    return torch.logsumexp(torch.stack(totals), 0)
+
+
+def test_answer_scores_whole_words_as_a_hand_computation_from_the_logits(
+    language_encoder: JanusLanguageEncoder,
+) -> None:
+    image = _image(2)
+    # "high-quality" is three sub-tokens for the tiny word-level tokenizer (high, -, quality): every one counts
+    words = ("high-quality", "low-quality")
+    spellings = language_encoder.word_spellings("high-quality")
+    assert len(spellings) == 2 and all(len(ids) == 3 for ids in spellings)  # as given and capitalised
+    answers = language_encoder.answer(image, choices=words, max_new_tokens=3)
+    assert len(answers) == 2
+    for index, result in enumerate(answers):
+        expected = torch.stack([_word_logp_by_hand(language_encoder, image[index : index + 1], w) for w in words])
+        probabilities = torch.softmax(expected, 0)
+        for word, logp, p in zip(words, expected.tolist(), probabilities.tolist(), strict=True):
+            assert result[f"logp_{word}"] == pytest.approx(logp, abs=1e-4)
+            assert result[f"p_{word}"] == pytest.approx(p, abs=1e-4)
+        assert result["choice"] == words[int(probabilities.argmax())]
+    # scoring multi-token words leaves the cache as it was: the greedy reply is the same as without them
+    assert [a["answer"] for a in answers] == [a["answer"] for a in language_encoder.answer(image, max_new_tokens=3)]
+    # the first sub-token alone would give another number: the check can tell
+    first_only = torch.stack([_word_logp_by_hand(language_encoder, image[:1], w) for w in ("high", "low")])
+    whole = torch.tensor([answers[0]["logp_high-quality"], answers[0]["logp_low-quality"]], dtype=torch.float64)
+    assert not torch.allclose(first_only, whole, atol=1e-3)
+
+
+def test_answer_defaults_to_the_instruction_words_and_decodes_greedily(language_encoder: JanusLanguageEncoder) -> None:
     image = _image(2)
     answers = language_encoder.answer(image, max_new_tokens=3)
-    assert len(answers) == 2
-    with torch.no_grad():
-        logits = language_encoder.model(
-            input_ids=language_encoder.input_ids[None], pixel_values=language_encoder.pixels(image[:1])
-        ).logits[0, -1]
-    scores = torch.stack([torch.logsumexp(logits[ids], 0) for ids in language_encoder.choice_ids])
-    expected = torch.softmax(scores, 0)
     first = answers[0]
-    assert first["p_high"] == pytest.approx(expected[0].item(), abs=1e-4)
+    expected = torch.stack([_word_logp_by_hand(language_encoder, image[:1], w) for w in ("high", "low")])
+    assert first["logp_high"] == pytest.approx(expected[0].item(), abs=1e-4)
+    assert first["p_high"] == pytest.approx(torch.softmax(expected, 0)[0].item(), abs=1e-4)
     assert first["p_high"] + first["p_low"] == pytest.approx(1.0)
     assert first["choice"] in ("high", "low") and isinstance(first["answer"], str)
     # The cached greedy decoding equals a plain greedy loop that re-runs the whole sequence each step.
@@ -169,6 +243,51 @@ def test_answer_reports_the_two_choice_probabilities(language_encoder: JanusLang
             tokens.append(token)
             sequence = torch.cat([sequence, lm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
     assert first["answer"] == language_encoder.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="cannot spell"):
+        language_encoder.answer(image, choices=("zzzunknownword", "low"))
+
+
+PUBLIC_CODE_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language.\n\n"
+    "User: <image_placeholder>\n"
+    "Determine whether this image is high-quality or low-quality. Respond with single word.\n\n"
+    "Assistant:"
+)
+
+
+def test_public_code_prompt_is_rendered_as_the_authors_vlchatprocessor_does(tiny_janus: Path) -> None:
+    encoder = JanusLanguageEncoder.from_pretrained(str(tiny_janus), instruction="public-code")
+    assert encoder.prompt == PUBLIC_CODE_PROMPT
+    assert encoder.identity["prompt"] == "public-code" and encoder.choices == ("high", "low")
+    # tokenised with the BOS token, then the one image tag becomes boi + 144 image tokens + eoi
+    tok = encoder.tokenizer
+    ids = tok(PUBLIC_CODE_PROMPT)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    tag = ids.index(encoder.model.config.image_token_id)
+    boi, eoi = tok.convert_tokens_to_ids(["<begin_of_image>", "<end_of_image>"])
+    expected = [*ids[:tag], boi, *[encoder.model.config.image_token_id] * 144, eoi, *ids[tag + 1 :]]
+    assert encoder.input_ids.tolist() == expected and encoder.image_start == tag + 1
+    blurred = JanusLanguageEncoder.from_pretrained(str(tiny_janus), instruction="public-code-blurred-vs-aliasing")
+    assert blurred.prompt.endswith(
+        "\n\nUser: <image_placeholder>\n"
+        "Determine whether this image is blurred or aliasing. Respond with single word.\n\nAssistant:"
+    )
+    assert blurred.choices == ("blurred", "aliasing")
+
+
+def test_paper_prompt_keeps_janus_pro_roles_and_matches_the_processor_expansion(
+    language_encoder: JanusLanguageEncoder,
+) -> None:
+    assert language_encoder.prompt == PUBLIC_CODE_PROMPT.replace("User:", "<|User|>:").replace(
+        "Assistant:", "<|Assistant|>:"
+    ).replace(" Respond with single word.", "")
+    assert language_encoder.identity["prompt"] == "janus-pro"
+    # expanding after tokenisation (VLChatProcessor) equals tokenising the expanded text (JanusProcessor)
+    expanded = language_encoder.prompt.replace(
+        "<image_placeholder>", "<begin_of_image>" + "<image_placeholder>" * 144 + "<end_of_image>"
+    )
+    assert language_encoder.input_ids.tolist() == language_encoder.tokenizer(expanded)["input_ids"]
 
 
 def test_missing_weights_give_a_clear_offline_error(tmp_path: Path, monkeypatch) -> None:
@@ -207,9 +326,18 @@ def test_generic_hf_vision_encoder_follows_the_protocol(tmp_path: Path) -> None:
 def test_instruction_sets() -> None:
     assert len(instructions.TABLE_S1) == 20 == len(set(instructions.TABLE_S1))
     assert instructions.TABLE_S1[0] == instructions.PAPER
-    assert instructions.resolve("public-code")[0].endswith("Respond with single word.")
-    assert instructions.resolve("blurred-vs-aliased")[1] == ("blurred", "aliased")
-    assert instructions.resolve("Is it sharp?") == ("Is it sharp?", ("high", "low"))
+    public = instructions.resolve("public-code")
+    assert public.text == instructions.PAPER + " Respond with single word." and public.prompt == "public-code"
+    assert instructions.resolve("blurred-vs-aliased").words == ("blurred", "aliased")
+    assert instructions.resolve("public-code-blurred-vs-aliasing").words == ("blurred", "aliasing")
+    assert instructions.resolve("Is it sharp?") == instructions.Instruction(
+        "Is it sharp?", ("high", "low"), "janus-pro"
+    )
+    # text read back from a bank's metadata is the named instruction, with its words and rendering
+    assert (
+        instructions.resolve(instructions.PUBLIC_CODE_BLURRED_VS_ALIASING)
+        == instructions.NAMED["public-code-blurred-vs-aliasing"]
+    )
 
 
 def test_cli_encoder_tiny(tmp_path: Path, capsys) -> None:

@@ -4,6 +4,7 @@ Loads any checkpoint whose model exposes ``hidden_states`` (``output_hidden_stat
 model itself (``SiglipVisionModel``) or a dual encoder with a ``vision_model`` (``SiglipModel``,
 ``CLIPModel``) — and returns the token states at the chosen layers, like the Janus image encoder. The
 pixel mapping uses the checkpoint's ``image_mean`` / ``image_std`` when it ships a preprocessor config.
+Like the Janus image-only encoder it computes in float32 unless bfloat16 is asked for (on CUDA).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from semrecon_core.encoders.common import (
-    autocast_context,
     checked_layers,
+    checked_precision,
+    compute_dtype,
+    dtype_name,
     input_size,
-    load_dtype,
+    precision_context,
     preprocessing_identity,
+    requested_precision,
 )
 from semrecon_core.encoders.loading import fingerprint, is_random_checkpoint, load_model, resolve_checkpoint
 from semrecon_core.encoders.preprocess import to_pixels
@@ -40,7 +44,7 @@ class HFVisionEncoder:
         mean: pixel mean of the model's normalisation.
         std: pixel standard deviation of the model's normalisation.
         is_random: the checkpoint has random weights.
-        autocast: bfloat16 autocast on CUDA.
+        precision: ``float32`` (default) or ``bfloat16`` (bf16 autocast on CUDA; float32 elsewhere).
     """
 
     kind = "image"
@@ -56,7 +60,7 @@ class HFVisionEncoder:
         mean: float = 0.5,
         std: float = 0.5,
         is_random: bool = False,
-        autocast: bool = True,
+        precision: str = "float32",
     ) -> None:
         self.layers = checked_layers(layers, int(vision_model.config.num_hidden_layers), name)
         self.vision = vision_model.requires_grad_(False).eval()
@@ -65,7 +69,7 @@ class HFVisionEncoder:
         self.image_size = image_size
         self.mean, self.std = mean, std
         self.is_random = is_random
-        self.autocast = autocast
+        self.precision = checked_precision(precision, name)
         self.label = f"{type(vision_model).__name__} encoder ({name}, layers {'/'.join(map(str, self.layers))})"
         if is_random:
             self.label += " RANDOM WEIGHTS"
@@ -79,13 +83,18 @@ class HFVisionEncoder:
         device: str | torch.device = "cpu",
         allow_download: bool = False,
         autocast: bool = True,
+        precision: str = "float32",
     ) -> HFVisionEncoder:
-        """Load a vision (or dual) checkpoint from a HuggingFace id or directory, offline by default."""
+        """Load a vision (or dual) checkpoint from a HuggingFace id or directory, offline by default.
+
+        ``autocast=False`` forces float32 whatever ``precision`` says.
+        """
         from transformers import AutoModel
 
         device = torch.device(device)
+        precision = requested_precision(checked_precision(precision, name), autocast)
         directory = resolve_checkpoint(name, allow_download=allow_download)
-        model = load_model(AutoModel, directory, dtype=load_dtype(device, autocast)).to(device)
+        model = load_model(AutoModel, directory, dtype=compute_dtype(device, precision)).to(device)
         vision = model.vision_model if hasattr(model, "get_image_features") else model
         mean, std = 0.5, 0.5
         processor_file = directory / "preprocessor_config.json"
@@ -102,13 +111,18 @@ class HFVisionEncoder:
             mean=mean,
             std=std,
             is_random=is_random_checkpoint(directory),
-            autocast=autocast,
+            precision=precision,
         )
 
     @property
     def device(self) -> torch.device:
         """Where the model lives."""
         return next(self.vision.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the encoder computes in on its device."""
+        return compute_dtype(self.device, self.precision)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -120,13 +134,14 @@ class HFVisionEncoder:
             "kind": self.kind,
             "layers": list(self.layers),
             "preprocessing": (f"{preprocessing_identity(self.image_size)};mean={self.mean:g};std={self.std:g}"),
+            "dtype": dtype_name(self.dtype),
             "random_weights": self.is_random,
         }
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Per-level token states ``(slices, tokens, dim)`` of a complex ``(slices, y, x)`` image."""
         pixels = to_pixels(image.to(self.device), self.image_size, mean=self.mean, std=self.std)
-        with autocast_context(pixels.device, self.autocast):
+        with precision_context(pixels.device, self.dtype):
             dtype = next(self.vision.parameters()).dtype
             states = self.vision(pixel_values=pixels.to(dtype), output_hidden_states=True).hidden_states
         return [states[k].float() for k in self.layers]

@@ -3,13 +3,18 @@
 * :class:`JanusImageEncoder` — vision-tower hidden states at chosen layers (``hidden_states[k]`` is the
   output of block ``k`` before the final LayerNorm, so layers 1/13/24 are the public code's levels),
   returned as ``(slices, 576, 1024)`` per level for Janus-Pro-1B. Only the vision tower is kept.
-* :class:`JanusLanguageEncoder` — image + instruction in the DeepSeek chat format; the embedding is the
-  final (RMS-normalised) LLM state of the last prompt token. Gaussian perturbations for banks are added
-  to the text-token embeddings only, after the image features are merged. ``answer`` decodes the model's
-  short reply and the probabilities of the two answer words.
+* :class:`JanusLanguageEncoder` — image + instruction in the DeepSeek chat format (rendered as in
+  :mod:`semrecon_core.encoders.instructions`: Janus-Pro's ``<|User|>`` roles, or the authors' literal
+  ``User`` roles for the ``public-code`` instructions); the embedding is the final (RMS-normalised) LLM
+  state of the last prompt token. Gaussian perturbations for banks are added to the text-token embeddings
+  only, after the image features are merged. ``answer`` decodes the model's short reply and scores the two
+  answer words whole (every sub-token of each spelling).
 
-Both are frozen (``requires_grad_(False)``, ``eval()``), run under bfloat16 autocast on CUDA when asked,
-and optionally checkpoint their transformer blocks to trade compute for activation memory.
+Precision (:mod:`semrecon_core.encoders.common`): the image-only encoder computes in float32 unless asked
+for bfloat16 (the authors run image-only extraction and reconstruction in fp32); the image-language encoder
+computes in bfloat16 on CUDA (the authors' LLM path), float32 elsewhere or with autocast off. The dtype is
+part of the bank identity. Both are frozen (``requires_grad_(False)``, ``eval()``) and optionally
+checkpoint their transformer blocks to trade compute for activation memory.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from torch.utils.checkpoint import checkpoint
 
 from semrecon_core.encoders import instructions as _instructions
 from semrecon_core.encoders.common import (
-    autocast_context,
     checked_layers,
+    checked_precision,
+    compute_dtype,
+    dtype_name,
     input_size,
-    load_dtype,
+    precision_context,
     preprocessing_identity,
+    requested_precision,
 )
 from semrecon_core.encoders.loading import (
     EncoderUnavailable,
@@ -42,25 +50,19 @@ if TYPE_CHECKING:
     from transformers import JanusForConditionalGeneration, JanusVisionModel
 
 DEFAULT_MODEL = "deepseek-community/Janus-Pro-1B"
-# The DeepSeek conversation format of the original Janus code ("deepseek" sft format, default system prompt).
-SYSTEM_PROMPT = (
-    "You are a helpful language and vision assistant. You are able to understand the visual content that "
-    "the user provides, and assist the user with a variety of tasks using natural language."
-)
-_PROMPT = "{system}\n\n<|User|>: {image}\n{instruction}\n\n<|Assistant|>:"
+SYSTEM_PROMPT = _instructions.SYSTEM_PROMPT
 
 
 class _Loaded:
     """A resolved Janus checkpoint: model, directory, fingerprint and the random-weights flag."""
 
-    def __init__(self, name: str, *, allow_download: bool, device: torch.device, autocast: bool) -> None:
+    def __init__(self, name: str, *, allow_download: bool, device: torch.device, dtype: torch.dtype) -> None:
         from transformers import JanusForConditionalGeneration
 
         self.name = name
         self.directory = resolve_checkpoint(name, allow_download=allow_download)
         self.revision = fingerprint(self.directory)
         self.is_random = is_random_checkpoint(self.directory)
-        dtype = load_dtype(device, autocast)
         model = load_model(JanusForConditionalGeneration, self.directory, dtype=dtype)
         # transformers wraps PreTrainedModel.to with functools.wraps, which mypy does not bind as a method
         self.model = model.to(device)  # type: ignore[arg-type]
@@ -111,7 +113,8 @@ class JanusImageEncoder:
         revision: checkpoint fingerprint.
         layers: hidden-state indices (0 = patch embeddings, k = output of block k).
         is_random: the checkpoint has random weights.
-        autocast: bfloat16 autocast on CUDA.
+        precision: ``float32`` (default, the authors' image-only recipe) or ``bfloat16`` (bf16 autocast
+            on CUDA; float32 elsewhere).
         gradient_checkpointing: recompute block activations in the backward pass.
     """
 
@@ -125,7 +128,7 @@ class JanusImageEncoder:
         revision: str,
         layers: Sequence[int] = (1, 13, 24),
         is_random: bool = False,
-        autocast: bool = True,
+        precision: str = "float32",
         gradient_checkpointing: bool = False,
     ) -> None:
         self.layers = checked_layers(layers, len(vision_model.encoder.layers), name)
@@ -133,7 +136,7 @@ class JanusImageEncoder:
         self.name = name
         self.revision = revision
         self.is_random = is_random
-        self.autocast = autocast
+        self.precision = checked_precision(precision, name)
         self.gradient_checkpointing = gradient_checkpointing
         self.image_size = input_size(vision_model.config.image_size)
         self.label = f"Janus image-only encoder ({name}, layers {'/'.join(map(str, self.layers))})"
@@ -149,19 +152,25 @@ class JanusImageEncoder:
         device: str | torch.device = "cpu",
         allow_download: bool = False,
         autocast: bool = True,
+        precision: str = "float32",
         gradient_checkpointing: bool = False,
     ) -> JanusImageEncoder:
-        """Load only the vision tower of a Janus checkpoint (HF id or directory)."""
+        """Load only the vision tower of a Janus checkpoint (HF id or directory).
+
+        ``precision`` is the requested one (``float32`` unless told otherwise); ``autocast=False`` forces
+        float32 whatever it says (``ReconConfig.autocast = none``).
+        """
         device = torch.device(device)
+        precision = requested_precision(checked_precision(precision, name), autocast)
         directory = resolve_checkpoint(name, allow_download=allow_download)
-        vision = load_vision_tower(directory, dtype=load_dtype(device, autocast))
+        vision = load_vision_tower(directory, dtype=compute_dtype(device, precision))
         return cls(
             vision.to(device),  # type: ignore[arg-type]  # PreTrainedModel.to: see _Loaded
             name=name,
             revision=fingerprint(directory),
             layers=layers,
             is_random=is_random_checkpoint(directory),
-            autocast=autocast,
+            precision=precision,
             gradient_checkpointing=gradient_checkpointing,
         )
 
@@ -169,6 +178,11 @@ class JanusImageEncoder:
     def device(self) -> torch.device:
         """Where the model lives."""
         return next(self.vision.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the encoder computes in on its device (``float32`` unless bfloat16 was asked for on CUDA)."""
+        return compute_dtype(self.device, self.precision)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -180,6 +194,7 @@ class JanusImageEncoder:
             "kind": self.kind,
             "layers": list(self.layers),
             "preprocessing": preprocessing_identity(self.image_size),
+            "dtype": dtype_name(self.dtype),
             "random_weights": self.is_random,
         }
 
@@ -188,10 +203,10 @@ class JanusImageEncoder:
         return to_pixels(image.to(self.device), self.image_size)
 
     def encode_pixels(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """Hidden states ``(slices, tokens, dim)`` (float32) at each of ``layers``."""
+        """Hidden states ``(slices, tokens, dim)`` (returned as float32) at each of ``layers``."""
         wanted = set(self.layers)
         states: dict[int, torch.Tensor] = {}
-        with autocast_context(pixels.device, self.autocast):
+        with precision_context(pixels.device, self.dtype):
             hidden = self.vision.embeddings(pixels.to(self.vision.embeddings.patch_embedding.weight.dtype))
             if 0 in wanted:
                 states[0] = hidden
@@ -214,10 +229,17 @@ class JanusLanguageEncoder:
         tokenizer: its tokenizer (with the image, begin-of-image and end-of-image tokens).
         name: model id or directory.
         revision: checkpoint fingerprint.
-        instruction: a name from :data:`semrecon_core.encoders.instructions.NAMED` or literal text.
+        instruction: a name from :data:`semrecon_core.encoders.instructions.NAMED` or literal text; it
+            brings its prompt rendering and answer words.
         is_random: the checkpoint has random weights.
-        autocast: bfloat16 autocast on CUDA.
+        precision: ``bfloat16`` (default: bf16 autocast on CUDA, as the authors' LLM path; float32
+            elsewhere) or ``float32``.
         gradient_checkpointing: checkpoint the LLM's decoder layers when gradients are needed.
+
+    Attributes:
+        prompt: the rendered prompt with one image tag (before tokenisation and image-token expansion).
+        input_ids: the prompt's token ids with the image tokens expanded.
+        choices: the instruction's two answer words.
     """
 
     kind = "language"
@@ -231,16 +253,18 @@ class JanusLanguageEncoder:
         revision: str,
         instruction: str = "paper",
         is_random: bool = False,
-        autocast: bool = True,
+        precision: str = "bfloat16",
         gradient_checkpointing: bool = False,
     ) -> None:
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.name = name
         self.revision = revision
-        self.instruction, self.choices = _instructions.resolve(instruction)
+        spec = _instructions.resolve(instruction)
+        self.instruction, self.choices, self.prompt_format = spec.text, spec.words, spec.prompt
+        self.prompt = spec.render(self._token("image_token", _instructions.IMAGE_TAG))
         self.is_random = is_random
-        self.autocast = autocast
+        self.precision = checked_precision(precision, name)
         if gradient_checkpointing:
             self.model.model.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -253,7 +277,6 @@ class JanusLanguageEncoder:
         self.image_size = input_size(vision_config.image_size)
         self.num_image_tokens = int(vision_config.num_image_tokens)
         self.input_ids, self.image_start = self._prompt_ids()
-        self.choice_ids = [self._answer_token_ids(word) for word in self.choices]
         self.label = f"Janus image-language encoder ({name})"
         if is_random:
             self.label += " RANDOM WEIGHTS"
@@ -267,13 +290,18 @@ class JanusLanguageEncoder:
         device: str | torch.device = "cpu",
         allow_download: bool = False,
         autocast: bool = True,
+        precision: str = "bfloat16",
         gradient_checkpointing: bool = False,
     ) -> JanusLanguageEncoder:
-        """Load a full Janus checkpoint (HF id or directory) and its tokenizer."""
+        """Load a full Janus checkpoint (HF id or directory) and its tokenizer.
+
+        ``autocast=False`` forces float32 whatever ``precision`` says (``ReconConfig.autocast = none``).
+        """
         from transformers import AutoTokenizer
 
         device = torch.device(device)
-        loaded = _Loaded(name, allow_download=allow_download, device=device, autocast=autocast)
+        precision = requested_precision(checked_precision(precision, name), autocast)
+        loaded = _Loaded(name, allow_download=allow_download, device=device, dtype=compute_dtype(device, precision))
         tokenizer = AutoTokenizer.from_pretrained(loaded.directory, local_files_only=True)
         return cls(
             loaded.model,
@@ -282,7 +310,7 @@ class JanusLanguageEncoder:
             revision=loaded.revision,
             instruction=instruction,
             is_random=loaded.is_random,
-            autocast=autocast,
+            precision=precision,
             gradient_checkpointing=gradient_checkpointing,
         )
 
@@ -290,6 +318,11 @@ class JanusLanguageEncoder:
     def device(self) -> torch.device:
         """Where the model lives."""
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the encoder computes in on its device (bfloat16 on CUDA unless float32 was asked for)."""
+        return compute_dtype(self.device, self.precision)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -302,35 +335,54 @@ class JanusLanguageEncoder:
             "layers": ["llm-final-last-token"],
             "preprocessing": preprocessing_identity(self.image_size),
             "instruction": self.instruction,
+            "prompt": self.prompt_format,
+            "dtype": dtype_name(self.dtype),
             "random_weights": self.is_random,
         }
 
-    def _prompt_ids(self) -> tuple[torch.Tensor, int]:
-        tok = self.tokenizer
-        image_token = getattr(tok, "image_token", None) or "<image_placeholder>"
-        begin = getattr(tok, "boi_token", None) or "<begin_of_image>"
-        end = getattr(tok, "eoi_token", None) or "<end_of_image>"
-        image = begin + image_token * self.num_image_tokens + end
-        text = _PROMPT.format(system=SYSTEM_PROMPT, image=image, instruction=self.instruction)
-        ids = torch.tensor(tok(text, add_special_tokens=True)["input_ids"], dtype=torch.long)
-        positions = (ids == self.model.config.image_token_id).nonzero().flatten()
-        if positions.numel() != self.num_image_tokens or int(positions[-1] - positions[0]) + 1 != positions.numel():
-            raise ValueError(
-                f"encoder '{self.name}': tokenizer produced {positions.numel()} contiguous image tokens "
-                f"(id {self.model.config.image_token_id}), expected {self.num_image_tokens}"
-            )
-        return ids, int(positions[0])
+    def _token(self, attribute: str, default: str) -> str:
+        return getattr(self.tokenizer, attribute, None) or default
 
-    def _answer_token_ids(self, word: str) -> torch.Tensor:
-        ids: set[int] = set()
+    def _token_id(self, token: str) -> int:
+        index = self.tokenizer.convert_tokens_to_ids(token)
+        if index is None or index == self.tokenizer.unk_token_id:
+            raise ValueError(f"encoder '{self.name}': the tokenizer has no token {token!r}")
+        return int(index)
+
+    def _prompt_ids(self) -> tuple[torch.Tensor, int]:
+        """Token ids of the prompt and the index of its first image token.
+
+        As Janus's ``VLChatProcessor``: the prompt with one image tag is tokenised (with the BOS token), then
+        the tag becomes ``<begin_of_image>``, ``num_image_tokens`` image tokens and ``<end_of_image>``.
+        """
+        image_id = int(self.model.config.image_token_id)
+        ids = [int(i) for i in self.tokenizer(self.prompt, add_special_tokens=True)["input_ids"]]
+        if ids.count(image_id) != 1:
+            raise ValueError(
+                f"encoder '{self.name}': the tokenizer turned the prompt's image tag into {ids.count(image_id)} "
+                f"image tokens (id {image_id}), expected 1"
+            )
+        tag = ids.index(image_id)
+        begin = self._token_id(self._token("boi_token", "<begin_of_image>"))
+        end = self._token_id(self._token("eoi_token", "<end_of_image>"))
+        expanded = [*ids[:tag], begin, *[image_id] * self.num_image_tokens, end, *ids[tag + 1 :]]
+        return torch.tensor(expanded, dtype=torch.long), tag + 1
+
+    def word_spellings(self, word: str) -> list[tuple[int, ...]]:
+        """The distinct token sequences of ``word`` as an answer: as given, capitalised, after a space.
+
+        Raises:
+            ValueError: the tokenizer spells none of them without unknown tokens.
+        """
         unk = self.tokenizer.unk_token_id
+        spellings: list[tuple[int, ...]] = []
         for variant in (word, word.capitalize(), " " + word, " " + word.capitalize()):
-            encoded = self.tokenizer(variant, add_special_tokens=False)["input_ids"]
-            if encoded and encoded[0] != unk:
-                ids.add(int(encoded[0]))
-        if not ids:
-            raise ValueError(f"encoder '{self.name}': the tokenizer has no token for the answer word '{word}'")
-        return torch.tensor(sorted(ids), dtype=torch.long)
+            ids = tuple(int(i) for i in self.tokenizer(variant, add_special_tokens=False)["input_ids"])
+            if ids and unk not in ids and ids not in spellings:
+                spellings.append(ids)
+        if not spellings:
+            raise ValueError(f"encoder '{self.name}': the tokenizer cannot spell the answer word {word!r}")
+        return spellings
 
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
         """Model input ``(slices, 3, H, W)`` from a complex ``(slices, y, x)`` image."""
@@ -339,7 +391,7 @@ class JanusLanguageEncoder:
     def merged_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings ``(slices, tokens, hidden)`` with the image features in the image positions."""
         inner = self.model.model
-        with autocast_context(pixels.device, self.autocast):
+        with precision_context(pixels.device, self.dtype):
             weight_dtype = inner.aligner.fc1.weight.dtype
             features = inner.get_image_features(pixels.to(weight_dtype), return_dict=True).pooler_output
             text = inner.get_input_embeddings()(self.input_ids.to(pixels.device))
@@ -359,7 +411,7 @@ class JanusLanguageEncoder:
         return mask
 
     def _final_state(self, embeddings: torch.Tensor) -> torch.Tensor:
-        with autocast_context(embeddings.device, self.autocast):
+        with precision_context(embeddings.device, self.dtype):
             out = self.model.model.language_model(inputs_embeds=embeddings, use_cache=False)
         return out.last_hidden_state[:, -1].float()
 
@@ -392,39 +444,73 @@ class JanusLanguageEncoder:
         return torch.stack(out)
 
     @torch.no_grad()
-    def answer(self, image: torch.Tensor, *, max_new_tokens: int = 6) -> list[dict[str, Any]]:
-        """The model's short reply per slice and the probabilities of the two answer words.
+    def answer(
+        self, image: torch.Tensor, *, choices: Sequence[str] | None = None, max_new_tokens: int = 6
+    ) -> list[dict[str, Any]]:
+        """The model's short reply per slice and how probable each answer word is as the reply.
 
-        Returns one dict per slice: ``answer`` (greedy decoding), ``choice`` (the more probable answer
-        word), and ``p_<word>`` for both words (softmax over the two words' first-token logits, each word
-        summing over its capitalisation / leading-space variants).
+        Each word is scored whole: the log-probability that the reply starts with all of its sub-tokens
+        (teacher-forced after the prompt), summed over its spellings (:meth:`word_spellings`: as given,
+        capitalised, after a space). Returns one dict per slice: ``answer`` (greedy decoding of up to
+        ``max_new_tokens`` tokens), ``choice`` (the more probable word), ``logp_<word>`` (the word's
+        log-probability over the whole vocabulary) and ``p_<word>`` (normalised over the candidate words).
+
+        Args:
+            image: complex ``(slices, y, x)``.
+            choices: the candidate words (default: the instruction's two answer words).
+            max_new_tokens: length limit of the greedy reply.
         """
+        words = tuple(self.choices if choices is None else choices)
+        spellings = [self.word_spellings(word) for word in words]
         embeddings = self.merged_embeddings(self.pixels(image))
         lm, head = self.model.model.language_model, self.model.lm_head
+        table = lm.get_input_embeddings()
+        device = embeddings.device
+
+        def step(tokens: Sequence[int], cache: Any) -> tuple[torch.Tensor, Any]:
+            """Log-probabilities ``(len(tokens), vocab)`` after feeding ``tokens`` on top of ``cache``."""
+            inputs = table(torch.tensor([list(tokens)], device=device)).to(embeddings.dtype)
+            with precision_context(device, self.dtype):
+                out = lm(inputs_embeds=inputs, cache=cache, use_cache=True)
+                logits = head(out.last_hidden_state[0]).float()
+            return torch.log_softmax(logits, -1), _cache_of(out)
+
         results = []
         for embedding in embeddings:
-            with autocast_context(embedding.device, self.autocast):
+            with precision_context(device, self.dtype):
                 out = lm(inputs_embeds=embedding.unsqueeze(0), use_cache=True)
-                logits = head(out.last_hidden_state[:, -1]).float()[0]
-            scores = torch.stack([torch.logsumexp(logits[ids.to(logits.device)], 0) for ids in self.choice_ids])
-            probabilities = torch.softmax(scores, 0)
-            tokens = []
+                first = torch.log_softmax(head(out.last_hidden_state[0, -1]).float(), -1)
             cache = _cache_of(out)
+            length = embedding.shape[0]
+            scores = []
+            for word_spellings in spellings:
+                totals = []
+                for ids in word_spellings:
+                    total = first[ids[0]]
+                    if len(ids) > 1:
+                        following, cache = step(ids[:-1], cache)
+                        rows = torch.arange(len(ids) - 1, device=device)
+                        total = total + following[rows, torch.tensor(ids[1:], device=device)].sum()
+                        cache.crop(length - cache.get_seq_length())  # drop the spelling: the prompt alone
+                    totals.append(total)
+                scores.append(torch.logsumexp(torch.stack(totals), 0))
+            log_probabilities = torch.stack(scores)
+            probabilities = torch.softmax(log_probabilities, 0)
+            tokens: list[int] = []
+            logp = first
             for _ in range(max_new_tokens):
-                token = int(logits.argmax())
+                token = int(logp.argmax())
                 if token == self.tokenizer.eos_token_id:
                     break
                 tokens.append(token)
-                step = lm.get_input_embeddings()(torch.tensor([[token]], device=embedding.device))
-                with autocast_context(embedding.device, self.autocast):
-                    out = lm(inputs_embeds=step.to(embedding.dtype), cache=cache, use_cache=True)
-                    logits = head(out.last_hidden_state[:, -1]).float()[0]
-                cache = _cache_of(out)
+                following, cache = step([token], cache)
+                logp = following[-1]
             result: dict[str, Any] = {
                 "answer": self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                "choice": self.choices[int(probabilities.argmax())],
+                "choice": words[int(probabilities.argmax())],
             }
-            for word, p in zip(self.choices, probabilities.tolist(), strict=True):
+            for word, lp, p in zip(words, log_probabilities.tolist(), probabilities.tolist(), strict=True):
+                result[f"logp_{word}"] = lp
                 result[f"p_{word}"] = p
             results.append(result)
         return results

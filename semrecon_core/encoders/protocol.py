@@ -21,7 +21,8 @@ class SemanticEncoder(Protocol):
         label: human-readable name of the model (says "RANDOM WEIGHTS" for random checkpoints).
         is_random: True when the weights are random (tiny test checkpoints, benchmarks).
         identity: JSON-serialisable description (model id, revision fingerprint, kind, layers,
-            preprocessing, instruction, ...) stored in and checked against embedding banks.
+            preprocessing, instruction, prompt rendering, the dtype it computes in, ...) stored in and
+            checked against embedding banks.
     """
 
     label: str

@@ -31,11 +31,9 @@ _SPECIAL = {
 
 def _vocabulary() -> dict[str, int]:
     from semrecon_core.encoders import instructions
-    from semrecon_core.encoders.janus import _PROMPT, SYSTEM_PROMPT
 
-    texts = [SYSTEM_PROMPT, _PROMPT, *instructions.TABLE_S1]
-    texts += [text for text, _ in instructions.NAMED.values()]
-    texts += [word for _, words in instructions.NAMED.values() for word in words]
+    texts = [instruction.render() for instruction in instructions.NAMED.values()]
+    texts += [word for instruction in instructions.NAMED.values() for word in instruction.words]
     words: list[str] = []
     for text in texts:
         for word in re.findall(r"\w+|[^\w\s]+", text):

@@ -1,4 +1,10 @@
-"""The semantic prior: contrastive loss of a reconstruction's embedding against an embedding bank."""
+"""The semantic prior: contrastive loss of a reconstruction's embedding against an embedding bank.
+
+The encoder computes in its own precision (float32 image-only, bf16 on CUDA for the LLM path); the bank must
+have been embedded in the same dtype (checked with the rest of the encoder identity). The contrastive loss
+itself always runs in float32 with autocast off: Janus similarities differ in the third decimal, which
+bfloat16's 8-bit mantissa would erase.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 
 import torch
 
+from semrecon_core.encoders.common import precision_context
 from semrecon_core.priors.bank import EmbeddingBank, check_compatible
 from semrecon_core.priors.contrastive import ContrastiveLoss
 
@@ -86,12 +93,18 @@ class SemanticPrior:
         """Differentiable scalar loss of a complex ``(slices, y, x)`` image (max |zero-filled| ≈ 1)."""
         features = self.encoder.encode(image)
         self.last_embedding = self._summary(features)
-        return self.contrastive(features)
+        return self._contrastive(features)
+
+    def _contrastive(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        with precision_context(features[0].device, torch.float32):
+            return self.contrastive([f.float() for f in features])
 
     def terms(self, image: torch.Tensor) -> dict[str, float]:
         """Unweighted loss per level, for logging (no gradient)."""
         with torch.no_grad():
-            values = self.contrastive.per_level(self.encoder.encode(image))
+            features = self.encoder.encode(image)
+            with precision_context(features[0].device, torch.float32):
+                values = self.contrastive.per_level([f.float() for f in features])
         return {f"semantic_level{k}": float(v) for k, v in enumerate(values)}
 
     @torch.no_grad()
