@@ -40,7 +40,7 @@ _Key = tuple[str, "Preset | None", "Backbone | None", "PriorName | None", "BankK
 _DEFAULTS: dict[_Key, object] = {
     ("level_weights", "paper", None, None, None): (0.005, 0.5, 1.0),
     ("level_weights", "public-code", None, None, None): (0.01, 0.5, 1.0),
-    ("similarity", "paper", None, None, None): "pooled",
+    ("similarity", "paper", None, None, None): "centred",  # benchmarks/results/similarity.md
     ("similarity", "public-code", None, None, None): "token-pca",
     ("sigma", "paper", None, None, None): 0.03,
     ("sigma", "public-code", None, None, None): 0.02,
@@ -109,7 +109,8 @@ class ReconConfig:
         lr: Adam learning rate of the deep backbones.
         level_weights: weights of the encoder levels (vision layers ``layers``).
         layers: vision-tower hidden-state indices used by the image-only encoder.
-        similarity: ``pooled`` cosine (paper) or ``token-pca`` per-token cosine after PCA (public code).
+        similarity: ``centred`` cosine of Figure-5 embeddings centred on the bank (paper preset), ``pooled``
+            cosine of token means (the paper's text) or ``token-pca`` per-token cosine after PCA (public code).
         tau: InfoNCE temperature.
         sigma: std of the Gaussian perturbation of text embeddings (image-language banks).
         encoder: HuggingFace id or local directory of the Janus checkpoint.
@@ -141,7 +142,7 @@ class ReconConfig:
     lr: float | None = None
     level_weights: tuple[float, ...] | None = None
     layers: tuple[int, ...] = (1, 13, 24)
-    similarity: Literal["pooled", "token-pca"] | None = None
+    similarity: Literal["pooled", "token-pca", "centred"] | None = None
     tau: float = 0.07
     sigma: float | None = None
     encoder: str = "deepseek-community/Janus-Pro-1B"
@@ -165,7 +166,7 @@ class ReconConfig:
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("prior", self.prior, PRIORS)
         _check_choice("preset", self.preset, PRESETS)
-        _check_choice("similarity", self.similarity, ("pooled", "token-pca", None))
+        _check_choice("similarity", self.similarity, ("pooled", "token-pca", "centred", None))
         _check_choice("autocast", self.autocast, ("bfloat16", "none"))
         for name in ("lam", "lr", "sigma", "final_dc", "dc_init"):
             value = getattr(self, name)
@@ -282,7 +283,7 @@ class ResolvedConfig(ReconConfig):
     stages: int = 4
     dc_init: float = 0.01
     level_weights: tuple[float, ...] = ()
-    similarity: Literal["pooled", "token-pca"] = "pooled"
+    similarity: Literal["pooled", "token-pca", "centred"] = "pooled"
     sigma: float = 0.0
 
     def __post_init__(self) -> None:

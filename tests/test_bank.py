@@ -53,7 +53,7 @@ def features(encoder: JanusImageEncoder) -> tuple[list[torch.Tensor], list[torch
     return embed_images(encoder, positives), embed_images(encoder, negatives)
 
 
-@pytest.mark.parametrize("similarity", ["pooled", "token-pca"])
+@pytest.mark.parametrize("similarity", ["pooled", "token-pca", "centred"])
 def test_saved_and_loaded_bank_reproduces_the_loss(encoder, features, tmp_path: Path, similarity: str) -> None:
     bank = bank_from_features(
         *features, identity=encoder.identity, similarity=similarity, weights=WEIGHTS, pca_dims=(8, 16, 16)
@@ -69,6 +69,10 @@ def test_saved_and_loaded_bank_reproduces_the_loss(encoder, features, tmp_path: 
     if similarity == "token-pca":
         assert [p.components.shape[1] for p in loaded.pca] == [8, 16, 16]
         assert loaded.positives[0].shape == (3, 144, 8)
+    if similarity == "centred":  # Figure-5 embeddings: the mean of per-token unit vectors
+        tokens = torch.nn.functional.normalize(features[0][2], dim=-1).mean(1)
+        assert torch.allclose(loaded.positives[2], tokens, atol=1e-6)
+    assert loaded.metadata["separability"]["auc"] == pytest.approx(loaded.separability().auc)
 
 
 def test_semantic_prior_gradients_reach_the_image_and_encoder_stays_frozen(encoder, features) -> None:
@@ -109,6 +113,52 @@ def test_bank_built_with_another_encoder_is_refused(tiny_janus, encoder, feature
     other_weights = build_tiny_janus(tmp_path / "other", seed=1)
     with pytest.raises(BankError, match="revision"):
         load_bank(path, JanusImageEncoder.from_pretrained(str(other_weights)))
+
+
+def _rewrite_identity(path: Path, **changes: object) -> Path:
+    """Rewrite a saved bank's encoder identity (``None`` removes a field), as an older or other build would have."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        metadata = json.loads(handle.metadata()["semrecon_bank"])
+    for name, value in changes.items():
+        if value is None:
+            metadata["encoder"].pop(name, None)
+        else:
+            metadata["encoder"][name] = value
+    save_file(tensors, str(path), metadata={"semrecon_bank": json.dumps(metadata)})
+    return path
+
+
+def test_bank_embedded_in_another_dtype_is_refused_naming_the_field(encoder, features, tmp_path: Path) -> None:
+    bank = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS)
+    assert bank.metadata["encoder"]["dtype"] == "float32"  # the image-only encoder's default precision
+    path = _rewrite_identity(bank.save(tmp_path / "bf16.safetensors"), dtype="bfloat16")  # as built under bf16
+    with pytest.raises(BankError, match=r"'dtype'.*expected 'float32'.*found 'bfloat16'"):
+        load_bank(path, encoder)
+    with pytest.raises(BankError, match="'dtype'"):
+        SemanticPrior(encoder, load_bank(path), weights=WEIGHTS)
+    assert "dtype: bfloat16" in load_bank(path).describe()
+    # a bank written before the field existed is read as float32 and accepted
+    legacy = _rewrite_identity(bank.save(tmp_path / "legacy.safetensors"), dtype=None)
+    assert "dtype: float32 (not recorded)" in load_bank(legacy, encoder).describe()
+
+
+def test_language_bank_records_its_prompt_rendering_and_old_banks_mean_janus_pro(tiny_janus, tmp_path: Path) -> None:
+    public = JanusLanguageEncoder.from_pretrained(str(tiny_janus), instruction="public-code")
+    embedded = embed_images(public, [_phantom(0), _phantom(1)])
+    aliased = embed_images(public, [_aliased(_phantom(0)), _aliased(_phantom(1))])
+    bank = bank_from_features(embedded, aliased, identity=public.identity, similarity="vector", weights=(1.0,))
+    path = bank.save(tmp_path / "public.safetensors")
+    assert load_bank(path, public).metadata["encoder"]["prompt"] == "public-code"
+    # the same instruction rendered with Janus-Pro's roles (all a bank without the field can have been)
+    _rewrite_identity(path, prompt=None)
+    with pytest.raises(BankError, match=r"'prompt'.*expected 'public-code'.*found 'janus-pro'"):
+        load_bank(path, public)
 
 
 def test_corrupt_or_foreign_bank_files_give_clear_errors(encoder, features, tmp_path: Path) -> None:
@@ -173,6 +223,24 @@ def test_language_bank_and_prior(tiny_janus, tmp_path: Path) -> None:
     assert len(answers) == 2 and all(set(answer) >= {"answer", "choice", "p_high", "p_low"} for answer in answers)
     with pytest.raises(BankError, match="instruction"):
         SemanticPrior(JanusLanguageEncoder.from_pretrained(str(tiny_janus), instruction="table-s1-3"), loaded)
+    # centred: the cosine after subtracting the bank's P ∪ N mean of the unit-normalised LLM states
+    centred = bank_from_features(pos, neg, identity=language.identity, similarity="centred", weights=(1.0,))
+    unit = torch.nn.functional.normalize
+    centre = torch.cat([unit(pos[0], dim=-1), unit(neg[0], dim=-1)]).mean(0)
+    expected_centred = _info_nce_by_hand(
+        unit(query, dim=-1) - centre, unit(pos[0], dim=-1) - centre, unit(neg[0], dim=-1) - centre, 0.07, 0.07
+    ).mean()
+    value = SemanticPrior(language, centred).loss(image.detach())
+    assert value.item() == pytest.approx(expected_centred.item(), rel=1e-4)
+    # K = 2 perturbed embeddings per image are held out together
+    assert (
+        bank_from_features(
+            pos, neg, identity=language.identity, similarity="centred", weights=(1.0,), extra={"perturbations": 2}
+        )
+        .separability()
+        .group
+        == 2
+    )
 
 
 def test_build_prior_none_tv_semantic_and_cache(tiny_janus, encoder, features, tmp_path: Path) -> None:
@@ -180,10 +248,10 @@ def test_build_prior_none_tv_semantic_and_cache(tiny_janus, encoder, features, t
     assert build_prior(ReconConfig(prior="tv"), "cpu").label.startswith("TV")
     with pytest.raises(ConfigError, match="bank"):
         build_prior(ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny_janus)), "cpu")
-    path = bank_from_features(*features, identity=encoder.identity, similarity="pooled", weights=WEIGHTS).save(
-        tmp_path / "bank.safetensors"
-    )
-    config = ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny_janus), bank=str(path))
+    config = ReconConfig(backbone="unet", prior="semantic", encoder=str(tiny_janus))
+    similarity = config.resolved().similarity  # the paper preset's
+    bank = bank_from_features(*features, identity=encoder.identity, similarity=similarity, weights=WEIGHTS)
+    config = config.replace(bank=str(bank.save(tmp_path / "bank.safetensors")))
     clear_cache()
     prior = build_prior(config, "cpu")
     assert isinstance(prior, SemanticPrior) and build_prior(config, "cpu") is prior
@@ -226,9 +294,10 @@ def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positiv
     records = bank.metadata["sources"]
     assert [r["slices"] for r in records] == [2, 1] and all(len(r["sha256"]) == 64 for r in records)
     assert all(3 <= R <= 8 for r in records for R in r["simulated_negatives_R"])
-    capsys.readouterr()
+    assert "separability (leave-one-out" in capsys.readouterr().out  # build reports it
     assert main(["bank", "info", str(out)]) == 0
-    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in printed and "AUC" in printed and "dtype: float32" in printed
     undersampled = fft2c(coils).numpy().astype(np.complex64)
     undersampled[:, ::2] = 0
     np.save(tmp_path / "under.npy", undersampled)
@@ -250,3 +319,52 @@ def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positiv
     )
     assert "fully sampled" in capsys.readouterr().err
     assert not (tmp_path / "b2.safetensors").exists()
+
+
+def test_bank_info_measures_separability_of_banks_that_lack_it(encoder, features, tmp_path: Path, capsys) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from semrecon_core.commands.main import main
+
+    bank = bank_from_features(*features, identity=encoder.identity, similarity="centred", weights=WEIGHTS)
+    expected = bank.separability()
+    path = bank.save(tmp_path / "old.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        metadata = json.loads(handle.metadata()["semrecon_bank"])
+    del metadata["separability"]
+    save_file(tensors, str(path), metadata={"semrecon_bank": json.dumps(metadata)})
+    assert main(["bank", "info", str(path)]) == 0
+    assert f"AUC {expected.auc:.3f}" in capsys.readouterr().out
+
+
+def test_cli_builds_language_banks_with_the_presets_rendering_and_similarity(
+    tiny_janus, tmp_path: Path, capsys
+) -> None:
+    from semrecon_core.commands.main import main
+
+    images = torch.cat([_phantom(s, 200).abs() for s in range(2)]).numpy().astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    common = ["--positives", str(tmp_path / "images.npy"), "--encoder", str(tiny_janus), "--device", "cpu"]
+    language = ["--kind", "language", "--perturbations", "2"]
+    built = {}
+    for preset in ("public-code", "paper"):
+        out = tmp_path / f"{preset}.safetensors"
+        assert main(["bank", "build", str(out), *common, *language, "--preset", preset]) == 0
+        assert "one image's 2 embeddings held out" in capsys.readouterr().out
+        built[preset] = load_bank(out)
+    public = built["public-code"]
+    assert public.metadata["encoder"]["prompt"] == "public-code"
+    assert public.metadata["encoder"]["instruction"].endswith("Respond with single word.")
+    assert public.similarity == "vector" and public.positives[0].shape == (4, 64)  # 2 images × K = 2
+    assert public.metadata["separability"]["group"] == 2
+    paper = built["paper"]
+    assert paper.metadata["encoder"]["prompt"] == "janus-pro"
+    expected = "centred" if ReconConfig(backbone="unet").resolved().similarity == "centred" else "vector"
+    assert paper.similarity == expected
+    wrong = ["bank", "build", str(tmp_path / "x.safetensors"), *common, *language, "--similarity", "pooled"]
+    assert main(wrong) == 2
+    assert "vector, centred" in capsys.readouterr().err

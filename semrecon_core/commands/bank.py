@@ -3,6 +3,16 @@
 ``build`` reads the sources (:mod:`semrecon_core.priors.bank_sources`: ISMRMRD, fastMRI, ``.cfl``, ``.npy``
 k-space or magnitude images; negatives simulated from the positives unless given), embeds them with the chosen
 encoder and saves the bank (:mod:`semrecon_core.priors.bank`); ``info`` prints a bank's metadata and shapes.
+Both report the bank's leave-one-out P/N separability (each embedding, or each image's K perturbed embeddings,
+held out and scored with Eq. 3 against the rest; the AUC of held-out positives vs negatives), so a user sees
+whether the bank can steer a reconstruction at all.
+
+Similarity: image-only banks take the preset's (``--similarity`` pooled, token-pca or centred); image-language
+banks store LLM states compared by plain cosine (``vector``) or centred on the bank (``centred``), the
+latter by default wherever the preset's image-only similarity is ``centred``. Precision: the image-only
+encoder computes in float32, the image-language encoder in bfloat16 on CUDA (float32 on the CPU) unless
+``--dtype`` says otherwise; the bank records it, and loading it into a prior whose encoder computes in
+another dtype is refused.
 """
 
 from __future__ import annotations
@@ -41,13 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--layers", default="1,13,24", help="vision hidden-state indices (image-only)")
     build.add_argument("--weights", help="level weights (default: the preset's)")
-    build.add_argument("--similarity", choices=("pooled", "token-pca"), help="image-only similarity (default: preset)")
+    build.add_argument(
+        "--similarity",
+        choices=("pooled", "token-pca", "centred", "vector"),
+        help="image-only: pooled, token-pca or centred (default: the preset's); image-language: vector or centred "
+        "(default: centred where the preset's image-only similarity is centred, else vector)",
+    )
     build.add_argument("--pca-dims", default="64,128,256", help="PCA dims per level (token-pca)")
     build.add_argument("--instruction", help="instruction name (paper, public-code, table-s1-N, ...) or text")
     build.add_argument("--sigma", type=float, help="std of the text-embedding perturbations (default: preset)")
     build.add_argument("--perturbations", type=int, default=100, help="K perturbations per image (language)")
     build.add_argument("--seed", type=int, default=0, help="seed for simulated negatives and perturbations")
     build.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    build.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="precision the encoder computes in (default: float32 image-only, bfloat16 image-language; "
+        "bfloat16 takes effect on CUDA only)",
+    )
     build.add_argument("--allow-download", action="store_true", help="allow fetching the encoder from the hub")
     info = sub.add_parser("info", help="print a bank's metadata and shapes")
     info.add_argument("bank", type=Path)
@@ -68,25 +89,40 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 
 def _encoder(args: argparse.Namespace, layers: tuple[int, ...], instruction: str, device: torch.device) -> Any:
+    precision = {"precision": args.dtype} if args.dtype else {}
     if args.family == "hf-vision":
         if args.kind == "language":
             raise ValueError("--kind language needs --family janus")
         from semrecon_core.encoders.hf_vision import HFVisionEncoder
 
         return HFVisionEncoder.from_pretrained(
-            args.encoder, layers=layers, device=device, allow_download=args.allow_download
+            args.encoder, layers=layers, device=device, allow_download=args.allow_download, **precision
         )
     if args.kind == "language":
         from semrecon_core.encoders.janus import JanusLanguageEncoder
 
         return JanusLanguageEncoder.from_pretrained(
-            args.encoder, instruction=instruction, device=device, allow_download=args.allow_download
+            args.encoder, instruction=instruction, device=device, allow_download=args.allow_download, **precision
         )
     from semrecon_core.encoders.janus import JanusImageEncoder
 
     return JanusImageEncoder.from_pretrained(
-        args.encoder, layers=layers, device=device, allow_download=args.allow_download
+        args.encoder, layers=layers, device=device, allow_download=args.allow_download, **precision
     )
+
+
+def _similarity(args: argparse.Namespace, preset_similarity: str) -> str:
+    """The bank's similarity: ``--similarity`` checked against the bank kind, or the kind's default."""
+    allowed = ("vector", "centred") if args.kind == "language" else ("pooled", "token-pca", "centred")
+    if args.similarity is None:
+        if args.kind == "language":
+            return "centred" if preset_similarity == "centred" else "vector"
+        return preset_similarity
+    if args.similarity not in allowed:
+        raise ValueError(
+            f"--similarity: expected one of {', '.join(allowed)} for --kind {args.kind}, found {args.similarity!r}"
+        )
+    return str(args.similarity)
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -96,7 +132,7 @@ def build(args: argparse.Namespace) -> Path:
     preset = ReconConfig(backbone="unet", preset=args.preset).resolved()
     layers = _ints(args.layers, "layers")
     weights = _floats(args.weights, "weights") if args.weights else tuple(preset.level_weights or ())
-    similarity = args.similarity or preset.similarity
+    similarity = _similarity(args, preset.similarity)
     sigma = preset.sigma if args.sigma is None else args.sigma
     instruction = args.instruction or args.preset
     if args.kind == "image" and len(weights) != len(layers):
@@ -143,7 +179,7 @@ def build(args: argparse.Namespace) -> Path:
         positives,
         negatives,
         identity=encoder.identity,
-        similarity="vector" if args.kind == "language" else similarity,
+        similarity=similarity,
         weights=weights if args.kind == "image" else (1.0,),
         pca_dims=_ints(args.pca_dims, "pca-dims"),
         extra=extra,
@@ -152,7 +188,17 @@ def build(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build a bank (``build``) or read one (``info``) and print its description."""
+    """Build a bank (``build``) or read one (``info``) and print its description and separability.
+
+    A bank written before the separability was recorded gets it measured now.
+    """
     path = build(args) if args.action == "build" else args.bank
-    print(load_bank(path).describe())
+    bank = load_bank(path)
+    measured: dict[str, Any] | None = None
+    if not bank.metadata.get("separability"):
+        try:
+            measured = bank.separability().as_dict()
+        except ValueError as exc:
+            measured = {"error": str(exc)}
+    print(bank.describe(measured))
     return 0

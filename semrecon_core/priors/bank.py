@@ -3,8 +3,14 @@
 A bank is one ``.safetensors`` file: tensors ``positives/<level>``, ``negatives/<level>`` and, for
 token-PCA banks, ``pca_mean/<level>`` and ``pca_components/<level>``, plus JSON metadata under the
 ``semrecon_bank`` key (encoder identity — model, revision fingerprint, kind, layers, preprocessing,
-instruction —, similarity, level weights, PCA dims, σ, K, sources with sha256, creation time).
+instruction, prompt rendering, the dtype the embeddings were computed in —, similarity, level weights, PCA
+dims, σ, K, sources with sha256, creation time, and the bank's leave-one-out P/N separability).
 :func:`load_bank` refuses a bank whose encoder identity differs from the encoder in use, naming the field.
+
+Banks written before the ``dtype`` and ``prompt`` fields existed are read as ``dtype`` = ``float32`` (the
+image-only encoder's precision, and every encoder's on the CPU, where such banks were built for tests and
+smoke runs; a bank embedded under bf16 autocast on CUDA then needs rebuilding) and, for image-language
+banks, ``prompt`` = ``janus-pro`` (the only rendering there was).
 """
 
 from __future__ import annotations
@@ -21,12 +27,21 @@ from typing import Any
 
 import torch
 
-from semrecon_core.priors.contrastive import DEFAULT_PCA_DIMS, PCA
+from semrecon_core.priors.contrastive import (
+    DEFAULT_PCA_DIMS,
+    PCA,
+    Separability,
+    check_similarity,
+    figure5_embedding,
+    leave_one_out,
+)
 
 FORMAT = "semrecon-embedding-bank/1"
 _META_KEY = "semrecon_bank"
 # Identity fields that must match between a bank and the encoder that uses it.
-IDENTITY_FIELDS = ("family", "kind", "revision", "layers", "preprocessing", "instruction")
+IDENTITY_FIELDS = ("family", "kind", "revision", "layers", "preprocessing", "instruction", "prompt", "dtype")
+# Temperature of the separability reported for every bank (Eq. 3, the paper's τ).
+SEPARABILITY_TAU = 0.07
 
 
 class BankError(ValueError):
@@ -52,7 +67,7 @@ class EmbeddingBank:
 
     @property
     def similarity(self) -> str:
-        """``pooled``, ``vector`` (image-language) or ``token-pca``."""
+        """``pooled``, ``vector`` (image-language), ``token-pca`` or ``centred``."""
         return str(self.metadata["similarity"])
 
     @property
@@ -94,8 +109,27 @@ class EmbeddingBank:
         self.path = path
         return path
 
-    def describe(self) -> str:
-        """Multi-line human-readable summary (``semrecon bank info``)."""
+    def separability(self, tau: float = SEPARABILITY_TAU) -> Separability:
+        """Leave-one-out P/N separability of this bank under Eq. (3) (:func:`~.contrastive.leave_one_out`).
+
+        An image-language bank holds out all K perturbed embeddings of an image together.
+        """
+        language = self.metadata.get("encoder", {}).get("kind") == "language"
+        group = int(self.metadata.get("perturbations") or 1) if language else 1
+        return leave_one_out(
+            self.positives,
+            self.negatives,
+            similarity=self.similarity,
+            weights=self.metadata.get("weights") or [1.0] * len(self.positives),
+            tau=tau,
+            group=group,
+        )
+
+    def describe(self, separability: dict[str, Any] | None = None) -> str:
+        """Multi-line human-readable summary (``semrecon bank info``).
+
+        ``separability`` (a :meth:`Separability.as_dict`) is shown when the metadata holds none.
+        """
         meta = self.metadata
         encoder = meta["encoder"]
         lines = [
@@ -104,10 +138,12 @@ class EmbeddingBank:
             f"kind {encoder.get('kind')})" + ("  RANDOM WEIGHTS" if encoder.get("random_weights") else ""),
             f"layers: {encoder.get('layers')}  weights: {meta.get('weights')}  similarity: {self.similarity}",
             f"preprocessing: {encoder.get('preprocessing')}",
+            f"dtype: {identity_field(encoder, 'dtype')}" + ("" if "dtype" in encoder else " (not recorded)"),
         ]
         if encoder.get("instruction"):
             lines.append(
-                f"instruction: {encoder['instruction']!r}  sigma: {meta.get('sigma')}  K: {meta.get('perturbations')}"
+                f"instruction: {encoder['instruction']!r} (prompt {identity_field(encoder, 'prompt')})  "
+                f"sigma: {meta.get('sigma')}  K: {meta.get('perturbations')}"
             )
         if self.pca is not None:
             lines.append(f"PCA dims: {[p.components.shape[1] for p in self.pca]}")
@@ -119,17 +155,68 @@ class EmbeddingBank:
             f"  {source.get('role', '?'):9s} {source.get('path')}  sha256 {str(source.get('sha256'))[:16]}"
             for source in sources
         )
+        lines.append(describe_separability(meta.get("separability") or separability))
         return "\n".join(lines)
 
 
+def describe_separability(result: dict[str, Any] | None) -> str:
+    """One line on a bank's leave-one-out P/N separability, with a verdict a user can act on."""
+    if not result:
+        return "separability: not measured"
+    if "error" in result:
+        return f"separability: not measurable ({result['error']})"
+    value = float(result["auc"])
+    if value >= 0.9:
+        verdict = "P and N separate: the prior can steer"
+    elif value >= 0.7:
+        verdict = "P and N overlap: the prior steers weakly"
+    else:
+        verdict = "P and N do not separate: the prior can hardly steer anything"
+    held = "one embedding" if int(result.get("group") or 1) == 1 else f"one image's {result['group']} embeddings"
+    return (
+        f"separability (leave-one-out, {held} held out, Eq. 3 τ {result.get('tau')}): AUC {value:.3f}, "
+        f"loss P {result['positive_loss']:.4g} / N {result['negative_loss']:.4g} (gap {result['gap']:.4g}, "
+        f"d' {_number(result.get('d_prime'))}); {verdict}"
+    )
+
+
+def _number(value: Any) -> str:
+    return "∞" if value is None else f"{float(value):.3g}"
+
+
+def identity_field(identity: dict[str, Any], name: str) -> Any:
+    """An identity field, with the value banks written before the field existed imply (module docstring)."""
+    value = identity.get(name)
+    if value is None and name == "dtype":
+        return "float32"
+    if value is None and name == "prompt" and identity.get("kind") == "language":
+        return "janus-pro"
+    return value
+
+
+_FIELD_HINTS = {
+    "dtype": (
+        "the image-only encoders compute in float32 unless asked for bfloat16; the image-language encoder "
+        "in bfloat16 on CUDA, float32 on the CPU or with autocast=none; build the bank on the same kind of "
+        "device and precision (semrecon bank build --dtype)"
+    ),
+    "prompt": "the prompt rendering follows the instruction (public-code instructions use the authors' roles)",
+}
+
+
 def check_compatible(metadata: dict[str, Any], identity: dict[str, Any], *, source: str = "bank") -> None:
-    """Raise :class:`BankError` naming the first identity field where bank and encoder differ."""
+    """Raise :class:`BankError` naming the first identity field where bank and encoder differ.
+
+    The message says ``<field>: expected <the encoder in use's value>, found <the bank's value>``.
+    """
     built = metadata.get("encoder", {})
     for name in IDENTITY_FIELDS:
-        if built.get(name) != identity.get(name):
+        expected, found = identity_field(identity, name), identity_field(built, name)
+        if expected != found:
+            hint = f" ({_FIELD_HINTS[name]})" if name in _FIELD_HINTS else ""
             raise BankError(
-                f"{source}: built with encoder {name}={built.get(name)!r}, but the encoder in use has "
-                f"{name}={identity.get(name)!r} (model {identity.get('model')!r}); rebuild the bank with "
+                f"{source}: encoder field '{name}' does not match: expected {expected!r} (the encoder in use, "
+                f"model {identity.get('model')!r}), found {found!r} in the bank{hint}; rebuild the bank with "
                 f"`semrecon bank build` for this encoder"
             )
 
@@ -229,10 +316,12 @@ def bank_from_features(
 
     ``positives[level]`` is ``(M, T, D)`` token states (image-only) or ``(M, D)`` vectors. ``pooled``
     stores token means ``(M, D)``; ``token-pca`` fits a PCA per level on P ∪ N tokens and stores the
-    projected tokens ``(M, T, d)``; ``vector`` stores the vectors as given.
+    projected tokens ``(M, T, d)``; ``vector`` stores the vectors as given; ``centred`` stores Figure-5
+    embeddings ``(M, D)`` (the mean of per-token L2-normalised states; a vector normalised), centred on
+    their P ∪ N mean when the loss uses them. The metadata records the bank's leave-one-out separability
+    (``separability``; ``extra["perturbations"]`` = K makes an image's K embeddings one held-out group).
     """
-    if similarity not in ("pooled", "vector", "token-pca"):
-        raise ValueError(f"similarity: expected pooled, vector or token-pca, found {similarity!r}")
+    check_similarity(similarity)
     if len(positives) != len(negatives) or len(weights) != len(positives):
         raise ValueError(f"{len(positives)} positive levels, {len(negatives)} negative levels, {len(weights)} weights")
     pca: list[PCA] | None = None
@@ -248,6 +337,9 @@ def bank_from_features(
     elif similarity == "pooled":
         positives = [p.mean(dim=1) if p.dim() == 3 else p for p in positives]
         negatives = [n.mean(dim=1) if n.dim() == 3 else n for n in negatives]
+    elif similarity == "centred":
+        positives = [figure5_embedding(p) for p in positives]
+        negatives = [figure5_embedding(n) for n in negatives]
     metadata = {
         "encoder": dict(identity),
         "similarity": similarity,
@@ -257,12 +349,17 @@ def bank_from_features(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
-    return EmbeddingBank(
+    bank = EmbeddingBank(
         positives=[p.float().cpu() for p in positives],
         negatives=[n.float().cpu() for n in negatives],
         metadata=metadata,
         pca=pca,
     )
+    try:
+        bank.metadata["separability"] = bank.separability().as_dict()
+    except ValueError as exc:  # too few positives or negatives to hold any out
+        bank.metadata["separability"] = {"error": str(exc)}
+    return bank
 
 
 def embed_images(
