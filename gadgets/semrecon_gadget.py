@@ -11,9 +11,13 @@ the fields of ``semrecon_core.config.ReconConfig`` plus ``series_index``; they a
 first buffer is read. A buffer that cannot be reconstructed yields a logged error and a labelled
 CG-SENSE (or zero-filled RSS) fallback image; the scan continues.
 
-The logic lives in :mod:`semrecon_core.gadgetron.gadget`; importing this module also installs the fixes
-for the known defects of gadgetron-python 1.4.1 (:mod:`semrecon_core.gadgetron.compat`), so the gadget
-process exits instead of spinning when Gadgetron goes away.
+The logic lives in :mod:`semrecon_core.gadgetron.gadget`. The fixes for the known defects of
+gadgetron-python 1.4.1 (:mod:`semrecon_core.gadgetron.compat`: no spinning on a closed socket, claimed
+sizes checked before anything is allocated, unknown message ids refused by name) are installed at
+interpreter start-up by ``sitecustomize.py`` of this directory, before gadgetron-python reads CONFIG and
+HEADER; importing this module installs them as well, for interpreters where that hook is shadowed.
+A scan that cannot go on (bad properties, a refused message) is reported to Gadgetron as an ERROR and
+the process exits with status 2; if Gadgetron goes away the process exits with status 3.
 """
 
 from semrecon_core.gadgetron import compat

@@ -246,3 +246,13 @@ def test_gadget_module_installs_the_gadgetron_fixes() -> None:
         sys.path.remove(gadgets)
     assert compat.installed()
     assert semrecon_gadget.reconstruct is reconstruct
+
+
+def test_a_configuration_that_is_not_utf8_is_named_unless_it_declares_its_encoding() -> None:
+    from semrecon_core.gadgetron.properties import parse_properties
+
+    latin1 = b"<configuration><property name='bank' value='caf\xe9.safetensors'/></configuration>"
+    with pytest.raises(ConfigError, match=r"^the CONFIG: not UTF-8 text \(byte 0xe9 at offset 47 of 79\)"):
+        parse_properties(latin1, source="the CONFIG")
+    declared = b'<?xml version="1.0" encoding="ISO-8859-1"?>' + latin1
+    assert parse_properties(declared, source="the CONFIG") == {"bank": "café.safetensors"}

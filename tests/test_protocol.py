@@ -8,7 +8,10 @@ import io
 import os
 import socket
 import struct
+import subprocess
+import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -514,3 +517,140 @@ def test_semrecon_gadget_exits_when_gadgetron_dies_in_the_middle_of_a_buffer() -
     message = _written(_recon_data())
     _, log = _die_mid_stream("semrecon_gadget", "reconstruct", [_semrecon_gadget_dir()], message[: len(message) // 2])
     assert "in the middle of a message" in log and "ending the external Python process" in log
+
+
+# ------------------------------------------------------------------------- claims, ids and the start-up hook
+
+
+def _connection_on(raw: bytes):
+    """A gadgetron-python Connection (fixes installed) reading ``raw`` from a socket pair; the other end closed."""
+    from gadgetron.external.connection import Connection
+
+    compat.install()
+    left, right = socket.socketpair()
+    right.sendall(raw)
+    right.close()
+    return Connection(left)
+
+
+def _session(configuration: bytes = b"<configuration/>") -> bytes:
+    out = io.BytesIO()
+    wire.write_header(out, HEADER_XML)
+    return struct.pack("<HI", 2, len(configuration)) + configuration + out.getvalue()
+
+
+def test_compat_refuses_oversized_config_and_header_claims_and_a_wrong_first_message() -> None:
+    with pytest.raises(compat.BadMessage, match=r"CONFIG claims 4\.0 GiB \(4294967295 bytes\); at most 16\.0 MiB"):
+        _connection_on(struct.pack("<HI", 2, 2**32 - 1))
+    header_claim = _session()[: 6 + len(b"<configuration/>")] + struct.pack("<HI", 3, 2**31)
+    with pytest.raises(compat.BadMessage, match=r"HEADER claims 2\.0 GiB .* at most 64\.0 MiB"):
+        _connection_on(header_claim)
+    with pytest.raises(compat.BadMessage, match=r"expected CONFIG \(id 2\) .* got id 1023 \(ReconData\)"):
+        _connection_on(struct.pack("<H", 1023))
+    with pytest.raises(compat.BadMessage, match="the HEADER is not an ISMRMRD header"):
+        _connection_on(struct.pack("<HI", 2, 0) + struct.pack("<HI", 3, 5) + b"<oops")
+    with pytest.raises(ConnectionError, match=r"Gadgetron closed the connection .*while reading the CONFIG"):
+        _connection_on(struct.pack("<HI", 2, 100) + b"<configuration")
+
+
+def test_compat_names_an_unknown_message_id_instead_of_ending_the_scan() -> None:
+    connection = _connection_on(_session() + struct.pack("<H", 1234) + b"\0" * 8)
+    with pytest.raises(compat.BadMessage, match=r"message id 1234, which the gadget cannot read"):
+        list(connection)
+
+
+def test_compat_refuses_recon_data_claims_naming_the_field() -> None:
+    limit, origin = compat.memory_limit()
+    dims = (4096, 4096, 1024, 16, 1, 1, 1)  # 2 TiB of complex64
+    huge = struct.pack("<HQQ7Q", 1023, 1, 7, *dims)
+    with pytest.raises(compat.BadMessage) as caught:
+        list(_connection_on(_session() + huge))
+    text = str(caught.value)
+    assert text.startswith("ReconData bit 0 data: dims [4096, 4096, 1024, 16, 1, 1, 1] of complex64 claims 2.0 TiB")
+    assert f"at most {compat.format_bytes(limit)} ({origin}) is allowed" in text
+    with pytest.raises(compat.BadMessage, match="ReconData bit 0 data: claims 1000 dimensions; at most 16"):
+        list(_connection_on(_session() + struct.pack("<HQQ", 1023, 1, 1000)))
+    with pytest.raises(compat.BadMessage, match=r"ReconData: claims 1099511627776 bits"):
+        list(_connection_on(_session() + struct.pack("<HQ", 1023, 2**40)))
+    # the reference buffer and the header array of a valid first buffer are named too
+    recon_data = _recon_data()
+    ref_at = 2 + 8 + len(_expected_buffer_bytes(recon_data.bits[0].data))  # id, bit count, the first data buffer
+    bad_ref = _written(recon_data)[:ref_at] + struct.pack("<?Q7Q", True, 7, *dims)
+    with pytest.raises(compat.BadMessage, match="ReconData bit 0 ref data: dims"):
+        list(_connection_on(_session() + bad_ref))
+
+
+def test_compat_image_claims_are_checked_before_allocating() -> None:
+    image = _image()
+    head = image.getHead()
+    head.attribute_string_len = 2**62
+    raw = struct.pack("<H", 1022) + bytes(head) + struct.pack("<Q", 2**62)
+    with pytest.raises(compat.BadMessage, match=r"the Image message \(id 1022\) claims 4096\.0 PiB"):
+        list(_connection_on(_session() + raw))
+
+
+def test_compat_large_reads_grow_with_the_data_that_arrives() -> None:
+    left, right = socket.socketpair()
+    payload = bytes(range(256)) * (1 << 17)  # 32 MiB: two pieces
+    sender = threading.Thread(target=right.sendall, args=(payload,))
+    sender.start()
+    assert compat.receive(left, len(payload)) == payload
+    sender.join()
+    right.sendall(b"x" * 100)
+    right.close()
+    with pytest.raises(ConnectionError, match=r"got at least 0 of 33554432 bytes"):
+        compat.receive(left, 1 << 25)
+    left.close()
+
+
+def test_send_error_delivers_the_error_and_close_and_does_not_hang() -> None:
+    left, right = socket.socketpair()
+    start = time.monotonic()
+    assert compat.send_error(left, "semrecon gadget: bad things", linger=0.5)  # the peer never closes
+    assert time.monotonic() - start < 2.0
+    stream = wire.SocketStream(right, timeout=2)
+    assert wire.read_message(stream) == (constants.GADGET_MESSAGE_ERROR, "semrecon gadget: bad things")
+    assert wire.read_message(stream) == (constants.GADGET_MESSAGE_CLOSE, None)
+    right.close()
+    gone_left, gone_right = socket.socketpair()
+    gone_right.close()
+    compat.send_error(gone_left, "nobody listens", linger=0.5)  # does not raise
+
+
+def test_the_emulator_refuses_an_oversized_error_from_the_gadget() -> None:
+    with pytest.raises(compat.BadMessage, match=r"an ERROR from the gadget claims 1\.0 GiB .* at most 16\.0 MiB"):
+        wire.read_message(io.BytesIO(struct.pack("<HQ", 8, 1 << 30)))
+
+
+def test_sitecustomize_hooks_semrecon_gadget_processes_only_and_runs_the_shadowed_one(tmp_path: Path) -> None:
+    other = tmp_path / "site"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\nos.environ['SHADOWED_SITECUSTOMIZE_RAN'] = '1'\n")
+    probe = (
+        "import os, sys; from semrecon_core.gadgetron import compat; "
+        "print(os.environ.get('SHADOWED_SITECUSTOMIZE_RAN'), compat.installed())"
+    )
+    env = emulator.child_environment([REPO / "gadgets", other])
+    plain = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.split() == ["1", "False"], "only gadget processes are patched"
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("semrecon_sitecustomize", REPO / "gadgets" / "sitecustomize.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)  # in this process: not a gadget process, so it changes nothing
+    cases = {
+        ("python", "-m", "gadgetron", "9002", "semrecon_gadget", "reconstruct"): True,
+        ("python", "-u", "-m", "gadgetron", "9002", "semrecon_gadget"): True,
+        ("python", "-m", "gadgetron", "9002", "other_gadget", "run"): False,
+        ("python", "-m", "gadgetron"): False,
+        ("python", "-c", "pass"): False,
+    }
+    for argv, expected in cases.items():
+        original = sys.orig_argv
+        sys.orig_argv = list(argv)
+        try:
+            assert hook._semrecon_gadget_process() is expected, argv
+        finally:
+            sys.orig_argv = original

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -222,3 +223,157 @@ def test_cli_serve_needs_an_external_node_and_a_port(tmp_path: Path, capsys) -> 
     assert f"{chain}: the chain has no <external> node" in capsys.readouterr().err
     assert main(["serve"]) == 2
     assert "--port: give a port" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ hostile and silent clients
+
+
+def _errors_from(sock: socket.socket, timeout: float) -> list[str]:
+    """ERROR texts the server sends on ``sock`` until its CLOSE or end of stream (``timeout`` s of silence)."""
+    from gadgetron.external import constants
+
+    stream = wire.SocketStream(sock, timeout=timeout)
+    errors = []
+    try:
+        while True:
+            mid, item = wire.read_message(stream)
+            if mid == constants.GADGET_MESSAGE_CLOSE:
+                break
+            if mid == constants.GADGET_MESSAGE_ERROR:
+                errors.append(item)
+    except ConnectionError:
+        pass
+    return errors
+
+
+def _session_start(header: str, configuration: bytes = b"<configuration/>") -> bytes:
+    class Collect:
+        data = bytearray()
+
+        def write(self, data) -> None:
+            self.data += memoryview(data).cast("B")
+
+    out = Collect()
+    wire.write_header(out, header)
+    return struct.pack("<HI", 2, len(configuration)) + configuration + bytes(out.data)
+
+
+def test_hostile_clients_do_not_hold_up_a_good_scan(scan, server_thread) -> None:
+    header, buffers = scan
+    server = server_thread(properties={"backbone": "zero-filled"}, idle_timeout=120.0)
+    port = server.address[1]
+    claims_4_gib = socket.create_connection(("127.0.0.1", port), timeout=10)
+    claims_4_gib.sendall(struct.pack("<HI", 2, 2**32 - 1) + b"<configuration")  # ... and goes silent
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    half_config = socket.create_connection(("127.0.0.1", port), timeout=10)
+    half_config.sendall(_session_start(header)[:20])
+    deadline = time.monotonic() + 10
+    while server.scans < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    start = time.monotonic()
+    try:
+        run = emulator.run_connect("<configuration/>", header, buffers[:1], port=port, timeout=30)
+        assert run.errors == [] and len(run.images) == 1
+        assert time.monotonic() - start < 30
+        errors = _errors_from(claims_4_gib, timeout=5)
+        assert len(errors) == 1 and "CONFIG claims 4.0 GiB" in errors[0] and "16.0 MiB" in errors[0], errors
+    finally:
+        for sock in (claims_4_gib, silent, half_config):
+            sock.close()
+
+
+def test_refused_messages_get_an_error_naming_them_and_the_next_scan_is_served(scan, server_thread) -> None:
+    header, buffers = scan
+    server = server_thread(properties={"backbone": "zero-filled"}, idle_timeout=60.0)
+    port = server.address[1]
+    dims = (4096, 4096, 1024, 16, 1, 1, 1)  # 2**38 complex64 samples: 2 TiB
+    cases = {
+        "ReconData claiming 2 TiB": (
+            _session_start(header) + struct.pack("<HQQ7Q", 1023, 1, len(dims), *dims),
+            ("ReconData bit 0 data", "2.0 TiB", "allowed"),
+        ),
+        "unknown message id": (_session_start(header) + struct.pack("<H", 1234) + b"\0" * 32, ("message id 1234",)),
+        "non-UTF-8 CONFIG": (
+            _session_start(header, b"<configuration><property name='backbone' value='\xff'/></configuration>"),
+            ("CONFIG", "UTF-8"),
+        ),
+        "HEADER first": (_session_start(header)[len(b"<configuration/>") + 6 :], ("expected CONFIG", "id 3 (HEADER)")),
+    }
+    for name, (raw, expected) in cases.items():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(raw)
+            start = time.monotonic()
+            errors = _errors_from(sock, timeout=10)
+            assert time.monotonic() - start < 5, name
+        assert len(errors) == 1, (name, errors)
+        for word in expected:
+            assert word in errors[0], (name, errors[0])
+    run = emulator.run_connect("<configuration/>", header, buffers[:1], port=port, timeout=60)
+    assert run.errors == [] and len(run.images) == 1
+
+
+def test_connections_beyond_the_limit_are_refused_with_an_error(scan, server_thread) -> None:
+    header, buffers = scan
+    server = server_thread(properties={"backbone": "zero-filled"}, max_connections=1)
+    port = server.address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10):  # a silent client holds the one slot
+        deadline = time.monotonic() + 10
+        while server.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+            errors = _errors_from(second, timeout=10)
+        assert len(errors) == 1 and "--max-connections" in errors[0], errors
+    deadline = time.monotonic() + 10
+    while server.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run = emulator.run_connect("<configuration/>", header, buffers[:1], port=port, timeout=60)
+    assert len(run.images) == 1
+
+
+def test_stop_returns_within_seconds_with_silent_clients_connected() -> None:
+    server = serve.GadgetServer(properties={"backbone": "zero-filled"})
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    clients = [socket.create_connection(server.address, timeout=10) for _ in range(3)]
+    try:
+        clients[1].sendall(struct.pack("<HI", 2, 1000) + b"<configuration")
+        deadline = time.monotonic() + 10
+        while server.scans < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        start = time.monotonic()
+        thread.join(10)
+        assert not thread.is_alive() and time.monotonic() - start < 5
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+
+
+def test_cli_serve_stops_within_5_s_of_sigterm_with_a_silent_client(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--port", "0", "--set", "backbone=zero-filled"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        line = _read_line(process, timeout=60)
+        match = re.match(r"semrecon serve: listening on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10):
+            time.sleep(1.0)  # accepted: the server is waiting for its CONFIG
+            process.terminate()
+            start = time.monotonic()
+            status = process.wait(timeout=30)
+            assert time.monotonic() - start < 5, f"semrecon serve took {time.monotonic() - start:.1f} s to stop"
+        assert status == 0
+        assert "stopped after 1 scan(s)" in process.stdout.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        process.stdout.close()

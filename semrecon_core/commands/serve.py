@@ -1,8 +1,11 @@
 """``semrecon serve``: serve Gadgetron ``<connect>`` chains with the model kept loaded between scans.
 
 Runs a :class:`~semrecon_core.gadgetron.serve.GadgetServer` on 127.0.0.1 (by default) until SIGINT /
-SIGTERM (a second signal aborts the running scan) or ``--max-scans``. The base properties come from the
-``<external>`` node of ``--config CHAIN.xml`` (whose ``<connect port>`` is also the default port);
+SIGTERM or ``--max-scans``. Each connection is served in its own thread (at most ``--max-connections``
+at once), reconstructions one at a time. A signal stops the server within 5 s: it stops accepting,
+closes the open connections (a scan in the middle of a reconstruction is cut off; Gadgetron sees the
+connection close) and exits with status 0; a second signal aborts at once. The base properties come from
+the ``<external>`` node of ``--config CHAIN.xml`` (whose ``<connect port>`` is also the default port);
 ``--set name=value`` wins over every scan's CONFIG.
 """
 
@@ -42,7 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=3600.0,
         metavar="S",
-        help="drop a scan when Gadgetron is silent this long (default 3600 s)",
+        help="drop a scan when Gadgetron is silent this long (default 3600 s; 30 s at most for CONFIG and HEADER)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=8,
+        metavar="N",
+        help="scans served at once; one more is refused with an ERROR (default 8; reconstructions run one at a time)",
     )
     parser.add_argument(
         "--max-scans",
@@ -79,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port: expected 0..65535, found {port}")
     if args.idle_timeout <= 0:
         raise ValueError(f"--idle-timeout: expected a positive number of seconds, found {args.idle_timeout}")
+    if args.max_connections < 1:
+        raise ValueError(f"--max-connections: expected at least 1, found {args.max_connections}")
     if args.host not in (LOOPBACK, "localhost", "::1"):
         log.warning("semrecon serve: listening on %s exposes the reconstruction server beyond this machine", args.host)
     server = GadgetServer(
@@ -87,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         properties=properties,
         overrides=parse_assignments(args.set),
         idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
     )
     stop = threading.Event()
 
@@ -94,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         if stop.is_set():
             raise KeyboardInterrupt
         log.warning(
-            "semrecon serve: %s received; stopping after the running scan (send it again to abort)",
+            "semrecon serve: %s received; closing the open connections and stopping (send it again to abort)",
             signal.Signals(signum).name,
         )
         stop.set()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -94,8 +95,16 @@ def child_environment(gadget_path: Sequence[str | os.PathLike[str]]) -> dict[str
     return env
 
 
+# A log line of gadgetron-python's ``python -m gadgetron``: "MM-DD HH:MM:SS.mmm LEVEL [ext. PID M.T] text".
+_CHILD_LOG_LINE = re.compile(r"^\d\d-\d\d \d\d:\d\d:\d\d\.\d+ (?P<level>[A-Z]+) \[ext\. \d+ [^\]]*\] (?P<text>.*)$")
+
+
 class _LogTail:
-    """Reads a child's output in a thread, logs it at DEBUG and keeps the last lines."""
+    """Reads a child's output in a thread, keeps the last lines and logs them here.
+
+    Lines the child logged at WARNING or above are logged at their level (so ``semrecon replay
+    --protocol`` reports a buffer's failure as the in-process path does); everything else at DEBUG.
+    """
 
     def __init__(self, stream: Any, name: str) -> None:
         self.lines: deque[str] = deque(maxlen=_LOG_LINES)
@@ -106,7 +115,12 @@ class _LogTail:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
             self.lines.append(line)
-            log.debug("[%s] %s", name, line)
+            match = _CHILD_LOG_LINE.match(line)
+            level = logging.getLevelName(match["level"]) if match else logging.DEBUG
+            if isinstance(level, int) and level >= logging.WARNING and match:
+                log.log(level, "[%s] %s", name, match["text"])
+            else:
+                log.debug("[%s] %s", name, line)
         stream.close()
 
     def text(self, timeout: float = 2.0) -> str:

@@ -33,10 +33,11 @@ class SocketStream:
     """A connected socket with exact reads, explicit end-of-stream errors and gathered small writes.
 
     ``read(n)`` returns exactly ``n`` bytes or raises :class:`ConnectionError` when the peer closes
-    the connection (never loops on an empty ``recv``); with ``timeout`` set, a peer silent for that many
-    seconds raises :class:`TimeoutError`. Small writes are gathered until :meth:`flush` (the writers
-    below flush at the end of every message). gadgetron-python's patched array readers fill their arrays
-    straight from :attr:`socket`.
+    the connection (never loops on an empty ``recv``); a claim beyond this machine's memory is refused
+    before anything is allocated (:func:`~semrecon_core.gadgetron.compat.receive`). With ``timeout``
+    set, a peer silent for that many seconds raises :class:`TimeoutError`. Small writes are gathered
+    until :meth:`flush` (the writers below flush at the end of every message). gadgetron-python's
+    patched array readers fill their arrays straight from :attr:`socket`.
     """
 
     def __init__(self, sock: socket.socket, *, timeout: float | None = None) -> None:
@@ -45,10 +46,8 @@ class SocketStream:
         self._pending = bytearray()
 
     def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes from the peer."""
-        buffer = bytearray(n)
-        compat.recv_exactly(self.socket, memoryview(buffer))
-        return bytes(buffer)
+        """Exactly ``n`` bytes from the peer (a claim beyond this machine's memory is refused unread)."""
+        return compat.receive(self.socket, n, what="a message from the gadget")
 
     def write(self, data: Any) -> None:
         """Queue or send a bytes-like object (``bytes``, ``memoryview``, ctypes structure)."""
@@ -136,7 +135,9 @@ def read_message(source: Any) -> tuple[int, Any]:
     if mid == constants.GADGET_MESSAGE_CLOSE:
         return mid, None
     if mid == constants.GADGET_MESSAGE_ERROR:
-        return mid, readers.read_byte_string(source, constants.uint64).decode("utf-8", "replace")
+        length = readers.read(source, constants.uint64)
+        compat.check_claim("an ERROR from the gadget", length, compat.MAX_ERROR_BYTES)
+        return mid, bytes(source.read(length)).decode("utf-8", "replace")
     data_readers = {
         constants.GADGET_MESSAGE_ISMRMRD_ACQUISITION: readers.read_acquisition,
         constants.GADGET_MESSAGE_ISMRMRD_WAVEFORM: readers.read_waveform,

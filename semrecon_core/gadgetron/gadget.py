@@ -18,24 +18,37 @@ be built from the buffer, a zero-filled root-sum-of-squares image labelled ``FAL
 (...)`` goes out. Fallback images carry ``GADGETRON_DataRole=Fallback``. (Gadgetron ends the whole stream
 when an external node sends ERROR, so per-buffer failures are reported through the log, which lands in
 Gadgetron's log, and in the image comment.)
+
+What ends the scan is reported to Gadgetron as an ERROR naming the cause before the connection closes:
+properties that do not validate (before the first buffer is read) and messages the gadget refuses
+(:class:`~semrecon_core.gadgetron.compat.BadMessage`: an unknown message id, a claimed size beyond what a
+scan can need). In a gadget process launched by Gadgetron the exit status then says what happened:
+0 the scan is done, 2 (:data:`~semrecon_core.gadgetron.compat.EXIT_REFUSED`) refused with an ERROR,
+3 (:data:`~semrecon_core.gadgetron.compat.EXIT_GADGETRON_GONE`) Gadgetron went away, 1 an unexpected
+failure (logged with its traceback, ERROR sent). In-process callers get the exception instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from semrecon_core.config import ReconConfig
+from semrecon_core.config import ConfigError, ReconConfig
 from semrecon_core.data.kspace import KSpace
+from semrecon_core.gadgetron import compat
 from semrecon_core.gadgetron.properties import GadgetSettings, settings_from_configuration
 from semrecon_core.pipeline import Pipeline, build_images
 
 if TYPE_CHECKING:
+    import threading
+
     from semrecon_core.priors.base import Prior
 
 log = logging.getLogger(__name__)
@@ -57,11 +70,21 @@ class SemreconGadget:
         header: the scan's ISMRMRD header (``ismrmrd.xsd.ismrmrdHeader`` or its XML text).
         prior: an already loaded prior to reuse (``semrecon serve`` keeps one between scans); ``None``:
             the pipeline builds the prior ``settings.config`` asks for on the first buffer.
+        device_lock: held while a buffer is reconstructed (``semrecon serve`` shares one between its
+            connections, so reconstructions run one at a time while every connection keeps reading).
     """
 
-    def __init__(self, settings: GadgetSettings, header: Any, *, prior: Prior | None = None) -> None:
+    def __init__(
+        self,
+        settings: GadgetSettings,
+        header: Any,
+        *,
+        prior: Prior | None = None,
+        device_lock: threading.Lock | None = None,
+    ) -> None:
         self.settings = settings
         self.header = header
+        self.device_lock = device_lock
         self.pipeline = Pipeline(settings.config, prior=prior)
         self.fallback = Pipeline(fallback_config(settings.config))
         self._indices = itertools.count(1)
@@ -91,7 +114,9 @@ class SemreconGadget:
         for item in connection:
             if isinstance(item, ReconData):
                 buffers += 1
-                for image in self.process(item):
+                with self.device_lock or contextlib.nullcontext():
+                    images = self.process(item)
+                for image in images:
                     connection.send(image)
             else:
                 connection.send(item)
@@ -176,23 +201,56 @@ def _raw_kspace(bit: Any, source: str) -> KSpace:
     )
 
 
+# How errors in the properties name where they come from.
+CONFIG_SOURCE = "the CONFIG message (the <external> node's <configuration>)"
+
+
 def settings_from_connection(connection: Any, overrides: dict[str, str] | None = None) -> GadgetSettings:
     """Validate the connection's ``<configuration>`` (``connection.config``) into gadget settings."""
     raw = getattr(getattr(connection, "raw_bytes", None), "config", None)
     configuration = raw if raw is not None else connection.config
-    return settings_from_configuration(configuration, overrides=overrides, source="semrecon gadget configuration")
+    return settings_from_configuration(configuration, overrides=overrides, source=CONFIG_SOURCE)
 
 
 def reconstruct(connection: Any) -> None:
-    """The Gadgetron target: validate the properties, then reconstruct every buffer of the scan."""
-    settings = settings_from_connection(connection)
-    log.info(
-        "semrecon gadget: backbone=%s prior=%s device=%s",
-        settings.config.backbone,
-        settings.config.prior,
-        settings.config.device,
-    )
-    SemreconGadget(settings, connection.header).handle(connection)
+    """The Gadgetron target: validate the properties, then reconstruct every buffer of the scan.
+
+    What ends the scan early is logged and sent to Gadgetron as an ERROR; in a gadget process launched by
+    Gadgetron the process then exits with the status of the module docstring, elsewhere the exception
+    propagates.
+    """
+    try:
+        settings = settings_from_connection(connection)
+        log.info(
+            "semrecon gadget: backbone=%s prior=%s device=%s",
+            settings.config.backbone,
+            settings.config.prior,
+            settings.config.device,
+        )
+        SemreconGadget(settings, connection.header).handle(connection)
+    except (ConfigError, compat.BadMessage) as exc:
+        text = f"semrecon gadget: {exc}"
+        log.error("%s", text)
+        _report(connection, text)
+        if compat.launched_by_gadgetron():
+            raise SystemExit(compat.EXIT_REFUSED) from None
+        raise
+    except ConnectionError as exc:  # Gadgetron has gone: nobody to report to
+        log.error("semrecon gadget: %s; ending the external Python process", exc)
+        if compat.launched_by_gadgetron():
+            raise SystemExit(compat.EXIT_GADGETRON_GONE) from None
+        raise
+    except Exception as exc:
+        log.exception("semrecon gadget: the scan failed")
+        _report(connection, f"semrecon gadget: the scan failed: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _report(connection: Any, text: str) -> None:
+    """Send ``text`` as an ERROR on ``connection``'s socket (a real Gadgetron connection only)."""
+    sock = getattr(getattr(connection, "socket", None), "socket", None)
+    if isinstance(sock, socket.socket):
+        compat.send_error(sock, text)
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -36,15 +36,16 @@ def parse_properties(
 ) -> dict[str, str]:
     """Read ``name -> value`` pairs from a ``<configuration>`` element (or its XML text).
 
-    ``None`` or empty text gives no properties. A property without a name, a repeated name or
-    XML that does not parse is a :class:`ConfigError` naming ``source``.
+    ``None`` or empty text gives no properties. Bytes are UTF-8 (what Gadgetron sends) unless an XML
+    declaration names another encoding. A property without a name, a repeated name, bytes that are not
+    text or XML that does not parse is a :class:`ConfigError` naming ``source``.
     """
     if configuration is None:
         return {}
     if isinstance(configuration, ET.Element):
         root = configuration
     else:
-        text = configuration.decode("utf-8") if isinstance(configuration, bytes) else configuration
+        text = _decode(configuration, source) if isinstance(configuration, bytes) else configuration
         if not text.strip():
             return {}
         try:
@@ -64,6 +65,19 @@ def parse_properties(
             raise ConfigError(f"{source}: property '{name}' is given twice")
         properties[name] = "" if value is None else value
     return properties
+
+
+def _decode(configuration: bytes, source: str) -> str | bytes:
+    """UTF-8 text, or the bytes themselves when an XML declaration names their encoding (the parser reads it)."""
+    try:
+        return configuration.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if configuration.lstrip().startswith(b"<?xml") and b"encoding=" in configuration.split(b"?>", 1)[0]:
+            return configuration
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte 0x{configuration[exc.start]:02x} at offset {exc.start} of "
+            f"{len(configuration)}); the <configuration> must be UTF-8 or declare its encoding"
+        ) from None
 
 
 def settings_from_properties(

@@ -2,25 +2,37 @@
 
 With ``<external><connect port="P" address="..."/>...</external>`` Gadgetron connects to a Python
 process that is already running instead of launching one per scan. :class:`GadgetServer` listens on
-127.0.0.1 (by default) and serves scans one after another with the semrecon gadget
+127.0.0.1 (by default) and serves each connection in its own thread with the semrecon gadget
 (:class:`~semrecon_core.gadgetron.gadget.SemreconGadget`, one :class:`~semrecon_core.pipeline.Pipeline`
 per scan): each connection is one session (CONFIG, HEADER, ReconData..., CLOSE) answered with images and
 CLOSE. The prior of a configuration (for ``semantic``: encoder and embedding bank) is loaded by the first
 scan that needs it (or :meth:`GadgetServer.preload`) and handed to the pipelines of the following scans.
 
+Connections are independent: a client that is slow, silent, or sends something the server refuses never
+holds up another one. Every connection reads with its own timeouts (``handshake_timeout`` until the
+HEADER is complete, ``idle_timeout`` afterwards), claimed sizes are checked before anything is allocated
+(:mod:`~semrecon_core.gadgetron.compat`), and at most ``max_connections`` sessions run at once (one more
+is refused with an ERROR). Reconstructions run one at a time (one lock around each buffer's
+reconstruction, so one device is never shared by two scans); reading, validating and sending go on in
+parallel.
+
 Properties of a scan are, in increasing priority: the server's base properties (``--config``), the
 CONFIG Gadgetron sends for the scan, and the overrides (``--set``). A scan whose properties do not
-validate gets an ERROR message naming the property; a Gadgetron that goes away or stays silent for
-``idle_timeout`` seconds ends that scan only. The command line lives in :mod:`semrecon_core.commands.serve`.
+validate, or that sends a message the server refuses, gets an ERROR naming the cause; a Gadgetron that
+goes away or stays silent too long ends that scan only. :meth:`GadgetServer.serve_forever` returns
+within ``shutdown_timeout`` seconds of its stop event: connections still open are closed (a scan in
+the middle of a reconstruction is cut off). The command line lives in :mod:`semrecon_core.commands.serve`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,6 +45,16 @@ LOOPBACK = "127.0.0.1"
 _POLL_SECONDS = 0.25
 
 
+@dataclass
+class _Session:
+    """One accepted connection and the thread serving it."""
+
+    name: str
+    sock: socket.socket
+    thread: threading.Thread = field(init=False)
+    stopped: bool = False  # closed by the server's shutdown
+
+
 class GadgetServer:
     """Accepts Gadgetron ``<connect>`` sessions and reconstructs them with the semrecon gadget.
 
@@ -40,7 +62,10 @@ class GadgetServer:
         host, port: where to listen (port 0 picks a free port; see :attr:`address`).
         properties: base properties (from ``--config``), overridden by each scan's CONFIG.
         overrides: properties that win over each scan's CONFIG (``--set``).
-        idle_timeout: seconds Gadgetron may stay silent (or not read) before the scan is dropped.
+        idle_timeout: seconds Gadgetron may stay silent (or not read) during a scan before it is dropped.
+        handshake_timeout: seconds a new connection has to deliver CONFIG and HEADER (at most
+            ``idle_timeout``).
+        max_connections: sessions served at once; one more is refused with an ERROR.
 
     The base settings are validated here, so a bad ``--config`` / ``--set`` fails before listening.
     """
@@ -53,19 +78,29 @@ class GadgetServer:
         properties: dict[str, str] | None = None,
         overrides: dict[str, str] | None = None,
         idle_timeout: float = 3600.0,
+        handshake_timeout: float = 30.0,
+        max_connections: int = 8,
     ) -> None:
         from semrecon_core.gadgetron import compat
         from semrecon_core.gadgetron.properties import settings_from_properties
 
+        if max_connections < 1:
+            raise ValueError(f"max_connections: expected at least 1, found {max_connections}")
         compat.install()
         self.properties = dict(properties or {})
         self.overrides = dict(overrides or {})
         self.idle_timeout = idle_timeout
+        self.handshake_timeout = min(handshake_timeout, idle_timeout)
+        self.max_connections = max_connections
         self.settings = settings_from_properties(
             {**self.properties, **self.overrides}, source="semrecon serve configuration"
         )
         self.scans = 0
         self._priors: dict[ReconConfig, Prior | None] = {}
+        self._prior_lock = threading.Lock()
+        self._device_lock = threading.Lock()
+        self._sessions: dict[int, _Session] = {}
+        self._sessions_lock = threading.Lock()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -73,7 +108,7 @@ class GadgetServer:
         except OSError as exc:
             self.listener.close()
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        self.listener.listen(4)
+        self.listener.listen(max(4, max_connections))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -81,62 +116,137 @@ class GadgetServer:
         host, port = self.listener.getsockname()[:2]
         return host, port
 
+    @property
+    def active(self) -> int:
+        """Sessions being served now."""
+        with self._sessions_lock:
+            return len(self._sessions)
+
     def preload(self) -> Prior | None:
         """Load the prior of the base settings now (encoder and bank for ``semantic``); returns it."""
         return self.prior_for(self.settings.config)
 
     def prior_for(self, config: ReconConfig) -> Prior | None:
         """The prior ``config`` asks for, loaded by the first scan that needs it and kept for the next ones."""
-        if config not in self._priors:
-            from semrecon_core.pipeline import Pipeline
+        with self._prior_lock:
+            if config not in self._priors:
+                from semrecon_core.pipeline import Pipeline
 
-            start = time.perf_counter()
-            prior = Pipeline(config).prior
-            if prior is not None:
-                log.warning("semrecon serve: loaded prior %s in %.1f s", prior.label, time.perf_counter() - start)
-            self._priors[config] = prior
-        return self._priors[config]
+                start = time.perf_counter()
+                prior = Pipeline(config).prior
+                if prior is not None:
+                    log.warning("semrecon serve: loaded prior %s in %.1f s", prior.label, time.perf_counter() - start)
+                self._priors[config] = prior
+            return self._priors[config]
 
-    def serve_forever(self, stop: threading.Event, *, max_scans: int = 0) -> int:
-        """Serve scans until ``stop`` is set (or ``max_scans`` > 0 scans are done); the number served."""
+    def serve_forever(self, stop: threading.Event, *, max_scans: int = 0, shutdown_timeout: float = 3.0) -> int:
+        """Serve connections until ``stop`` is set (or ``max_scans`` > 0 scans are done); the number accepted.
+
+        With ``max_scans`` reached the server stops accepting and waits for the open sessions to end
+        (each bounded by its timeouts). Once ``stop`` is set it returns within ``shutdown_timeout``
+        seconds: open connections are closed and their threads given that long to finish.
+        """
         self.listener.settimeout(_POLL_SECONDS)
         while not stop.is_set() and not (max_scans and self.scans >= max_scans):
             try:
                 sock, peer = self.listener.accept()
             except TimeoutError:
                 continue
-            self.scans += 1
-            log.warning("semrecon serve: scan %d from %s:%d", self.scans, *peer[:2])
-            self.serve_scan(sock, name=f"scan {self.scans}")
+            except OSError:  # the listener was closed
+                break
+            self._start(sock, peer)
+        while not stop.is_set() and self.active:
+            stop.wait(_POLL_SECONDS)
+        self._shut_down(shutdown_timeout)
         return self.scans
 
-    def serve_scan(self, sock: socket.socket, *, name: str = "scan") -> None:
-        """One session on an accepted socket; never raises for a failing scan (it is logged)."""
+    def _start(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+        with self._sessions_lock:
+            busy = len(self._sessions) >= self.max_connections
+            if not busy:
+                self.scans += 1
+                session = _Session(f"scan {self.scans}", sock)
+                session.thread = threading.Thread(
+                    target=self._serve_session, args=(session,), name=f"semrecon-serve-{session.name}", daemon=True
+                )
+                self._sessions[id(session)] = session
+        if busy:
+            log.error(
+                "semrecon serve: refused a connection from %s:%d: %d scans in progress, the most served at once",
+                *peer[:2],
+                self.max_connections,
+            )
+            text = (
+                f"semrecon serve: {self.max_connections} scans are in progress, the most this server serves at "
+                "once (--max-connections); try again when one has finished"
+            )
+            threading.Thread(target=_refuse, args=(sock, text), daemon=True).start()
+            return
+        log.warning("semrecon serve: %s from %s:%d", session.name, *peer[:2])
+        session.thread.start()
+
+    def _serve_session(self, session: _Session) -> None:
+        try:
+            self.serve_scan(session.sock, name=session.name, session=session)
+        finally:
+            with self._sessions_lock:
+                self._sessions.pop(id(session), None)
+
+    def _shut_down(self, timeout: float) -> None:
+        """Close every open connection and wait up to ``timeout`` s for their threads."""
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.stopped = True
+            log.warning("semrecon serve: %s closed by the server shutdown", session.name)
+            with contextlib.suppress(OSError):
+                session.sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for session in sessions:
+            session.thread.join(max(0.0, deadline - time.monotonic()))
+        left = [session.name for session in sessions if session.thread.is_alive()]
+        if left:
+            log.warning("semrecon serve: left %s running at shutdown", ", ".join(left))
+
+    def serve_scan(self, sock: socket.socket, *, name: str = "scan", session: _Session | None = None) -> None:
+        """One session on an accepted socket; never raises for a failing scan (it is logged and reported)."""
         from gadgetron.external import Connection
 
-        _set_kernel_timeouts(sock, self.idle_timeout)
+        from semrecon_core.gadgetron import compat
+
+        _set_kernel_timeouts(sock, self.handshake_timeout)
         start = time.perf_counter()
         try:
             connection = Connection(sock)
-        except Exception as exc:  # noqa: BLE001 - one bad client (bad XML, wrong first message) must not stop the server
-            log.error("semrecon serve: %s: no valid CONFIG/HEADER from Gadgetron (%s)", name, _reason(exc, self))
+        except compat.BadMessage as exc:
+            log.error("semrecon serve: %s refused: %s", name, exc)
+            compat.send_error(sock, f"semrecon serve: {name}: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad client must not stop the server
+            reason = self._reason(exc, session, self.handshake_timeout)
+            log.error("semrecon serve: %s: no CONFIG/HEADER from Gadgetron (%s)", name, reason)
             sock.close()
             return
+        _set_kernel_timeouts(sock, self.idle_timeout)
         with connection:
             try:
                 gadget = self._gadget_for(connection, name)
             except Exception as exc:  # noqa: BLE001 - the scan is rejected with the cause; the server goes on
                 log.error("semrecon serve: %s rejected: %s", name, exc)
-                _send_error(connection, f"semrecon serve: {exc}")
+                compat.send_error(sock, f"semrecon serve: {exc}")
                 return
             try:
                 gadget.handle(connection)
+            except compat.BadMessage as exc:
+                log.error("semrecon serve: %s refused: %s", name, exc)
+                compat.send_error(sock, f"semrecon serve: {name}: {exc}")
+                return
             except OSError as exc:
-                log.error("semrecon serve: %s ended early: %s", name, _reason(exc, self))
+                log.error("semrecon serve: %s ended early: %s", name, self._reason(exc, session, self.idle_timeout))
                 return
             except Exception as exc:  # reported to Gadgetron; the next scan is served
                 log.exception("semrecon serve: %s failed", name)
-                _send_error(connection, f"semrecon serve: {name} failed: {type(exc).__name__}: {exc}")
+                compat.send_error(sock, f"semrecon serve: {name} failed: {type(exc).__name__}: {exc}")
                 return
         log.warning("semrecon serve: %s done in %.1f s", name, time.perf_counter() - start)
 
@@ -144,14 +254,30 @@ class GadgetServer:
         from semrecon_core.gadgetron.gadget import SemreconGadget
         from semrecon_core.gadgetron.properties import parse_properties, settings_from_properties
 
-        source = f"{name} configuration"
+        source = f"{name} CONFIG"
         scan = parse_properties(connection.raw_bytes.config, source=source)
         settings = settings_from_properties({**self.properties, **scan, **self.overrides}, source=source)
-        return SemreconGadget(settings, connection.header, prior=self.prior_for(settings.config))
+        return SemreconGadget(
+            settings, connection.header, prior=self.prior_for(settings.config), device_lock=self._device_lock
+        )
+
+    @staticmethod
+    def _reason(exc: BaseException, session: _Session | None, timeout: float) -> str:
+        if session is not None and session.stopped:
+            return "closed by the server shutdown"
+        if isinstance(exc, BlockingIOError | TimeoutError):
+            return f"Gadgetron was silent for more than {timeout:g} s"
+        return f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
         """Stop listening."""
         self.listener.close()
+
+
+def _refuse(sock: socket.socket, text: str) -> None:
+    from semrecon_core.gadgetron import compat
+
+    compat.send_error(sock, text)
 
 
 def _set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
@@ -160,27 +286,3 @@ def _set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-
-
-def _reason(exc: BaseException, server: GadgetServer) -> str:
-    if isinstance(exc, BlockingIOError | TimeoutError):
-        return f"Gadgetron was silent for more than {server.idle_timeout:.0f} s"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _send_error(connection: Any, text: str) -> None:
-    """Send ERROR (``uint16`` id, ``uint64`` length, text), then read on until Gadgetron's CLOSE.
-
-    Gadgetron stops sending on ERROR; closing with unread data would reset the connection before it has
-    read the error.
-    """
-    from gadgetron.external import constants
-
-    body = text.encode("utf-8")
-    message = constants.GadgetMessageIdentifier.pack(constants.GADGET_MESSAGE_ERROR) + constants.uint64.pack(len(body))
-    try:
-        connection.socket.write(message + body)
-        for _ in connection:
-            pass
-    except OSError as exc:
-        log.warning("semrecon serve: could not deliver the error to Gadgetron (%s)", exc)
