@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from semrecon_core.config import BACKBONES, PRESETS, PRIORS, ConfigError, ReconConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
 DEEP_BACKBONES = ("unet", "unrolled", "inr")
 
@@ -238,10 +238,3 @@ def check_bank_similarity(grid: Grid) -> None:
                 f"{wanted!r}; give each preset its bank (--bank {preset}=PATH) or --set similarity="
                 f"{metadata['similarity']}"
             )
-
-
-def bank_sources(paths: Mapping[str, str]) -> dict[str, list[dict[str, Any]]]:
-    """The source files each bank records (role, path, sha256), for the study's provenance."""
-    from semrecon_core.priors.bank import read_metadata
-
-    return {path: list(read_metadata(path).get("sources") or []) for path in sorted(set(paths.values()))}
