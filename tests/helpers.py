@@ -142,7 +142,7 @@ def build_image_bank(encoder_directory: Path, path: Path) -> Path:
         embed_images(encoder, positives),
         embed_images(encoder, negatives),
         identity=encoder.identity,
-        similarity="pooled",
+        similarity="centred",
         weights=(0.005, 0.5, 1.0),
     )
     return bank.save(path)

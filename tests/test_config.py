@@ -11,7 +11,7 @@ def test_paper_preset_is_default_and_fills_unset_fields() -> None:
     config = ReconConfig(backbone="unet", prior="semantic").resolved()
     assert config.preset == "paper"
     assert config.level_weights == (0.005, 0.5, 1.0)
-    assert config.similarity == "pooled"
+    assert config.similarity == "centred"  # the Figure-5 recipe: benchmarks/results/similarity.md
     assert config.sigma == 0.03
 
 

@@ -30,8 +30,9 @@ class SemanticPrior:
         bank: an embedding bank built with the same encoder identity (checked).
         weights: level weights (image-only banks; one per level); ``None`` uses the bank's.
         tau: temperature of Eq. (3).
-        variant: ``paper`` (Eq. 3, mean over slices) or ``public-code`` (image-language banks:
-            τ_pos 0.1, τ_neg 0.7, summed over slices; image-only banks: Eq. 3 as in the paper).
+        variant: ``paper`` (Eq. 3) or ``public-code`` (image-language banks: τ_pos 0.1, τ_neg 0.7; image-only
+            banks: Eq. 3 as in the paper). Always a mean over slices, so λ means the same for any slice batch;
+            the authors' sum over the unrolled network's stage queries is added up by the engine.
 
     Attributes:
         last_embedding: detached ``(slices, D)`` embedding of the last :meth:`loss` call (for trajectories
@@ -60,11 +61,7 @@ class SemanticPrior:
             raise ValueError(f"property 'level_weights': expected {levels} weights for this bank, found {len(weights)}")
         options: dict[str, Any] = {"tau": tau}
         if variant == "public-code" and bank.kind == "language":
-            options = {
-                "tau": PUBLIC_CODE_TAU_POSITIVE,
-                "tau_negative": PUBLIC_CODE_TAU_NEGATIVE,
-                "reduction": "sum",
-            }
+            options = {"tau": PUBLIC_CODE_TAU_POSITIVE, "tau_negative": PUBLIC_CODE_TAU_NEGATIVE}
         self.variant = variant
         self.contrastive = ContrastiveLoss(
             bank.positives,
