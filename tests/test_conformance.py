@@ -95,7 +95,8 @@ def _check_header(xml: str, folder: Path) -> None:
     path = folder / "header.xml"
     path.write_text(xml)
     tool = _tool("ismrmrd_test_xml", "ismrmrd-tools")
-    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    # the tool writes raw.xml and processed.xml into its working directory: keep them in the test's folder
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=False, cwd=folder)
     assert result.returncode == 0, f"ismrmrd_test_xml: {result.stderr.strip()}"
     xmllint = _tool("xmllint", "libxml2-utils")
     if not SCHEMA.is_file():
