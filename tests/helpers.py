@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    import socket
+
     from semrecon_core.data.kspace import KSpace
     from semrecon_core.physics.linop import LinearOperator
 
@@ -146,3 +148,73 @@ def build_image_bank(encoder_directory: Path, path: Path) -> Path:
         weights=(0.005, 0.5, 1.0),
     )
     return bank.save(path)
+
+
+def read_ismrmrd_scan(path: Path) -> tuple[str, list]:
+    """An ISMRMRD raw file as ``(xml header, [ReconData])``, buffered as the gadget buffers it."""
+    import ismrmrd
+
+    from semrecon_core.data.buffers import recon_data_from_acquisitions
+
+    dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+    try:
+        header = dataset.read_xml_header().decode("utf-8")
+        acquisitions = [dataset.read_acquisition(i) for i in range(dataset.number_of_acquisitions())]
+    finally:
+        dataset.close()
+    return header, recon_data_from_acquisitions(acquisitions, header)
+
+
+# --- child processes, watched through /proc ----------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far, from ``/proc/PID/stat``."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_exited(pid: int) -> bool:
+    """Exited, not yet reaped (its CPU time is final)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_until_idle(pid: int, timeout: float = 60.0) -> None:
+    """Until the child has used no CPU for 0.5 s: imports done, blocked reading the next message."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline and not process_exited(pid):
+        time.sleep(0.5)
+        now = cpu_seconds(pid)
+        if now == before:
+            return
+        before = now
+    raise AssertionError(f"the gadget process {pid} was still busy (or gone) after {timeout:.0f} s")
+
+
+def read_replies(sock: socket.socket, timeout: float) -> tuple[list, list[str]]:
+    """What the other end sends on ``sock`` until its CLOSE or end of stream (``timeout`` s of silence ends it too):
+    ``(items, ERROR texts)``."""
+    from gadgetron.external import constants
+
+    from semrecon_core.emulation import wire
+
+    stream = wire.SocketStream(sock, timeout=timeout)
+    items: list = []
+    errors: list[str] = []
+    try:
+        while True:
+            mid, item = wire.read_message(stream)
+            if mid == constants.GADGET_MESSAGE_CLOSE:
+                break
+            if mid == constants.GADGET_MESSAGE_ERROR:
+                errors.append(item)
+            else:
+                items.append(item)
+    except ConnectionError:
+        pass
+    return items, errors

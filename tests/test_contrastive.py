@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,15 +224,19 @@ def test_mismatched_levels_are_rejected() -> None:
         loss([torch.randn(1, 3), torch.randn(1, 3)])
 
 
-@pytest.mark.parametrize("variant", ["paper", "public-code"])
-def test_real_janus_embeddings_held_out_positives_score_lower(shared_data, variant: str) -> None:
+def _real_janus_embeddings(shared_data: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' Janus LLM states of high- and low-quality images, ``(positives, negatives)``; skip if absent."""
     h5py = pytest.importorskip("h5py")
     path = shared_data / "janus_llm_embeddings" / "high_vs_low_quality.h5"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     with h5py.File(path, "r") as file:
-        positives = torch.from_numpy(file["pos_features"][:])
-        negatives = torch.from_numpy(file["neg_features"][:])
+        return torch.from_numpy(file["pos_features"][:]), torch.from_numpy(file["neg_features"][:])
+
+
+@pytest.mark.parametrize("variant", ["paper", "public-code"])
+def test_real_janus_embeddings_held_out_positives_score_lower(shared_data, variant: str) -> None:
+    positives, negatives = _real_janus_embeddings(shared_data)
     assert positives.shape == negatives.shape == (37, 2048)
     g = torch.Generator().manual_seed(0)
     order_p, order_n = torch.randperm(37, generator=g), torch.randperm(37, generator=g)
@@ -247,13 +252,7 @@ def test_real_janus_embeddings_held_out_positives_score_lower(shared_data, varia
 
 def test_real_janus_embeddings_centring_separates_p_from_n(shared_data) -> None:
     """The authors' Figure-5 recipe on their real LLM states: held out one at a time, centring ranks P/N perfectly."""
-    h5py = pytest.importorskip("h5py")
-    path = shared_data / "janus_llm_embeddings" / "high_vs_low_quality.h5"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    with h5py.File(path, "r") as file:
-        positives = torch.from_numpy(file["pos_features"][:])
-        negatives = torch.from_numpy(file["neg_features"][:])
+    positives, negatives = _real_janus_embeddings(shared_data)
     plain = leave_one_out([positives], [negatives], similarity="vector", weights=[1.0])
     centred = leave_one_out(
         [figure5_embedding(positives)], [figure5_embedding(negatives)], similarity="centred", weights=[1.0]

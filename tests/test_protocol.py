@@ -5,7 +5,6 @@ emulator launching ``python -m gadgetron``, and gadgets whose Gadgetron dies."""
 from __future__ import annotations
 
 import io
-import os
 import socket
 import struct
 import subprocess
@@ -28,6 +27,7 @@ from gadgetron.types.recon_data import ReconBit, ReconBuffer, ReconData, Samplin
 
 from semrecon_core.emulation import emulator, wire  # noqa: E402
 from semrecon_core.gadgetron import compat  # noqa: E402
+from tests.helpers import cpu_seconds, process_exited, wait_until_idle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -446,29 +446,6 @@ def test_exchange_times_out_on_a_silent_gadget() -> None:
 # ------------------------------------------------------------------------------ Gadgetron dies mid-stream
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _exited(pid: int) -> bool:
-    """Exited, not yet reaped (its CPU time is final)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def _wait_until_idle(pid: int, timeout: float = 60.0) -> None:
-    """Until the child has used no CPU for 0.5 s: imports done, blocked reading the next message."""
-    deadline = time.monotonic() + timeout
-    before = _cpu_seconds(pid)
-    while time.monotonic() < deadline and not _exited(pid):
-        time.sleep(0.5)
-        now = _cpu_seconds(pid)
-        if now == before:
-            return
-        before = now
-    raise AssertionError(f"the gadget process {pid} was still busy (or gone) after {timeout:.0f} s")
-
-
 def _die_mid_stream(module: str, target: str, gadget_path: list[Path], partial: bytes = b"") -> tuple[float, str]:
     """Launch, send CONFIG + HEADER (+ ``partial`` bytes of a message), close the socket once the gadget waits.
 
@@ -483,15 +460,15 @@ def _die_mid_stream(module: str, target: str, gadget_path: list[Path], partial: 
         wire.write_header(stream, HEADER_XML)
         stream.write(partial)
         stream.flush()
-        _wait_until_idle(gadget.pid)
-        cpu_before = _cpu_seconds(gadget.pid)
+        wait_until_idle(gadget.pid)
+        cpu_before = cpu_seconds(gadget.pid)
         sock.close()
         closed = time.monotonic()
-        while not _exited(gadget.pid):
+        while not process_exited(gadget.pid):
             assert time.monotonic() - closed < 5.0, "the gadget did not exit within 5 s of Gadgetron going away"
             time.sleep(0.05)
         exited = time.monotonic() - closed
-        cpu = _cpu_seconds(gadget.pid) - cpu_before
+        cpu = cpu_seconds(gadget.pid) - cpu_before
         assert cpu < 1.0, f"the gadget used {cpu:.1f} s of CPU after the socket closed"
         gadget.stop()
         return exited, gadget.log()

@@ -7,7 +7,6 @@ exit within 5 s; nothing spins or waits for data that never comes."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import struct
 import time
@@ -22,6 +21,7 @@ pytest.importorskip("gadgetron")
 from gadgetron.external import constants  # noqa: E402
 
 from semrecon_core.emulation import emulator, wire  # noqa: E402
+from tests.helpers import cpu_seconds, process_exited, read_ismrmrd_scan, read_replies, wait_until_idle  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:A builtin ctypes object gave a PEP3118 format string")
 
@@ -35,16 +35,7 @@ EXIT_WITHIN = 5.0
 @pytest.fixture(scope="module")
 def scan(shepp_logan_raw) -> tuple[str, list]:
     """A small Shepp-Logan raw file (4 coils, 32², R=2, 16 ACS lines) as ``(xml header, [ReconData])``."""
-    from semrecon_core.data.buffers import recon_data_from_acquisitions
-
-    path = shepp_logan_raw(matrix=32, coils=4, acs=16, repetitions=1)
-    dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
-    try:
-        header = dataset.read_xml_header().decode("utf-8")
-        acquisitions = [dataset.read_acquisition(i) for i in range(dataset.number_of_acquisitions())]
-    finally:
-        dataset.close()
-    return header, recon_data_from_acquisitions(acquisitions, header)
+    return read_ismrmrd_scan(shepp_logan_raw(matrix=32, coils=4, acs=16, repetitions=1))
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -81,58 +72,16 @@ def _message(item) -> bytes:
     return bytes(out.data)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _exited(pid: int) -> bool:
-    """Exited, not yet reaped (its CPU time is final)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def _wait_until_idle(pid: int, timeout: float = 60.0) -> None:
-    """Until the child has used no CPU for 0.5 s: imports done, blocked reading the next message."""
-    deadline = time.monotonic() + timeout
-    before = _cpu_seconds(pid)
-    while time.monotonic() < deadline and not _exited(pid):
-        time.sleep(0.5)
-        now = _cpu_seconds(pid)
-        if now == before:
-            return
-        before = now
-    raise AssertionError(f"the gadget process {pid} was still busy (or gone) after {timeout:.0f} s")
-
-
 def _exit_status(gadget: emulator.GadgetProcess, since: float, within: float = EXIT_WITHIN) -> int:
     """The child's exit status; fails if it is still running ``within`` s after ``since`` (monotonic)."""
-    while not _exited(gadget.pid):
+    while not process_exited(gadget.pid):
         assert time.monotonic() - since < within, (
             f"the gadget was still running {within:.0f} s later "
-            f"(CPU {_cpu_seconds(gadget.pid):.1f} s)\n--- gadget log ---\n{gadget.log()}"
+            f"(CPU {cpu_seconds(gadget.pid):.1f} s)\n--- gadget log ---\n{gadget.log()}"
         )
         time.sleep(0.05)
-    gadget.cpu_at_exit = _cpu_seconds(gadget.pid)  # type: ignore[attr-defined]
+    gadget.cpu_at_exit = cpu_seconds(gadget.pid)  # type: ignore[attr-defined]
     return gadget.stop()
-
-
-def _replies(sock: socket.socket, timeout: float) -> tuple[list, list[str]]:
-    """What the gadget sends until its CLOSE or end of stream: ``(items, error texts)``."""
-    stream = wire.SocketStream(sock, timeout=timeout)
-    items: list = []
-    errors: list[str] = []
-    try:
-        while True:
-            mid, item = wire.read_message(stream)
-            if mid == constants.GADGET_MESSAGE_CLOSE:
-                break
-            if mid == constants.GADGET_MESSAGE_ERROR:
-                errors.append(item)
-            else:
-                items.append(item)
-    except ConnectionError:
-        pass
-    return items, errors
 
 
 def _launch() -> emulator.GadgetProcess:
@@ -162,7 +111,7 @@ def test_gadget_exits_when_gadgetron_goes_away_before_the_header(scan, case: str
         sock = gadget.accept(timeout=60)
         sock.sendall(_before_header(header)[case])
         time.sleep(0.2)  # the gadget reads what there is and waits for the rest
-        cpu_before = _cpu_seconds(gadget.pid)
+        cpu_before = cpu_seconds(gadget.pid)
         sock.close()
         status = _exit_status(gadget, time.monotonic())
         log = gadget.log()
@@ -180,7 +129,7 @@ def test_config_claiming_4_gib_is_refused_with_an_error_while_gadgetron_listens(
         sock = gadget.accept(timeout=60)
         sock.sendall(_text_message(constants.GADGET_MESSAGE_CONFIG, b"<configuration/>", claimed=2**32 - 1))
         sent = time.monotonic()
-        _, errors = _replies(sock, timeout=EXIT_WITHIN)  # Gadgetron stays connected and says nothing more
+        _, errors = read_replies(sock, timeout=EXIT_WITHIN)  # Gadgetron stays connected and says nothing more
         status = _exit_status(gadget, sent)
         sock.close()
     assert status == REFUSED
@@ -194,7 +143,7 @@ def test_a_first_message_other_than_config_is_refused_naming_it(scan) -> None:
         sock = gadget.accept(timeout=60)
         sock.sendall(_header(header))
         sent = time.monotonic()
-        _, errors = _replies(sock, timeout=EXIT_WITHIN)
+        _, errors = read_replies(sock, timeout=EXIT_WITHIN)
         status = _exit_status(gadget, sent)
         sock.close()
     assert status == REFUSED
@@ -208,7 +157,7 @@ def _loaded(gadget: emulator.GadgetProcess, header: str, config: bytes | None = 
     """Accept the child, send CONFIG + HEADER and wait until it has imported the gadget and waits for data."""
     sock = gadget.accept(timeout=60)
     sock.sendall((_config() if config is None else config) + _header(header))
-    _wait_until_idle(gadget.pid)
+    wait_until_idle(gadget.pid)
     return sock
 
 
@@ -219,7 +168,7 @@ def test_unknown_message_id_is_an_error_naming_it(scan) -> None:
         sock = _loaded(gadget, header)
         sock.sendall(good + struct.pack("<H", 1234) + b"\0" * 64 + good + struct.pack("<H", 4))
         sent = time.monotonic()
-        items, errors = _replies(sock, timeout=60)
+        items, errors = read_replies(sock, timeout=60)
         status = _exit_status(gadget, sent, within=60)
         sock.close()
         log = gadget.log()
@@ -237,7 +186,7 @@ def test_recon_data_claiming_2_tib_is_refused_before_allocating(scan) -> None:
         sock = _loaded(gadget, header)
         sock.sendall(claim)  # and nothing more: Gadgetron stays connected
         sent = time.monotonic()
-        _, errors = _replies(sock, timeout=EXIT_WITHIN)
+        _, errors = read_replies(sock, timeout=EXIT_WITHIN)
         status = _exit_status(gadget, sent)
         sock.close()
         log = gadget.log()
@@ -262,7 +211,7 @@ def test_configuration_errors_are_sent_to_gadgetron_before_exiting(scan, config:
     with _launch() as gadget:
         sock = gadget.accept(timeout=60)
         sock.sendall(_config(config) + _header(header) + _message(buffers[0]))
-        items, errors = _replies(sock, timeout=60)
+        items, errors = read_replies(sock, timeout=60)
         received = time.monotonic()
         status = _exit_status(gadget, received)
         sock.close()

@@ -3,6 +3,7 @@ that dies or stays silent ends only its own scan, bad properties are reported, S
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ ismrmrd = pytest.importorskip("ismrmrd")
 
 from semrecon_core.emulation import emulator, wire  # noqa: E402
 from semrecon_core.gadgetron import serve  # noqa: E402
+from tests.helpers import read_ismrmrd_scan, read_replies  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:A builtin ctypes object gave a PEP3118 format string")
 
@@ -29,16 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:A builtin ctypes object gave a P
 @pytest.fixture(scope="module")
 def scan(shepp_logan_raw) -> tuple[str, list]:
     """A small Shepp-Logan raw file (4 coils, 32², R=2, 16 ACS lines) as ``(xml header, [ReconData])``."""
-    from semrecon_core.data.buffers import recon_data_from_acquisitions
-
-    path = shepp_logan_raw(matrix=32, coils=4, acs=16, repetitions=1)
-    dataset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
-    try:
-        header = dataset.read_xml_header().decode("utf-8")
-        acquisitions = [dataset.read_acquisition(i) for i in range(dataset.number_of_acquisitions())]
-    finally:
-        dataset.close()
-    return header, recon_data_from_acquisitions(acquisitions, header)
+    return read_ismrmrd_scan(shepp_logan_raw(matrix=32, coils=4, acs=16, repetitions=1))
 
 
 @pytest.fixture(scope="module")
@@ -161,29 +154,13 @@ def test_server_rejects_bad_base_properties_before_listening() -> None:
 
 def test_cli_serve_binds_loopback_and_stops_on_sigterm(scan, tmp_path: Path) -> None:
     header, buffers = scan
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--port", "0", "--set", "backbone=zero-filled"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        line = _read_line(process, timeout=60)
-        match = re.match(r"semrecon serve: listening on 127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        run = emulator.run_connect("<configuration/>", header, buffers[:1], port=int(match.group(1)), timeout=60)
+    with _cli_serve(tmp_path) as (process, port):
+        run = emulator.run_connect("<configuration/>", header, buffers[:1], port=port, timeout=60)
         assert len(run.images) == 1
         process.terminate()
         assert process.wait(timeout=10) == 0
         rest = process.stdout.read().decode()
         assert "stopped after 1 scan(s)" in rest
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-        process.stdout.close()
 
 
 def test_cli_serve_names_a_bad_property(capsys) -> None:
@@ -191,6 +168,30 @@ def test_cli_serve_names_a_bad_property(capsys) -> None:
 
     assert main(["serve", "--port", "0", "--set", "iterations=many"]) == 2
     assert "property 'iterations'" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def _cli_serve(cwd: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``semrecon serve --port 0 --set backbone=zero-filled`` run in ``cwd``: ``(process, port)`` once it listens
+    on loopback (checked); killed afterwards if still running."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--port", "0", "--set", "backbone=zero-filled"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+    )
+    try:
+        line = _read_line(process, timeout=60)
+        match = re.match(r"semrecon serve: listening on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        yield process, int(match.group(1))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        process.stdout.close()
 
 
 def _read_line(process: subprocess.Popen, timeout: float) -> str:
@@ -228,24 +229,6 @@ def test_cli_serve_needs_an_external_node_and_a_port(tmp_path: Path, capsys) -> 
 # ------------------------------------------------------------------------------ hostile and silent clients
 
 
-def _errors_from(sock: socket.socket, timeout: float) -> list[str]:
-    """ERROR texts the server sends on ``sock`` until its CLOSE or end of stream (``timeout`` s of silence)."""
-    from gadgetron.external import constants
-
-    stream = wire.SocketStream(sock, timeout=timeout)
-    errors = []
-    try:
-        while True:
-            mid, item = wire.read_message(stream)
-            if mid == constants.GADGET_MESSAGE_CLOSE:
-                break
-            if mid == constants.GADGET_MESSAGE_ERROR:
-                errors.append(item)
-    except ConnectionError:
-        pass
-    return errors
-
-
 def _session_start(header: str, configuration: bytes = b"<configuration/>") -> bytes:
     class Collect:
         data = bytearray()
@@ -275,7 +258,7 @@ def test_hostile_clients_do_not_hold_up_a_good_scan(scan, server_thread) -> None
         run = emulator.run_connect("<configuration/>", header, buffers[:1], port=port, timeout=30)
         assert run.errors == [] and len(run.images) == 1
         assert time.monotonic() - start < 30
-        errors = _errors_from(claims_4_gib, timeout=5)
+        _, errors = read_replies(claims_4_gib, timeout=5)
         assert len(errors) == 1 and "CONFIG claims 4.0 GiB" in errors[0] and "16.0 MiB" in errors[0], errors
     finally:
         for sock in (claims_4_gib, silent, half_config):
@@ -303,7 +286,7 @@ def test_refused_messages_get_an_error_naming_them_and_the_next_scan_is_served(s
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(raw)
             start = time.monotonic()
-            errors = _errors_from(sock, timeout=10)
+            _, errors = read_replies(sock, timeout=10)
             assert time.monotonic() - start < 5, name
         assert len(errors) == 1, (name, errors)
         for word in expected:
@@ -321,7 +304,7 @@ def test_connections_beyond_the_limit_are_refused_with_an_error(scan, server_thr
         while server.active < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
-            errors = _errors_from(second, timeout=10)
+            _, errors = read_replies(second, timeout=10)
         assert len(errors) == 1 and "--max-connections" in errors[0], errors
     deadline = time.monotonic() + 10
     while server.active and time.monotonic() < deadline:
@@ -352,19 +335,8 @@ def test_stop_returns_within_seconds_with_silent_clients_connected() -> None:
 
 
 def test_cli_serve_stops_within_5_s_of_sigterm_with_a_silent_client(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--port", "0", "--set", "backbone=zero-filled"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        line = _read_line(process, timeout=60)
-        match = re.match(r"semrecon serve: listening on 127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10):
+    with _cli_serve(tmp_path) as (process, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
             time.sleep(1.0)  # accepted: the server is waiting for its CONFIG
             process.terminate()
             start = time.monotonic()
@@ -372,8 +344,3 @@ def test_cli_serve_stops_within_5_s_of_sigterm_with_a_silent_client(tmp_path: Pa
             assert time.monotonic() - start < 5, f"semrecon serve took {time.monotonic() - start:.1f} s to stop"
         assert status == 0
         assert "stopped after 1 scan(s)" in process.stdout.read().decode()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-        process.stdout.close()

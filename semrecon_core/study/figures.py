@@ -66,8 +66,6 @@ def case_panel(
     """The Figs. 2–3 panel of one case: reference and every setting's image, zoom and error map."""
     from matplotlib.patches import Rectangle
 
-    from semrecon_core.data.images import atomic_path
-
     plt = _pyplot()
     middle = reference.shape[0] // 2
     ref = reference[middle]
@@ -107,11 +105,7 @@ def case_panel(
             axis.set_yticks([])
     if len(images) > 1:
         figure.colorbar(shown, ax=axes[2, :].tolist(), fraction=0.02, pad=0.01)
-    figure.suptitle(title, fontsize=9, color="red" if "RANDOM WEIGHTS" in title else "black")
-    with atomic_path(path) as temp:
-        figure.savefig(temp, dpi=110, format="png")
-    plt.close(figure)
-    return path
+    return _save(figure, path, title, plt)
 
 
 def umap_panel(
@@ -139,8 +133,6 @@ def umap_panel(
         seed: UMAP's random state.
         title: the figure's title.
     """
-    from semrecon_core.data.images import atomic_path
-
     plt = _pyplot()
     umap = require("umap", "the UMAP figure")
     levels = len(positives)
@@ -189,8 +181,16 @@ def umap_panel(
     unique = dict(zip(labels, handles, strict=True))
     if unique:
         figure.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(len(unique), 6), fontsize=7)
+    return _save(figure, path, title, plt, layout=(0, 0.08, 1, 0.95))
+
+
+def _save(figure: Any, path: Path, title: str, plt: Any, *, layout: tuple[float, ...] | None = None) -> Path:
+    """Title ``figure`` (red if it says RANDOM WEIGHTS), fit it in ``layout`` if given, save it as PNG, close it."""
+    from semrecon_core.data.images import atomic_path
+
     figure.suptitle(title, fontsize=9, color="red" if "RANDOM WEIGHTS" in title else "black")
-    figure.tight_layout(rect=(0, 0.08, 1, 0.95))
+    if layout is not None:
+        figure.tight_layout(rect=layout)
     with atomic_path(path) as temp:
         figure.savefig(temp, dpi=110, format="png")
     plt.close(figure)

@@ -64,16 +64,21 @@ def parse_accelerations(text: str) -> tuple[float, ...]:
     for item in text.split(","):
         if not item.strip():
             continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"--accelerations: {item.strip()!r} is not a number") from None
-        if not math.isfinite(value) or value < 1:
-            raise ValueError(f"--accelerations: expected R >= 1, found {item.strip()}")
-        values.append(value)
+        values.append(_parse_number(item.strip(), "--accelerations", minimum=1, expected="R >= 1"))
     if not values:
         raise ValueError(f"--accelerations: expected a comma-separated list of R values, found {text!r}")
     return tuple(sorted(set(values)))
+
+
+def _parse_number(raw: str, option: str, *, minimum: float, expected: str) -> float:
+    """``raw`` as a finite number ≥ ``minimum``; errors start with ``option`` and say what was ``expected``."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{option}: {raw!r} is not a number") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{option}: expected {expected}, found {raw}")
+    return value
 
 
 def parse_lams(entries: Sequence[str]) -> dict[tuple[str | None, str], float]:
@@ -88,12 +93,7 @@ def parse_lams(entries: Sequence[str]) -> dict[tuple[str | None, str], float]:
             raise ValueError(f"--lam {entry}: unknown prior {prior!r} (expected none, tv or semantic)")
         if colon and backbone not in BACKBONES:
             raise ValueError(f"--lam {entry}: unknown backbone {backbone!r} (expected one of {', '.join(BACKBONES)})")
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"--lam {entry}: {raw!r} is not a number") from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"--lam {entry}: expected a non-negative number, found {raw}")
+        value = _parse_number(raw, f"--lam {entry}", minimum=0, expected="a non-negative number")
         out[(backbone if colon else None, prior)] = value
     return out
 

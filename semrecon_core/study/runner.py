@@ -287,6 +287,31 @@ class Study:
             return 1.0 if torch.cuda.is_available() else 0.0
         return 0.0
 
+    # ------------------------------------------------------------------------------------------- store
+    def _stored(
+        self, role: str, items: Sequence[tuple[Case, Item]]
+    ) -> tuple[dict[str, dict[str, Any]], list[tuple[Case, Item]]]:
+        """The records of ``items`` already in the store, by key (counted as reused), and the items still to run."""
+        records: dict[str, dict[str, Any]] = {}
+        missing: list[tuple[Case, Item]] = []
+        for case, item in items:
+            stored = self.store.load(role, case.name, item.setting.slug, item.key)
+            if stored is None:
+                missing.append((case, item))
+            else:
+                records[item.key] = stored
+        self.reused += len(records)
+        return records, missing
+
+    def _keeper(self, records: dict[str, dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+        """The callback for computed records: save one, file it in ``records`` by key and count it."""
+
+        def keep(record: dict[str, Any]) -> None:
+            records[record["key"]] = self.store.save(record)
+            self.computed += 1
+
+        return keep
+
     # ------------------------------------------------------------------------------------------- tuning
     def tune(self) -> dict[str, Any] | None:
         """Choose λ of every TV and semantic setting on the tuning case; ``None`` without one."""
@@ -303,22 +328,11 @@ class Study:
                 (base * factor, self._item(case, setting, role="tuning", lam=base * factor, lam_source="tuning"))
                 for factor in self.options.tune_grid
             ]
-        records: dict[str, dict[str, Any]] = {}
-        pending = []
-        for entries in candidates.values():
-            for _, item in entries:
-                stored = self.store.load("tuning", case.name, item.setting.slug, item.key)
-                if stored is None:
-                    pending.append(item)
-                else:
-                    records[item.key] = stored
-        self.reused += len(records)
-
-        def keep(record: dict[str, Any]) -> None:
-            records[record["key"]] = self.store.save(record)
-            self.computed += 1
-
-        self._run(self._tasks(case, pending, role="tuning", chunks=self.options.workers), "tuning λ", keep)
+        tried = [(case, item) for entries in candidates.values() for _, item in entries]
+        records, missing = self._stored("tuning", tried)
+        pending = [item for _, item in missing]
+        tasks = self._tasks(case, pending, role="tuning", chunks=self.options.workers)
+        self._run(tasks, "tuning λ", self._keeper(records))
         chosen = []
         for setting, entries in candidates.items():
             scores = [(lam, records[item.key]["scores"][metric]) for lam, item in entries]
@@ -374,22 +388,12 @@ class Study:
                     source = "preset default"
                 self.lam_sources.setdefault(setting.slug, source)
                 items.append((case, self._item(case, setting, role="test", lam=lam, lam_source=source)))
-        records: dict[str, dict[str, Any]] = {}
+        records, missing = self._stored("test", items)
         pending: dict[str, list[Item]] = {}
-        for case, item in items:
-            stored = self.store.load("test", case.name, item.setting.slug, item.key)
-            if stored is None:
-                pending.setdefault(case.name, []).append(item)
-            else:
-                records[item.key] = stored
-        self.reused += len(records)
-
-        def keep(record: dict[str, Any]) -> None:
-            records[record["key"]] = self.store.save(record)
-            self.computed += 1
-
+        for case, item in missing:
+            pending.setdefault(case.name, []).append(item)
         tasks = [task for case in self.cases for task in self._tasks(case, pending.get(case.name, []), role="test")]
-        self._run(tasks, "study", keep)
+        self._run(tasks, "study", self._keeper(records))
         finished = [records[item.key] for _, item in items]
         layout = Layout(self.grid.presets, self.grid.accelerations, self.grid.backbones, self.grid.priors)
         study = self.describe(finished, tuning)
