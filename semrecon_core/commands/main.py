@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("semrecon_core.commands.demo", "CG-SENSE, TV and the semantic prior side by side on a built-in scan"),
     "pretrain": ("semrecon_core.commands.pretrain", "warm-start a U-Net / unrolled network on auxiliary images"),
     "bank": ("semrecon_core.commands.bank", "build or inspect an embedding bank for the semantic prior"),
-    "encoder": ("semrecon_core.commands.encoder", "create a tiny random Janus checkpoint for tests and smoke runs"),
+    "encoder": ("semrecon_core.commands.encoder", "install a real encoder or make a tiny random Janus"),
     "replay": ("semrecon_core.commands.replay", "run a Gadgetron chain offline on an ISMRMRD file"),
     "serve": ("semrecon_core.commands.serve", "serve <connect> Gadgetron chains with the model kept loaded"),
     "study": ("semrecon_core.commands.study", "the paper's Table-1 study over a set of cases (resumable, Ray)"),
