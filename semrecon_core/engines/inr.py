@@ -16,10 +16,17 @@ import torch
 
 from semrecon_core.backbones.lora import count_parameters
 from semrecon_core.backbones.siren import Adaptor, InrImage, SirenSpec
-from semrecon_core.engines.fitting import TraceRecorder, autocast, finish, fit_batch, loss_terms, slice_batches
+from semrecon_core.engines.fitting import (
+    TraceRecorder,
+    adam_schedule,
+    autocast,
+    finish,
+    fit_batch,
+    loss_terms,
+    slice_batches,
+)
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.priors.tv import TVPrior
-from semrecon_core.solvers.adam import AdamSchedule
 
 if TYPE_CHECKING:
     from semrecon_core.config import ResolvedConfig
@@ -84,7 +91,9 @@ def reconstruct_inr(
             continue
         info.setdefault("phase1_label", phase1_tv.label)
         adaptor = Adaptor().to(problem.device)
-        schedule = AdamSchedule.create([(list(inr.parameters()), config.lr), (list(adaptor.parameters()), ADAPTOR_LR)])
+        schedule = adam_schedule(
+            [(list(inr.parameters()), config.lr), (list(adaptor.parameters()), ADAPTOR_LR)], config.preset
+        )
 
         def phase1(
             inr: InrImage = inr, adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured
