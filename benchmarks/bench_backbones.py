@@ -227,6 +227,11 @@ def main() -> int:
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="--defaults: presets to run")
     parser.add_argument("--backbones", nargs="+", default=list(NETWORK_SIZES), help="--defaults: backbones to run")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="--defaults: keep the rows of an earlier run with the same settings and run only the missing ones",
+    )
+    parser.add_argument(
         "--set-iterations",
         action="append",
         default=[],
@@ -391,8 +396,9 @@ def run_defaults(args: argparse.Namespace) -> int:
     scale = prepare_problem(kspace, maps, torch.device("cpu")).scale
     support = maps.abs().square().sum(dim=1) > 0
     stem = f"backbones_defaults.{args.tag}" if args.tag else "backbones_defaults"
+    command = "python benchmarks/bench_backbones.py " + " ".join(sys.argv[1:])
     summary: dict[str, Any] = {
-        "command": "python benchmarks/bench_backbones.py " + " ".join(sys.argv[1:]),
+        "commands": [command],
         "case": {
             "file": target.name,
             "size": args.size,
@@ -401,7 +407,6 @@ def run_defaults(args: argparse.Namespace) -> int:
             "acs": 24,
             "mask": "gaussian (paper code 1-D)",
             "source": kspace.source,
-            "espirit_seconds": round(espirit_seconds, 2),
         },
         "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
         "criteria": {"min_gain_over_zero_filled_db": MIN_GAIN_DB, "max_gap_to_cs_tv_db": MAX_GAP_DB},
@@ -410,6 +415,17 @@ def run_defaults(args: argparse.Namespace) -> int:
         "references": [],
         "rows": [],
     }
+    earlier: dict[tuple[str, str], dict[str, Any]] = {}
+    path = RESULTS / f"{stem}.json"
+    if args.resume and path.is_file():
+        previous = json.loads(path.read_text())
+        previous["case"].pop("espirit_seconds", None)
+        same = all(previous.get(k) == summary[k] for k in ("case", "network_sizes", "iteration_overrides"))
+        if not same:
+            raise SystemExit(f"--resume: {path} was made with other settings; run without --resume")
+        earlier = {(row["preset"], row["method"]): row for row in previous["rows"]}
+        summary["commands"] = [*previous["commands"], command]
+    summary["case"]["espirit_seconds"] = round(espirit_seconds, 2)
 
     def write() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -444,6 +460,9 @@ def run_defaults(args: argparse.Namespace) -> int:
 
     for preset in args.presets:
         for backbone in args.backbones:
+            if (preset, backbone) in earlier:
+                summary["rows"].append(earlier[(preset, backbone)])
+                continue
             width, depth = NETWORK_SIZES[backbone]
             config = ReconConfig(backbone=backbone, prior="tv", preset=preset, width=width, depth=depth, device="cpu")
             default_iterations = config.resolved().iterations
@@ -513,7 +532,9 @@ def _defaults_markdown(summary: dict[str, Any]) -> str:
             f"R = {case['acceleration']}, {case['acs']} ACS lines, {case['mask']}; ESPIRiT maps estimated once and "
             f"shared by every method. CPU, {summary['machine']['threads']} threads, "
             f"torch {summary['machine']['torch']}. "
-            f"Command: `{summary['command']}`."
+            + ("Command: " if len(summary["commands"]) == 1 else "Commands (a later one resumes the earlier): ")
+            + "; ".join(f"`{c}`" for c in summary["commands"])
+            + "."
         ),
         "",
         (
