@@ -66,6 +66,44 @@ def _encoding(header: Any) -> Any:
     return header.encoding[0]
 
 
+# Largest matrix side an ISMRMRD header may claim (encoded or recon space, any axis): far beyond any 2-D
+# Cartesian scan, far below what would exhaust memory when a buffer of that size is allocated.
+MAX_MATRIX_SIDE = 16384
+
+
+def check_header(header: Any, *, channels: int | None = None) -> Any:
+    """Validate the ISMRMRD header against what semrecon needs and what the data hold; returns it parsed.
+
+    The one place headers are checked, by every path that builds buffers or a ``KSpace`` from them: an
+    ``<encoding>`` is present, its encoded and recon matrix sizes lie in 1 … :data:`MAX_MATRIX_SIDE`
+    (checked before anything of that size is allocated), and ``receiverChannels``, when the header gives it,
+    equals the ``channels`` the acquisitions carry. Errors name the header field, the expected and the
+    found value.
+    """
+    parsed = parse_header(header)
+    encoding = _encoding(parsed)
+    for space in ("encodedSpace", "reconSpace"):
+        size = getattr(getattr(encoding, space, None), "matrixSize", None)
+        if size is None:
+            raise ValueError(f"ISMRMRD header: <encoding><{space}><matrixSize> is missing")
+        for axis in ("x", "y", "z"):
+            value = getattr(size, axis, None)
+            value = 1 if value is None and axis == "z" else value
+            if value is None or not 1 <= int(value) <= MAX_MATRIX_SIDE:
+                raise ValueError(
+                    f"ISMRMRD header: <encoding><{space}><matrixSize><{axis}> is {value}; "
+                    f"expected 1 to {MAX_MATRIX_SIDE}"
+                )
+    system = getattr(parsed, "acquisitionSystemInformation", None)
+    declared = getattr(system, "receiverChannels", None) if system is not None else None
+    if channels is not None and declared is not None and int(declared) != int(channels):
+        raise ValueError(
+            f"ISMRMRD header: <acquisitionSystemInformation><receiverChannels> is {int(declared)}, "
+            f"but the acquisitions carry {int(channels)} channels"
+        )
+    return parsed
+
+
 def _is(acq: Any, flag: int) -> bool:
     return bool(acq.flags & (1 << (flag - 1)))
 
@@ -125,6 +163,36 @@ def _without_discarded(acq: Any) -> Any:
     if traj is None:
         head.trajectory_dimensions = 0
     return ismrmrd.Acquisition(head, data, traj)
+
+
+def check_readout_lengths(heads: Iterable[Any], source: str) -> None:
+    """Refuse acquisitions whose readouts keep different numbers of samples, counted as the file stores them.
+
+    ``heads`` are the acquisition headers in file order. Noise scans and the lines Gadgetron skips
+    (navigators, phase correction, ...) may differ; every other line must keep the same number of samples
+    once its ``discard_pre``/``discard_post`` are dropped. Checked before readout oversampling is removed, so
+    the message quotes the file's own numbers.
+    """
+    first: tuple[int, int, int] | None = None  # (acquisition number, kept samples, stored samples)
+    for number, head in enumerate(heads):
+        flags = int(head.flags)
+        if flags & (1 << (FLAG_NOISE - 1)) or any(flags & (1 << (flag - 1)) for flag in _SKIPPED_FLAGS):
+            continue
+        stored = int(head.number_of_samples)
+        kept = stored - int(head.discard_pre) - int(head.discard_post)
+        if first is None:
+            first = (number, kept, stored)
+        elif kept != first[1]:
+            idx = head.idx
+            raise ValueError(
+                f"{source}: inconsistent readout lengths: acquisition #{number} (line {idx.kspace_encode_step_1}, "
+                f"slice {idx.slice}, repetition {idx.repetition}) {_samples(kept, stored)}, "
+                f"acquisition #{first[0]} {_samples(first[1], first[2])}"
+            )
+
+
+def _samples(kept: int, stored: int) -> str:
+    return f"has {stored} samples" if kept == stored else f"keeps {kept} of its {stored} samples after discards"
 
 
 def drop_discarded_samples(acquisitions: Iterable[Any]) -> Iterator[Any]:
@@ -482,7 +550,8 @@ def bucket_to_buffer(
     Returns a ``gadgetron.types.ReconData``; ``bit.ref`` is ``None`` when the key has no calibration lines.
     """
     types = _gadgetron_types()
-    header = parse_header(header)
+    first = next(iter(bucket.data), None)
+    header = check_header(header, channels=None if first is None else int(first.active_channels))
     for name in (n_dimension, s_dimension):
         if name and name not in _DIMENSIONS:
             raise ValueError(f"buffer dimension: expected one of {', '.join(_DIMENSIONS)}, found {name!r}")
@@ -520,7 +589,7 @@ def recon_data_from_acquisitions(
 
     Discard samples are dropped first. Returns one ``ReconData`` per trigger.
     """
-    header = parse_header(header)
+    header = check_header(header)
     stream = remove_ro_oversampling(noise_adjust(drop_discarded_samples(acquisitions), header), header)
     return [
         bucket_to_buffer(bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices)

@@ -67,6 +67,16 @@ class KSpace:
         """Nominal acceleration: samples on the grid divided by samples acquired."""
         return float(self.mask.numel() / max(int(self.mask.sum()), 1))
 
+    def check_calib_width(self, width: int) -> None:
+        """Refuse a calibration width (``calib_width``) wider than the calibration region the data carry."""
+        cy, cx = (int(n) for n in self.calibration.shape[-2:])
+        if width > min(cy, cx):
+            name = self.source or "k-space"
+            raise ValueError(
+                f"{name}: property 'calib_width' is {width}, but the calibration region of the data is {cy}×{cx}; "
+                f"expected calib_width <= {min(cy, cx)}"
+            )
+
     def select(self, entries: slice | Sequence[int]) -> KSpace:
         """A KSpace with only the given slice entries (tensors, headers and ground truth alike)."""
         from dataclasses import replace

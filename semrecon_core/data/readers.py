@@ -84,6 +84,12 @@ def _check_calibration(rows: slice, cols: slice, source: str) -> None:
         )
 
 
+def naming(source: str, exc: BaseException) -> str:
+    """``exc``'s message prefixed with ``source`` unless it already starts with it (no name said twice)."""
+    text = str(exc)
+    return text if text.startswith((f"{source}: ", f"{source} (")) else f"{source}: {text}"
+
+
 def _check_finite(data: np.ndarray, source: str) -> None:
     finite = np.isfinite(data)
     if not finite.all():
@@ -169,13 +175,16 @@ def from_recon_buffer(data: Any, ref: Any, header: Any, *, source: str = "ReconD
     """
     import ismrmrd
 
-    from semrecon_core.data.buffers import parse_header
+    from semrecon_core.data.buffers import check_header
 
-    parsed = parse_header(header)
     array = np.asarray(data.data)
     if array.ndim != 7:
         raise ValueError(f"{source}: expected buffer data [E0, E1, E2, CHA, N, S, LOC], found shape {array.shape}")
     e0, e1, e2, channels, n_size, s_size, loc_size = array.shape
+    try:
+        parsed = check_header(header, channels=channels)
+    except ValueError as exc:
+        raise ValueError(naming(source, exc)) from None
     if e2 != 1:
         raise ValueError(f"{source}: 3-D encodings (E2 = {e2}) are not supported; expected E2 = 1")
     _check_finite(array, source)
@@ -346,11 +355,22 @@ def _open_hdf5(path: Path) -> Any:
         raise ValueError(f"{path}: cannot be read as HDF5 (truncated or corrupt file?): {exc}") from None
 
 
+def check_acquisition_rows(rows: Any, where: str) -> None:
+    """Refuse an acquisitions dataset that is not ISMRMRD's compound of ``head``, ``traj`` and ``data``."""
+    names = getattr(getattr(rows, "dtype", None), "names", None) or ()
+    if getattr(rows, "ndim", 0) != 1 or not {"head", "data"} <= set(names):
+        raise ValueError(
+            f"{where}: expected ISMRMRD acquisitions (a 1-D compound dataset with fields head, traj, data), "
+            f"found {getattr(rows, 'dtype', type(rows))} of shape {getattr(rows, 'shape', '?')}"
+        )
+
+
 def _read_acquisitions(path: Path, group: Any) -> list[Any]:
     import ismrmrd
 
     if "data" not in group:
         raise ValueError(f"{path}: ISMRMRD group '{group.name}' has no acquisitions ('data' dataset missing)")
+    check_acquisition_rows(group["data"], f"{path}: '{group.name}/data'")
     try:
         rows = group["data"][()]
     except (OSError, KeyError) as exc:
@@ -420,17 +440,19 @@ def _kspace_from_acquisitions(acquisitions: list[Any], xml: str, source: str, tr
     """Acquisitions → Gadgetron-equivalent buffers → one KSpace (every buffer entry a slice)."""
     from semrecon_core.data.buffers import (
         FLAG_NOISE,
+        check_readout_lengths,
         parse_header,
         readout_oversampling,
         recon_data_from_acquisitions,
     )
 
+    check_readout_lengths((acq.getHead() for acq in acquisitions), source)
     try:
         header = parse_header(xml)
         recon_data = recon_data_from_acquisitions(acquisitions, header, trigger=trigger)
         parts = [from_recon_buffer(bit.data, bit.ref, xml, source=source) for item in recon_data for bit in item.bits]
     except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+        raise ValueError(naming(source, exc)) from None
     noise_scans = sum(1 for a in acquisitions if a.flags & (1 << (FLAG_NOISE - 1)))
     kspace = concatenate(parts, source=source)
     return replace(kspace, info={"noise_scans": noise_scans, "readout_oversampling": readout_oversampling(header)})

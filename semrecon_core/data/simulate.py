@@ -81,16 +81,25 @@ def _as_images(image: Any) -> np.ndarray:
     return array / peak
 
 
+# Largest simulated matrix side (a 4096² scan with 8 coils and 2× oversampling already needs ~2 GiB).
+MAX_MATRIX = 4096
+
+
 def _check_sizes(shape: tuple[int, int], acs_width: int, coils: int) -> None:
     if coils < 1:
         raise ValueError(f"coils: expected at least 1, found {coils}")
-    if min(shape) < 8:
-        raise ValueError(f"matrix: expected at least 8×8, found {shape[0]}×{shape[1]}")
+    if min(shape) < 8 or max(shape) > MAX_MATRIX:
+        raise ValueError(f"matrix: expected 8 to {MAX_MATRIX} per side, found {shape[0]}×{shape[1]}")
     if acs_width > shape[0]:
         raise ValueError(
             f"matrix {shape[0]}×{shape[1]} is smaller than the ACS region ({acs_width} lines); "
             "use a larger matrix or a smaller --acs"
         )
+
+
+def _check_noise(noise_std: float) -> None:
+    if not np.isfinite(noise_std) or noise_std < 0:
+        raise ValueError(f"noise: expected a finite standard deviation >= 0, found {noise_std!r}")
 
 
 def _noise_mixing(coils: int, rng: np.random.Generator) -> np.ndarray:
@@ -152,8 +161,7 @@ def simulate_kspace(
     images = _as_images(image)
     slices, ny, nx = images.shape
     _check_sizes((ny, nx), acs_width, coils)
-    if noise_std < 0:
-        raise ValueError(f"noise_std: expected >= 0, found {noise_std}")
+    _check_noise(noise_std)
     rng = np.random.default_rng(seed)
     full = _coil_kspace(images, coils, rng)
     noise = _noise((coils, slices, ny, nx), _noise_mixing(coils, rng), noise_std, rng)
@@ -283,8 +291,11 @@ def write_ismrmrd_raw(
         raise ValueError(f"calibration: expected embedded or separate, found {calibration!r}")
     if oversampling not in (1, 2):
         raise ValueError(f"oversampling: expected 1 or 2, found {oversampling}")
-    if noise_std <= 0 and noise_scan:
+    _check_noise(noise_std)
+    if noise_std == 0 and noise_scan:
         raise ValueError("noise: a noise scan needs noise_std > 0 (the noise covariance would be singular)")
+    if image is None:
+        _check_sizes(tuple(matrix), acs_width, coils)  # type: ignore[arg-type]
     images = builtin_anatomy(matrix, slices) if image is None else _as_images(image)
     slices, ny, nx = images.shape
     _check_sizes((ny, nx), acs_width, coils)

@@ -19,7 +19,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +85,10 @@ class EmbeddingBank:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the bank atomically (temporary file in the same directory, then ``os.replace``)."""
+        """Write the bank atomically (a temporary file beside it, then ``os.replace``); mode 0644 less the umask."""
         from safetensors.torch import save_file
+
+        from semrecon_core.data.images import atomic_path
 
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
@@ -99,13 +100,8 @@ class EmbeddingBank:
             tensors[f"pca_components/{level}"] = pca.components.cpu().contiguous()
         metadata = {_META_KEY: json.dumps({**self.metadata, "format": FORMAT}, sort_keys=True)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            Path(temporary).replace(path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        with atomic_path(path) as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
         self.path = path
         return path
 
@@ -288,8 +284,19 @@ def load_bank(
         path=path,
     )
     for level, (p, n) in enumerate(zip(bank.positives, bank.negatives, strict=True)):
-        if p.shape[1:] != n.shape[1:] or not (torch.isfinite(p).all() and torch.isfinite(n).all()):
-            raise BankError(f"{path}: level {level} positives {tuple(p.shape)} / negatives {tuple(n.shape)} malformed")
+        if p.ndim < 2 or p.shape[1:] != n.shape[1:]:
+            raise BankError(
+                f"{path}: level {level}: positives {tuple(p.shape)} and negatives {tuple(n.shape)} differ in "
+                "embedding shape (expected (count, ...) with the same trailing dimensions)"
+            )
+        for role, tensor in (("positives", p), ("negatives", n)):
+            bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+            if bad.any():
+                rows = [int(i) for i in torch.nonzero(bad).flatten()[:5]]
+                raise BankError(
+                    f"{path}: level {level}: {int(bad.sum())} of the {tensor.shape[0]} {role} embeddings contain "
+                    f"NaN or Inf (first: #{', #'.join(map(str, rows))}); rebuild the bank"
+                )
     return bank
 
 
