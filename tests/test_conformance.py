@@ -271,3 +271,39 @@ def test_bart_kspace_and_masks_agree_and_reconstruct_like_bart_pics(tmp_path: Pa
     assert np.corrcoef(np.abs(image).ravel(), pics.ravel())[0, 1] > 0.99  # same orientation as bart pics
     # measured: 18.56 dB semrecon, 18.55 dB bart pics (both against the coil-free phantom)
     assert _fitted_psnr(truth, image) > _fitted_psnr(truth, pics) - 1.0
+
+
+# ------------------------------------------------------------------------------ display windows
+def test_windows_describe_the_pixels_that_leave_the_chain(scan: Path, tmp_path: Path) -> None:
+    """After AutoScale + FloatToUShort (the shipped chains) the window spans the uint16 pixels sent on; without
+    them (replay's default chain, ``semrecon recon``) it spans the float pixels."""
+    from semrecon_core.data.images import read_images
+
+    chain = Path(__file__).resolve().parents[1] / "config" / "semrecon_cgsense.xml"
+    settings = ["--set", "iterations=3", "--set", "device=cpu"]
+    assert main(["replay", str(scan), str(tmp_path / "display.h5"), "--config", str(chain), *settings]) == 0
+    assert main(["replay", str(scan), str(tmp_path / "float.h5"), *settings]) == 0
+    assert main(["recon", str(scan), str(tmp_path / "recon.h5"), "--iterations", "3", "--device", "cpu"]) == 0
+    for name, group, dtype in (
+        ("display.h5", "image_1", np.uint16),
+        ("float.h5", "image_1", np.float32),
+        ("recon.h5", "images", np.float32),
+    ):
+        (image,) = read_images(tmp_path / name, group)
+        assert image.data.dtype == dtype, name
+        top = float(image.data.max())
+        assert dtype == np.float32 or 1000 < top <= 4095, (name, top)  # AutoScale put the 99th percentile at 2048
+        assert float(image.meta["GADGETRON_WindowWidth"]) == pytest.approx(top, rel=1e-5), name
+        assert float(image.meta["GADGETRON_WindowCenter"]) == pytest.approx(top / 2, rel=1e-5), name
+
+
+def test_replay_warns_when_the_display_properties_do_not_match_the_chain(
+    scan: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from semrecon_core.emulation.replay import replay
+
+    chain = Path(__file__).resolve().parents[1] / "config" / "semrecon_cgsense.xml"
+    overrides = {"iterations": "1", "device": "cpu", "display_max_value": "0"}
+    with caplog.at_level("WARNING"):
+        replay(scan, chain=chain, overrides=overrides)
+    assert "display_max_value 0" in caplog.text and "AutoScale max_value 2048" in caplog.text, caplog.text

@@ -15,6 +15,7 @@ ismrmrd = pytest.importorskip("ismrmrd")
 pytest.importorskip("gadgetron")
 
 from semrecon_core.config import ConfigError, ReconConfig  # noqa: E402
+from semrecon_core.data.images import Display, displayed  # noqa: E402
 from semrecon_core.emulation.chain import InProcessConnection  # noqa: E402
 from semrecon_core.gadgetron.gadget import SemreconGadget, reconstruct  # noqa: E402
 from semrecon_core.gadgetron.properties import settings_from_configuration  # noqa: E402
@@ -113,7 +114,8 @@ def test_images_per_slice_with_geometry_and_meta(scan: tuple[str, list, np.ndarr
         assert meta["GADGETRON_DataRole"] == "Image"
         assert meta["GADGETRON_ImageComment"].startswith("semrecon CG-SENSE")
         assert meta["GADGETRON_SeqDescription"] == "_semrecon_sense_none"
-        assert float(meta["GADGETRON_WindowWidth"]) == pytest.approx(float(image.data.max()), rel=1e-5)
+        shown = displayed(image.data, Display())  # the pixels after the chain's AutoScale and FloatToUShort
+        assert float(meta["GADGETRON_WindowWidth"]) == pytest.approx(float(shown.max()), rel=1e-5)
     _assert_true_to(truth, images, CG_SENSE)
     # slices are 6 mm apart along the slice normal (5 mm thickness + 1 mm gap in the simulation)
     assert images[1].position[2] - images[0].position[2] == pytest.approx(6.0)

@@ -5,7 +5,9 @@ goes through :class:`~semrecon_core.pipeline.Pipeline` (ESPIRiT coil maps, engin
 path; the method is chosen by ``--backbone``/``--prior`` and any :class:`~semrecon_core.config.ReconConfig`
 field through ``--set name=value``. OUT receives float32 magnitude images (``dataset/images``) with headers
 copied from the acquisitions; ``--npy``, ``--png`` and ``--trace`` write extra outputs. All outputs are
-written atomically; the input is only read. When the input carries a ground truth, PSNR and SSIM are printed.
+staged and committed together (all of them or none, mode 0644 less the umask); the input is only read. A
+``calib_width`` set on the command line that is wider than the data's calibration region is refused. When the
+input carries a ground truth, PSNR and SSIM are printed.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{option} {path}: would overwrite the input file")
         if not path.parent.resolve().is_dir():
             raise FileNotFoundError(f"{option} {path}: directory {path.parent} does not exist")
+        if path.is_dir():
+            raise IsADirectoryError(f"{option} {path}: is a directory, expected a file to write")
 
 
 def _scaled_to(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -133,12 +137,9 @@ def _scaled_to(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
 def _save_png(path: Path, magnitude: np.ndarray) -> None:
     from PIL import Image
 
-    from semrecon_core.data.images import atomic_path
-
     tiles = [plane / max(float(plane.max()), 1e-30) for plane in magnitude]
     montage = np.concatenate(tiles, axis=1)
-    with atomic_path(path) as temp:
-        Image.fromarray((np.clip(montage, 0, 1) * 255).round().astype(np.uint8)).save(temp, format="PNG")
+    Image.fromarray((np.clip(montage, 0, 1) * 255).round().astype(np.uint8)).save(path, format="PNG")
 
 
 class _Progress:
@@ -168,15 +169,20 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     """Read, reconstruct through the pipeline, write the images; print metrics when there is ground truth."""
-    from semrecon_core.data.images import atomic_path, write_images
+    from semrecon_core.data.images import StagedOutputs, write_images
     from semrecon_core.data.readers import load_kspace
     from semrecon_core.pipeline import Pipeline
 
     config = config_from_args(args)
     _check_outputs(args)
     options = {"mask": args.mask} if args.mask is not None else {}
+    try:
+        pipeline = Pipeline(config)
+    except RuntimeError as exc:  # a device that is not there: a bad option, reported as such
+        raise ValueError(str(exc)) from None
     kspace = load_kspace(args.input, **options)
-    pipeline = Pipeline(config)
+    if any(item.partition("=")[0].strip().replace("-", "_") == "calib_width" for item in args.properties):
+        kspace.check_calib_width(config.calib_width)
 
     records: list[dict[str, Any]] = []
     progress = _Progress(pipeline.config.iterations or 0) if sys.stderr.isatty() else None
@@ -191,17 +197,19 @@ def run(args: argparse.Namespace) -> int:
     if progress is not None:
         progress.close()
     image = done.cropped()
-    write_images(args.output, done.images(series_index=args.series_index), xml_header=kspace.xml_header)
+    # every output is staged first and committed together: a failure leaves none of them behind
+    with StagedOutputs() as staged:
+        images = done.images(series_index=args.series_index)
+        write_images(staged.path(args.output), images, xml_header=kspace.xml_header)
+        if args.npy is not None:
+            with staged.path(args.npy).open("wb") as handle:
+                np.save(handle, image.numpy().astype(np.complex64))
+        if args.png is not None:
+            _save_png(staged.path(args.png), image.abs().numpy())
+        if args.trace is not None:
+            payload = {"label": done.label, "config": config.to_properties(), "iterations": records}
+            staged.path(args.trace).write_text(json.dumps(json_safe(payload), indent=1))
     print(f"{args.output}: {image.shape[0]} image(s) {image.shape[-2]}×{image.shape[-1]} — {done.label}")
-    if args.npy is not None:
-        with atomic_path(args.npy) as temp, temp.open("wb") as handle:
-            np.save(handle, image.numpy().astype(np.complex64))
-    if args.png is not None:
-        _save_png(args.png, image.abs().numpy())
-    if args.trace is not None:
-        payload = {"label": done.label, "config": config.to_properties(), "iterations": records}
-        with atomic_path(args.trace) as temp:
-            temp.write_text(json.dumps(json_safe(payload), indent=1))
     if kspace.ground_truth is not None:
         from semrecon_core.metrics import psnr, ssim
 

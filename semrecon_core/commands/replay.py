@@ -3,15 +3,19 @@
 The chain runs as :func:`semrecon_core.emulation.replay.replay` runs it (the gadget in this process, or
 with ``--protocol`` in a child process over the wire protocol). The images that leave the chain are
 written to ``OUT.h5`` (one group ``image_<series>`` per series, atomically, with the scan's header), and
-with ``--png`` as one PNG per image. ``IN.h5`` is opened read-only, and an output that names it is refused
-before anything runs.
+with ``--png`` as one PNG per image; the images file and the PNGs are committed together or not at all, mode
+0644 less the umask. ``IN.h5`` is opened read-only, and an output that names it is refused before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from semrecon_core.data.images import StagedOutputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +53,15 @@ def run(args: argparse.Namespace) -> int:
     result = replay(args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group)
     if not result.images:
         raise ValueError(f"{args.input}: the chain produced no images")
-    counts = write_image_groups(args.output, result.images, group=args.group, xml_header=result.xml_header)
+    # the images file and the PNGs are staged and committed together: a failure leaves none of them
+    with StagedOutputs() as staged:
+        counts = write_image_groups(
+            args.output, result.images, group=args.group, xml_header=result.xml_header, staged=staged
+        )
+        paths = write_pngs(args.png, result.images, staged=staged) if args.png else []
     groups = ", ".join(f"{args.group}/{name} ({n})" for name, n in counts.items())
     print(f"{len(result.images)} image(s) in {result.seconds:.1f} s → {args.output}: {groups}")
     if args.png:
-        paths = write_pngs(args.png, result.images)
         print(f"{len(paths)} PNG(s) → {args.png}")
     return 0
 
@@ -76,19 +84,23 @@ def _same_file(path: Path, source: Path) -> bool:
 
 
 def write_image_groups(
-    path: str | Path, images: list[Any], *, group: str = "dataset", xml_header: str | None = None
+    path: str | Path,
+    images: list[Any],
+    *,
+    group: str = "dataset",
+    xml_header: str | None = None,
+    staged: StagedOutputs | None = None,
 ) -> dict[str, int]:
     """Write ``images`` to a new ISMRMRD file, one image group ``image_<series>`` per series.
 
-    The file is written atomically, with the scan's ``xml_header`` when given. Returns
-    ``{group name: number of images}``.
+    The file is written atomically (committed with the other ``staged`` outputs when given), with the scan's
+    ``xml_header`` when given. Returns ``{group name: number of images}``.
     """
     import ismrmrd
 
-    from semrecon_core.data.images import atomic_path
-
     counts: dict[str, int] = {}
-    with atomic_path(path) as temp:
+    with _staging(staged) as outputs:
+        temp = outputs.path(path)
         dataset = ismrmrd.Dataset(str(temp), group, create_if_needed=True, mode="w")
         try:
             if xml_header:
@@ -102,15 +114,17 @@ def write_image_groups(
     return counts
 
 
-def write_pngs(directory: str | Path, images: list[Any]) -> list[Path]:
-    """One 8-bit PNG per image (magnitude scaled to its 99.5th percentile), written atomically."""
+def write_pngs(directory: str | Path, images: list[Any], *, staged: StagedOutputs | None = None) -> list[Path]:
+    """One 8-bit PNG per image (magnitude scaled to its 99.5th percentile) in ``directory`` (created if needed).
+
+    Written atomically, all or none (committed with the other ``staged`` outputs when given).
+    """
     import numpy as np
     from PIL import Image
 
-    from semrecon_core.data.images import atomic_path
-
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"--png {directory}: exists and is not a directory")
     paths = []
     for image in images:
         pixels = np.abs(np.asarray(image.data, dtype=np.float64)).reshape(-1, *image.data.shape[-2:])[0]
@@ -120,7 +134,17 @@ def write_pngs(directory: str | Path, images: list[Any]) -> list[Path]:
             f"series{image.image_series_index:03d}_image{image.image_index:04d}"
             f"_slice{image.slice:03d}_rep{image.repetition:03d}.png"
         )
-        with atomic_path(target) as temp:
-            Image.fromarray(grey).save(temp, format="PNG")
+        with _staging(staged) as outputs:
+            Image.fromarray(grey).save(outputs.path(target, mkdir=True), format="PNG")
         paths.append(target)
     return paths
+
+
+@contextlib.contextmanager
+def _staging(staged: StagedOutputs | None) -> Iterator[StagedOutputs]:
+    """``staged`` itself (committed by its owner), or a new set committed when the block ends."""
+    if staged is not None:
+        yield staged
+    else:
+        with StagedOutputs() as own:
+            yield own

@@ -8,9 +8,12 @@ header kept for each KSpace slice, the field of view from the recon space.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,23 +24,128 @@ if TYPE_CHECKING:
     from semrecon_core.data.kspace import KSpace
 
 
+def file_mode() -> int:
+    """The mode of every file semrecon writes: ``0o666`` less the process umask (``0o644`` under umask 022).
+
+    The umask is read from ``/proc/self/status`` where Linux provides it (changing it to read it would race
+    with other threads, e.g. ``semrecon serve``'s connections); elsewhere it is read by setting it back.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that replaces ``path`` on success.
 
-    On success the temporary file is renamed over ``path`` (``os.replace``), on failure removed, so readers
-    never see a half-written output.
+    On success the temporary file gets :func:`file_mode` and is renamed over ``path`` (``os.replace``), on
+    failure it is removed, so readers never see a half-written output. Several outputs that belong together
+    are written with :class:`StagedOutputs` instead.
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: output directory {path.parent} does not exist")
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield temp
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with StagedOutputs() as staged:
+        yield staged.path(path)
+
+
+class StagedOutputs:
+    """Outputs written under temporary names and committed together, or not at all.
+
+    ``path(target)`` gives the temporary file to write for ``target`` (its directory is created when
+    ``mkdir`` is set). Leaving the ``with`` block without an error commits: every temporary file gets
+    :func:`file_mode` and replaces its target; if one replacement fails, the targets already replaced get
+    their previous content back (or are removed when they did not exist) and the error propagates. Leaving it
+    with an error removes the temporary files (and directories this object created), so a failed command
+    leaves no output behind.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+        self._created: list[Path] = []
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def path(self, target: str | Path, *, mkdir: bool = False) -> Path:
+        """A temporary path beside ``target`` to write its content to (committed with the others)."""
+        target = Path(target)
+        if mkdir and not target.parent.is_dir():
+            missing = [parent for parent in (target.parent, *target.parent.parents) if not parent.exists()]
+            try:
+                target.parent.mkdir(parents=True)
+            except OSError as exc:
+                raise OSError(f"{target.parent}: cannot create the output directory ({exc.strerror or exc})") from None
+            self._created.extend(missing)
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"{target}: output directory {target.parent} does not exist")
+        if target.is_dir():
+            raise IsADirectoryError(f"{target}: is a directory, expected a file to write")
+        temp = _temporary(target)
+        self._pending.append((temp, target))
+        return temp
+
+    def commit(self) -> None:
+        """Give every staged file its mode and move it over its target (all, or none on failure)."""
+        mode = file_mode()
+        done: list[tuple[Path, Path | None]] = []  # (target, backup of its previous content)
+        try:
+            for temp, target in self._pending:
+                if not temp.is_file():
+                    raise FileNotFoundError(f"{target}: nothing was written")
+                temp.chmod(mode)
+            for temp, target in self._pending:
+                backup = None
+                if target.is_file():
+                    backup = _temporary(target)
+                    try:
+                        os.link(target, backup)
+                    except OSError:  # no hard links here: keep a copy
+                        shutil.copy2(target, backup)
+                try:
+                    temp.replace(target)
+                except BaseException:
+                    if backup is not None:
+                        backup.unlink()
+                    raise
+                done.append((target, backup))
+        except BaseException:
+            for target, backup in reversed(done):
+                if backup is not None:
+                    backup.replace(target)
+                else:
+                    target.unlink(missing_ok=True)
+            self.discard()
+            raise
+        for _, backup in done:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+        self._pending.clear()
+        self._created.clear()
+
+    def discard(self) -> None:
+        """Remove the temporary files, and the directories created for them when they are left empty."""
+        for temp, _ in self._pending:
+            temp.unlink(missing_ok=True)
+        self._pending.clear()
+        for directory in self._created:  # innermost first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        self._created.clear()
 
 
 def crop_to_recon(image: torch.Tensor | np.ndarray, kspace: KSpace) -> torch.Tensor | np.ndarray:
@@ -91,19 +199,79 @@ def to_ismrmrd_images(
             image_type=ismrmrd.IMTYPE_MAGNITUDE,
             field_of_view=fov,
         )
-        values = ismrmrd.Meta(
-            {
-                "GADGETRON_DataRole": "Image",
-                "GADGETRON_WindowCenter": f"{float(plane.max()) / 2:.6g}",
-                "GADGETRON_WindowWidth": f"{float(plane.max()):.6g}",
-            }
-        )
+        values = ismrmrd.Meta({"GADGETRON_DataRole": "Image", **window_meta(plane)})
         values.update(
             {key: value if isinstance(value, list) else ascii_text(str(value)) for key, value in (meta or {}).items()}
         )
         img.meta = values
         images.append(img)
     return images
+
+
+# -- display windows -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Display:
+    """How a chain turns the float magnitudes semrecon emits into the pixels that are displayed and stored.
+
+    Gadgetron's AutoScaleGadget scales each magnitude image so that its 99th-percentile histogram bin
+    becomes ``max_value``, and FloatToUShortGadget rounds and clamps to ``[min_intensity, max_intensity]``;
+    neither touches the window meta, and the DICOM writer copies it. A window must therefore be computed on
+    the pixels as they leave the chain. ``max_value`` 0: no AutoScale; ``max_intensity`` 0: the pixels stay float.
+    The defaults are those gadgets' defaults and the settings of semrecon's chains.
+    """
+
+    max_value: float = 2048.0
+    histogram_bins: int = 100
+    max_intensity: float = 4095.0
+    min_intensity: float = 0.0
+
+
+#: the float pixels as emitted (``semrecon recon`` files, replay without display gadgets)
+AS_EMITTED = Display(max_value=0.0, max_intensity=0.0)
+
+
+def autoscale_factor(data: np.ndarray, *, max_value: float = 2048.0, histogram_bins: int = 100) -> float | None:
+    """The factor AutoScaleGadget applies to magnitude ``data``, or ``None`` (maximum not positive and finite).
+
+    The histogram has ``histogram_bins`` bins between 0 and the maximum; the first bin where the cumulative
+    count reaches 99 % of the pixels, plus two, times the bin width is mapped to ``max_value``.
+    """
+    peak = float(data.max()) if data.size else 0.0
+    if not math.isfinite(peak) or peak <= 0.0:
+        return None
+    bins = np.minimum(np.floor(data / peak * histogram_bins).astype(np.int64), histogram_bins - 1)
+    histogram = np.bincount(np.clip(bins, 0, None).ravel(), minlength=histogram_bins)
+    first = int(np.argmax(np.cumsum(histogram) >= 0.99 * data.size))
+    percentile = (first + 2) * (peak / histogram_bins)
+    return max_value / percentile
+
+
+def displayed(data: np.ndarray, display: Display) -> np.ndarray:
+    """The pixels ``display`` makes of the float magnitudes ``data`` (as float64)."""
+    pixels = np.abs(np.asarray(data)).astype(np.float32)  # the gadgets compute in float32
+    if display.max_value > 0:
+        factor = autoscale_factor(pixels, max_value=display.max_value, histogram_bins=display.histogram_bins)
+        if factor is not None:
+            pixels = pixels * np.float32(factor)
+    pixels = pixels.astype(np.float64)
+    if display.max_intensity > 0:
+        pixels = np.rint(np.clip(pixels, display.min_intensity, display.max_intensity))
+    return pixels
+
+
+def window_meta(pixels: np.ndarray) -> dict[str, str]:
+    """``GADGETRON_WindowCenter``/``WindowWidth`` spanning 0 … the maximum of the displayed ``pixels``."""
+    finite = pixels[np.isfinite(pixels)]
+    top = float(finite.max()) if finite.size else 0.0
+    return {"GADGETRON_WindowCenter": f"{top / 2:.6g}", "GADGETRON_WindowWidth": f"{top:.6g}"}
+
+
+def set_window(image: Any, display: Display) -> Any:
+    """Set ``image``'s window meta for its pixels as ``display`` shows them; returns ``image``."""
+    image.meta.update(window_meta(displayed(image.data, display)))
+    return image
 
 
 _ASCII = str.maketrans(

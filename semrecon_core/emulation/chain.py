@@ -334,16 +334,15 @@ def autoscale(image: Any, *, max_value: float = 2048.0, histogram_bins: int = 10
 
     if image.image_type != ismrmrd.IMTYPE_MAGNITUDE:
         return image
+    from semrecon_core.data.images import autoscale_factor
+
     data = image.data
-    peak = float(data.max()) if data.size else 0.0
-    if not math.isfinite(peak) or peak <= 0.0:
+    factor = autoscale_factor(data, max_value=max_value, histogram_bins=histogram_bins)
+    if factor is None:
+        peak = float(data.max()) if data.size else 0.0
         log.warning("AutoScaleGadget: image %d has maximum %s; left unscaled", image.image_index, peak)
         return image
-    bins = np.minimum(np.floor(data / peak * histogram_bins).astype(np.int64), histogram_bins - 1)
-    histogram = np.bincount(np.clip(bins, 0, None).ravel(), minlength=histogram_bins)
-    first = int(np.argmax(np.cumsum(histogram) >= 0.99 * data.size))
-    percentile = (first + 2) * (peak / histogram_bins)
-    data *= np.float32(max_value / percentile)
+    data *= np.float32(factor)
     return image
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from semrecon_core.data.images import Display
 from semrecon_core.emulation.chain import (
     BUILTIN_MODULES,
     Chain,
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 _BLOCK = 1024
 
 # Used without --config: the reconstruction part of config/semrecon_cgsense.xml (float images out,
-# no display conversion), with the gadget's default properties (CG-SENSE).
+# no display conversion, so the windows describe the float pixels), otherwise the gadget's default
+# properties (CG-SENSE).
 DEFAULT_CHAIN = """<?xml version="1.0" encoding="UTF-8"?>
 <configuration>
   <version>2</version>
@@ -50,7 +52,10 @@ DEFAULT_CHAIN = """<?xml version="1.0" encoding="UTF-8"?>
       <property name="split_slices" value="true"/></gadget>
     <external>
       <execute name="semrecon_gadget" target="reconstruct" type="python"/>
-      <configuration/>
+      <configuration>
+        <property name="display_max_value" value="0"/>
+        <property name="display_max_intensity" value="0"/>
+      </configuration>
     </external>
     <gadget><name>ImageFinish</name><dll>gadgetron_mricore</dll><classname>ImageFinishGadget</classname></gadget>
   </stream>
@@ -82,6 +87,10 @@ def read_raw(path: str | Path, group: str = "dataset") -> tuple[str, Iterator[An
     ``ismrmrd.Dataset`` writes), which is far faster than ``Dataset.read_acquisition`` one by one.
     """
     import h5py
+    import ismrmrd
+
+    from semrecon_core.data.buffers import check_header, check_readout_lengths
+    from semrecon_core.data.readers import check_acquisition_rows, naming
 
     path = Path(path)
     if not path.is_file():
@@ -93,7 +102,11 @@ def read_raw(path: str | Path, group: str = "dataset") -> tuple[str, Iterator[An
     try:
         header = file[f"{group}/xml"][0]
         rows = file[f"{group}/data"]
+        check_acquisition_rows(rows, f"{path}: '{group}/data'")
         count = int(rows.shape[0])
+    except ValueError:
+        file.close()
+        raise
     except (KeyError, IndexError) as exc:
         file.close()
         raise ValueError(
@@ -103,6 +116,13 @@ def read_raw(path: str | Path, group: str = "dataset") -> tuple[str, Iterator[An
         file.close()
         raise ValueError(f"{path}: group '{group}' holds no acquisitions")
     text = header.decode("utf-8") if isinstance(header, bytes) else str(header)
+    try:
+        heads = [ismrmrd.AcquisitionHeader.from_buffer_copy(head) for head in rows.fields("head")[:]]
+        check_header(text, channels=int(heads[0].active_channels))
+        check_readout_lengths(heads, str(path))
+    except (ValueError, OSError) as exc:
+        file.close()
+        raise ValueError(naming(str(path), exc)) from None
 
     def acquisitions() -> Iterator[Any]:
         try:
@@ -150,10 +170,11 @@ def replay(
     node = parsed.external
     if node is not None and (node.module is None or node.module in BUILTIN_MODULES):
         # semrecon's own gadget: a bad property fails here, before any data are read
-        settings_from_configuration(
+        settings = settings_from_configuration(
             merge_configuration(node.configuration, overrides or {}),
             source=f"{parsed.source}: <external> configuration",
         )
+        check_display(parsed, settings.display)
     header_xml, acquisitions, count = read_raw(path, group)
     external = _protocol_stage(header_xml) if protocol else None
     start = time.perf_counter()
@@ -164,6 +185,41 @@ def replay(
         log.warning("replay: %d non-image message(s) left the chain and are not written", len(outputs) - len(images))
     log.info("replay: %d acquisitions → %d images in %.2f s", count, len(images), seconds)
     return ReplayResult(images=images, seconds=seconds, chain=parsed, xml_header=header_xml)
+
+
+def chain_display(chain: Chain) -> Display:
+    """What the gadgets after the chain's ``<external>`` node do to its images' pixels."""
+    nodes = list(chain.nodes)
+    after = nodes[nodes.index(chain.external) + 1 :] if chain.external is not None else []
+    values: dict[str, float] = {"max_value": 0.0, "max_intensity": 0.0}
+    defaults = Display()
+    for node in after:
+        if node.classname == "AutoScaleGadget":
+            values["max_value"] = float(node.properties.get("max_value", defaults.max_value))
+            values["histogram_bins"] = int(float(node.properties.get("histogram_bins", defaults.histogram_bins)))
+        elif node.classname == "FloatToUShortGadget":
+            values["max_intensity"] = float(node.properties.get("max_intensity", defaults.max_intensity))
+            values["min_intensity"] = float(node.properties.get("min_intensity", defaults.min_intensity))
+    return Display(**values)  # type: ignore[arg-type]
+
+
+def check_display(chain: Chain, display: Display) -> None:
+    """Warn when the gadget's display properties do not describe the gadgets that follow it in ``chain``.
+
+    The window meta would then not match the pixels that leave the chain (Gadgetron copies it into DICOM).
+    """
+    actual = chain_display(chain)
+    if (actual.max_value, actual.max_intensity) != (display.max_value, display.max_intensity):
+        log.warning(
+            "%s: the <external> node's display_max_value %g / display_max_intensity %g do not match the gadgets "
+            "after it (AutoScale max_value %g, FloatToUShort max_intensity %g; 0 = absent): its window meta "
+            "will not describe the pixels that leave the chain",
+            chain.source,
+            display.max_value,
+            display.max_intensity,
+            actual.max_value,
+            actual.max_intensity,
+        )
 
 
 def _is_image(item: Any) -> bool:

@@ -9,7 +9,9 @@ reconstructed by the gadget's one :class:`~semrecon_core.pipeline.Pipeline` (ESP
 Output: one float32 magnitude ``ismrmrd.Image`` per 2-D image (N × S × LOC) from
 :meth:`~semrecon_core.pipeline.Reconstruction.images` (recon matrix and FOV, the acquisitions' geometry,
 meta naming backbone / prior / encoder, window, quality answer), numbered across the scan in the
-configured series; every other message passes through unchanged.
+configured series; every other message passes through unchanged. The window (centre, width) describes the
+pixels as they leave the chain: after the AutoScale and FloatToUShort gadgets that follow the gadget in
+semrecon's chains (properties ``display_max_value``, ``display_max_intensity``; 0 for a chain without them).
 
 Failure of one buffer never ends the scan and never yields silent zeros: the cause is logged, the
 buffer is reconstructed again by a CG-SENSE pipeline on the CPU (so that it also survives GPU
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 from semrecon_core.config import ConfigError, ReconConfig
+from semrecon_core.data.images import set_window
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.gadgetron import compat
 from semrecon_core.gadgetron.properties import GadgetSettings, settings_from_configuration
@@ -103,6 +106,7 @@ class SemreconGadget:
         images = self._images_of(bit, name)
         for image in images:
             image.image_index = next(self._indices)
+            set_window(image, self.settings.display)
         return images
 
     def handle(self, connection: Any) -> None:
@@ -133,13 +137,13 @@ class SemreconGadget:
         try:
             kspace = from_recon_buffer(bit.data, bit.ref, self.header, source=name)
         except Exception as exc:  # noqa: BLE001 - a buffer the core refuses still gets a labelled image
-            reason = _describe(exc)
+            reason = _describe(exc, name)
             log.error("semrecon: %s cannot be reconstructed: %s", name, reason)
             return self._rss_images(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
         try:
             return self.pipeline.run(kspace).images(series_index=series)
         except Exception as exc:  # any failure of one buffer becomes a labelled fallback
-            reason = _describe(exc)
+            reason = _describe(exc, name)
             log.error("semrecon: %s: %s: %s", name, failed, reason, exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             _release_cuda_memory()
@@ -147,7 +151,7 @@ class SemreconGadget:
             comment = f"FALLBACK CG-SENSE ({failed}: {reason})"
             return self.fallback.run(kspace).images(series_index=series, comment=comment, role="Fallback")
         except Exception as exc:  # noqa: BLE001 - the last resort below is labelled as well
-            second = _describe(exc)
+            second = _describe(exc, name)
             log.error("semrecon: CG-SENSE fallback for %s failed too: %s", name, second)
         return self._rss_images(kspace, f"FALLBACK zero-filled RSS ({failed}: {reason}; CG-SENSE: {second})")
 
@@ -262,6 +266,10 @@ def _release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+def _describe(exc: BaseException, name: str = "") -> str:
+    """``Type: message`` on one line, without a leading ``name: `` the caller states already; shortened."""
+    message = str(exc)
+    if name and message.startswith(f"{name}: "):
+        message = message[len(name) + 2 :]
+    text = f"{type(exc).__name__}: {message}".replace("\n", " ")
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."

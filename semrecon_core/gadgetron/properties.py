@@ -12,23 +12,31 @@ Every property is either a :class:`~semrecon_core.config.ReconConfig` field (``-
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import Any
 
 from semrecon_core.config import ConfigError, ReconConfig
+from semrecon_core.data.images import Display
 
 # Properties of the gadget itself (not of the reconstruction), with their help text.
 GADGET_PROPERTIES: dict[str, str] = {
     "series_index": "image_series_index of the images the gadget sends (positive integer, default 1)",
+    "display_max_value": "max_value of the AutoScaleGadget after the gadget (default 2048; 0: none): window "
+    "centre/width describe the pixels that leave the chain",
+    "display_max_intensity": "max_intensity of the FloatToUShortGadget after the gadget (default 4095; 0: the "
+    "images stay float)",
 }
 
 
 @dataclass(frozen=True, kw_only=True)
 class GadgetSettings:
-    """What the gadget needs before the first buffer: the reconstruction config and image series."""
+    """What the gadget needs before the first buffer: the reconstruction config, image series and display."""
 
     config: ReconConfig = field(default_factory=ReconConfig)
     series_index: int = 1
+    display: Display = field(default_factory=Display)
 
 
 def parse_properties(
@@ -89,9 +97,12 @@ def settings_from_properties(
     """
     recon: dict[str, str] = {}
     series_index = 1
+    display: dict[str, Any] = {}
     for name, value in properties.items():
         key = name.strip().replace("-", "_")
-        if key == "series_index":
+        if key in ("display_max_value", "display_max_intensity"):
+            display[key.removeprefix("display_")] = _non_negative(key, value, source)
+        elif key == "series_index":
             try:
                 series_index = int(value)
             except ValueError:
@@ -105,7 +116,18 @@ def settings_from_properties(
     except ConfigError as exc:
         extra = ", ".join(sorted(GADGET_PROPERTIES))
         raise ConfigError(f"{source}: {exc} (gadget properties: {extra})") from None
-    return GadgetSettings(config=config, series_index=series_index)
+    return GadgetSettings(config=config, series_index=series_index, display=Display(**display))
+
+
+def _non_negative(name: str, value: str, source: str) -> float:
+    """``value`` as a finite number >= 0, else a ConfigError naming the property."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{source}: property '{name}': cannot parse {value!r} as a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{source}: property '{name}': expected a finite number >= 0, found {value!r}")
+    return number
 
 
 def settings_from_configuration(
