@@ -241,6 +241,31 @@ def test_lam_is_chosen_on_the_tuning_case(cases: dict[str, Path], tmp_path: Path
     assert not (out / "items" / "test" / "tune").exists()  # the tuning case is never a test case
 
 
+def test_lam_tuned_for_some_priors_at_one_acceleration(
+    cases: dict[str, Path], study_args: list[str], tmp_path: Path
+) -> None:
+    """--tune-priors semantic --tune-accelerations 2: TV keeps its default, R = 2.5 takes the λ tuned at R = 2."""
+    out = tmp_path / "tuned-some"
+    args = [a for a in study_args if a != "--no-progress"]
+    args[args.index("--accelerations") + 1] = "2,2.5"
+    args[args.index("--iterations") + 1] = "1,unet=2"
+    args += ["--out", str(out), "--tune-on", str(cases["tune"]), "--tune-grid", "0.5,2"]
+    args += ["--tune-priors", "semantic", "--tune-accelerations", "2", "--no-progress", "--no-figures"]
+    assert cli.main(args) == 0
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning["priors"] == ["semantic"] and tuning["accelerations"] == [2.0]
+    (setting,) = tuning["settings"]
+    assert (setting["backbone"], setting["prior"], setting["acceleration"]) == ("unet", "semantic", 2.0)
+    rows = _rows(out)
+    semantic = [r for r in rows if r["prior"] == "semantic"]
+    assert {r["acceleration"] for r in semantic} == {2.0, 2.5}
+    assert all(r["lam"] == setting["lam"] for r in semantic)
+    assert all("applied at R = 2.5" in r["lam_source"] for r in semantic if r["acceleration"] == 2.5)
+    assert all(r["lam_source"] == "preset default" for r in rows if r["prior"] == "tv")
+    assert all(r["iterations"] == 2 for r in rows if r["backbone"] == "unet")
+    assert "unet: iterations 2" in (out / "table.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -252,6 +277,10 @@ def test_lam_is_chosen_on_the_tuning_case(cases: dict[str, Path], tmp_path: Path
         (["--accelerations", "8"], "ACS lines exceed"),
         (["--set", "prior=tv"], "--set prior: set by the study's grid"),
         (["--tune-on", "CASE_A"], "the tuning case is also a test case"),
+        (["--tune-accelerations", "3"], "--tune-accelerations: 3 not among --accelerations"),
+        (["--tune-priors", "none"], "--tune-priors: unknown none"),
+        (["--iterations", "300,sense=2"], "--iterations sense=2: unknown deep backbone 'sense'"),
+        (["--width", "unet=0"], "--width: expected a positive integer or BACKBONE=INTEGER"),
         (["--trajectory-case", "nope"], "--trajectory-case nope: not a case of this study"),
         (["--perceptual", "/nonexistent/model"], "'/nonexistent/model': no such directory"),
     ],

@@ -58,9 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="any other ReconConfig field for every setting, e.g. --set lr=1e-4 (repeatable)",
     )
-    grid.add_argument("--iterations", type=int, help="iterations of the deep backbones (classical solvers keep theirs)")
-    grid.add_argument("--width", type=int, help="deep network width (CPU: e.g. 16; default the paper's)")
-    grid.add_argument("--depth", type=int, help="deep network depth (CPU: e.g. 4; default the paper's)")
+    grid.add_argument(
+        "--iterations",
+        metavar="N[,BACKBONE=N]",
+        help="iterations of the deep backbones, for all and/or per backbone, e.g. 300,unrolled=60 "
+        "(classical solvers keep theirs)",
+    )
+    grid.add_argument(
+        "--width", metavar="N[,BACKBONE=N]", help="deep network width, e.g. 16,inr=128 (default the paper's)"
+    )
+    grid.add_argument(
+        "--depth", metavar="N[,BACKBONE=N]", help="deep network depth, e.g. 4,inr=5 (default the paper's)"
+    )
     grid.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     grid.add_argument("--seed", type=int, default=0, help="seeds the scans and every reconstruction (default 0)")
     scans = parser.add_argument_group("scans")
@@ -74,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tuning.add_argument("--tune-on", metavar="CASE", help="choose λ of TV and semantic on this case (not a test case)")
     tuning.add_argument("--tune-grid", default="0.25,0.5,1,2,4", help="factors of the default λ tried (default 0.25–4)")
     tuning.add_argument("--tune-metric", default="psnr", choices=("psnr", "ssim"), help="what λ maximises")
+    tuning.add_argument("--tune-priors", default="tv,semantic", help="priors whose λ is tuned (default tv,semantic)")
+    tuning.add_argument(
+        "--tune-accelerations",
+        metavar="R[,R]",
+        help="tune at these R only (default every R); other R take the nearest tuned R's λ",
+    )
     scoring = parser.add_argument_group("scores and figures")
     scoring.add_argument(
         "--perceptual",
@@ -110,7 +125,13 @@ def _numbers(text: str, option: str) -> tuple[float, ...]:
 def options_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~semrecon_core.study.runner.StudyOptions` the command line describes (checked)."""
     from semrecon_core.study.cases import ScanOptions
-    from semrecon_core.study.grid import parse_accelerations, parse_banks, parse_lams, parse_list
+    from semrecon_core.study.grid import (
+        parse_accelerations,
+        parse_banks,
+        parse_lams,
+        parse_list,
+        parse_per_backbone,
+    )
     from semrecon_core.study.runner import StudyOptions
 
     presets = parse_list(args.presets, PRESETS, "--presets")
@@ -120,6 +141,17 @@ def options_from_args(args: argparse.Namespace) -> Any:
         if not sep or not name.strip():
             raise ValueError(f"--set {item!r}: expected NAME=VALUE")
         properties[name.strip()] = value
+    common: dict[str, int] = {}
+    per_backbone: dict[str, dict[str, int]] = {}
+    for name in ("iterations", "width", "depth"):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        value, specific = parse_per_backbone(str(text), f"--{name}")
+        if value is not None:
+            common[name] = value
+        for backbone, number in specific.items():
+            per_backbone.setdefault(backbone, {})[name] = number
     if args.noise < 0:
         raise ValueError(f"--noise: expected >= 0, found {args.noise}")
     return StudyOptions(
@@ -133,14 +165,19 @@ def options_from_args(args: argparse.Namespace) -> Any:
         encoder=args.encoder,
         properties=properties,
         lams=parse_lams(args.lam),
-        iterations=args.iterations,
-        width=args.width,
-        depth=args.depth,
+        iterations=common.get("iterations"),
+        width=common.get("width"),
+        depth=common.get("depth"),
+        per_backbone=per_backbone,
         seed=args.seed,
         scan=ScanOptions(coils=args.coils, acs=args.acs, mask=args.mask, noise=args.noise, seed=args.seed),
         tune_on=args.tune_on,
         tune_grid=_numbers(args.tune_grid, "--tune-grid"),
         tune_metric=args.tune_metric,
+        tune_priors=parse_list(args.tune_priors, ("tv", "semantic"), "--tune-priors"),
+        tune_accelerations=None
+        if args.tune_accelerations is None
+        else parse_accelerations(args.tune_accelerations, "--tune-accelerations"),
         workers=args.workers,
         address=args.address,
         gpus_per_worker=args.gpus_per_worker,

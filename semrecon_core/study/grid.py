@@ -4,9 +4,10 @@ A setting is (backbone, prior, preset, acceleration). Combinations that cannot r
 and listed with the reason (the semantic prior needs a deep backbone; zero-filled takes no prior). Every
 setting's :class:`~semrecon_core.config.ReconConfig` starts from one base configuration (``--set``, the
 encoder, the device, the seed) and adds the setting, the network size and iterations of the deep backbones
-(``--width``/``--depth``/``--iterations``; the classical solvers keep their own iterations), the bank of the
-preset (semantic settings only) and λ: chosen on a tuning case, given per prior (``--lam tv=…``) or per
-backbone and prior (``--lam unet:semantic=…``), else the preset's default.
+(``--width``/``--depth``/``--iterations``, for every deep backbone or per backbone, e.g. ``--iterations
+300,unrolled=60``; the classical solvers keep their own iterations), the bank of the preset (semantic settings
+only) and λ: chosen on a tuning case, given per prior (``--lam tv=…``) or per backbone and prior (``--lam
+unet:semantic=…``), else the preset's default.
 """
 
 from __future__ import annotations
@@ -58,15 +59,15 @@ def parse_list(text: str, choices: Sequence[str], option: str) -> tuple[str, ...
     return tuple(dict.fromkeys(items))
 
 
-def parse_accelerations(text: str) -> tuple[float, ...]:
+def parse_accelerations(text: str, option: str = "--accelerations") -> tuple[float, ...]:
     """Comma-separated accelerations R ≥ 1, sorted, duplicates dropped."""
     values: list[float] = []
     for item in text.split(","):
         if not item.strip():
             continue
-        values.append(_parse_number(item.strip(), "--accelerations", minimum=1, expected="R >= 1"))
+        values.append(_parse_number(item.strip(), option, minimum=1, expected="R >= 1"))
     if not values:
-        raise ValueError(f"--accelerations: expected a comma-separated list of R values, found {text!r}")
+        raise ValueError(f"{option}: expected a comma-separated list of R values, found {text!r}")
     return tuple(sorted(set(values)))
 
 
@@ -79,6 +80,29 @@ def _parse_number(raw: str, option: str, *, minimum: float, expected: str) -> fl
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"{option}: expected {expected}, found {raw}")
     return value
+
+
+def parse_per_backbone(text: str, option: str) -> tuple[int | None, dict[str, int]]:
+    """``N`` / ``N,BACKBONE=M,…`` / ``BACKBONE=M,…`` → ``(N for every deep backbone or None, {backbone: M})``."""
+    common: int | None = None
+    specific: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, raw = item.rpartition("=")
+        if sep and name.strip() not in DEEP_BACKBONES:
+            raise ValueError(
+                f"{option} {item}: unknown deep backbone {name.strip()!r} (expected {', '.join(DEEP_BACKBONES)})"
+            )
+        if not raw.strip().isdigit() or int(raw) < 1:
+            raise ValueError(f"{option}: expected a positive integer or BACKBONE=INTEGER, found {item!r}")
+        if sep:
+            specific[name.strip()] = int(raw)
+        else:
+            common = int(raw)
+    if common is None and not specific:
+        raise ValueError(f"{option}: expected N or BACKBONE=N entries, found {text!r}")
+    return common, specific
 
 
 def parse_lams(entries: Sequence[str]) -> dict[tuple[str | None, str], float]:
@@ -123,6 +147,7 @@ class Grid:
         banks: the bank of each preset (semantic settings).
         lams: λ given on the command line, ``{(backbone or None, prior): λ}``.
         deep: ``iterations`` / ``width`` / ``depth`` for the deep backbones (unset ones are left out).
+        per_backbone: the same fields for one deep backbone, ``{backbone: {field: value}}``, over ``deep``.
         skipped: combinations left out, with the reason.
     """
 
@@ -134,6 +159,7 @@ class Grid:
     banks: dict[str, str] = field(default_factory=dict)
     lams: dict[tuple[str | None, str], float] = field(default_factory=dict)
     deep: dict[str, int] = field(default_factory=dict)
+    per_backbone: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -181,6 +207,17 @@ class Grid:
             self.priors.index(setting.prior),
         )
 
+    def describe_deep(self) -> str:
+        """The deep backbones' sizes and iterations as set, e.g. ``depth 4, iterations 300; inr: width 128``."""
+        text = ", ".join(f"{k} {v}" for k, v in sorted(self.deep.items()))
+        for backbone in DEEP_BACKBONES:
+            fields = self.per_backbone.get(backbone)
+            if fields and backbone in self.backbones:
+                text += (
+                    ("; " if text else "") + f"{backbone}: " + ", ".join(f"{k} {v}" for k, v in sorted(fields.items()))
+                )
+        return text
+
     def given_lam(self, setting: Setting) -> float | None:
         """λ from the command line for this setting (backbone-specific first), else ``None``."""
         for key in ((setting.backbone, setting.prior), (None, setting.prior)):
@@ -198,6 +235,7 @@ class Grid:
         }
         if setting.backbone in DEEP_BACKBONES:
             changes.update(self.deep)
+            changes.update(self.per_backbone.get(setting.backbone, {}))
         chosen = lam if lam is not None else self.given_lam(setting)
         if chosen is not None:
             changes["lam"] = chosen

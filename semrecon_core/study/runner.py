@@ -4,9 +4,11 @@
 
 1. find the cases (and the tuning case, which must not be one of them, not even under another name);
 2. build the grid and check it before anything runs (banks for the semantic prior, their similarity);
-3. with ``tune_on``: reconstruct the tuning case with every TV and semantic setting at λ × each grid factor
-   and keep, per setting, the λ with the best PSNR (or SSIM) on that case — the test cases are never
-   looked at — recorded in ``tuning.json`` and the tables;
+3. with ``tune_on``: reconstruct the tuning case with every TV and semantic setting (or those of
+   ``tune_priors``, at the accelerations ``tune_accelerations``) at λ × each grid factor and keep, per setting,
+   the λ with the best PSNR (or SSIM) on that case — the test cases are never looked at — recorded in
+   ``tuning.json`` and the tables; a setting at an acceleration that was not tuned takes the λ tuned at the
+   nearest tuned acceleration (the lower one on a tie);
 4. reconstruct and score every (case, setting) whose result is not stored yet: one task per case,
    acceleration and preset, serially in this process or on Ray workers, each result stored as it arrives,
    with a progress bar and an ETA;
@@ -60,11 +62,14 @@ class StudyOptions:
     iterations: int | None = None
     width: int | None = None
     depth: int | None = None
+    per_backbone: dict[str, dict[str, int]] = field(default_factory=dict)
     seed: int = 0
     scan: ScanOptions = field(default_factory=ScanOptions)
     tune_on: str | None = None
     tune_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     tune_metric: str = "psnr"
+    tune_priors: tuple[str, ...] = ("tv", "semantic")
+    tune_accelerations: tuple[float, ...] | None = None
     workers: int = 1
     address: str | None = None
     gpus_per_worker: float | None = None
@@ -104,6 +109,22 @@ def check_options(options: StudyOptions) -> None:
             raise ValueError(f"--{name}: expected a positive integer, found {value}")
     if options.tune_metric not in TUNE_METRICS:
         raise ValueError(f"--tune-metric: expected one of {', '.join(TUNE_METRICS)}, found {options.tune_metric!r}")
+    for backbone, fields in options.per_backbone.items():
+        for name, value in fields.items():
+            if value < 1:
+                raise ValueError(f"--{name} {backbone}={value}: expected a positive integer")
+    unknown = [p for p in options.tune_priors if p not in ("tv", "semantic")]
+    if unknown or not options.tune_priors:
+        raise ValueError(
+            f"--tune-priors: expected some of tv, semantic, found {', '.join(options.tune_priors) or 'none'}"
+        )
+    if options.tune_accelerations is not None:
+        missing = [r for r in options.tune_accelerations if r not in options.accelerations]
+        if missing or not options.tune_accelerations:
+            raise ValueError(
+                f"--tune-accelerations: {', '.join(f'{r:g}' for r in missing) or 'none'} not among --accelerations "
+                f"({', '.join(f'{r:g}' for r in options.accelerations)})"
+            )
     if not options.tune_grid or any(not g > 0 for g in options.tune_grid):
         raise ValueError(f"--tune-grid: expected positive factors, found {options.tune_grid}")
     if options.scan.coils < 1:
@@ -156,6 +177,7 @@ class Study:
             banks={p: b for p, b in options.banks.items() if p in options.presets},
             lams=options.lams,
             deep={k: v for k, v in deep.items() if v is not None},
+            per_backbone={b: dict(f) for b, f in options.per_backbone.items()},
         )
         if "semantic" in self.grid.priors:
             check_bank_similarity(self.grid)
@@ -314,14 +336,15 @@ class Study:
 
     # ------------------------------------------------------------------------------------------- tuning
     def tune(self) -> dict[str, Any] | None:
-        """Choose λ of every TV and semantic setting on the tuning case; ``None`` without one."""
+        """Choose λ of the TV and semantic settings on the tuning case; ``None`` without one."""
         case = self.tuning_case
         if case is None:
             return None
         metric = self.options.tune_metric
+        tuned_accelerations = self.options.tune_accelerations or self.grid.accelerations
         candidates: dict[Setting, list[tuple[float, Item]]] = {}
         for setting in self.grid.settings():
-            if setting.prior not in ("tv", "semantic"):
+            if setting.prior not in self.options.tune_priors or setting.acceleration not in tuned_accelerations:
                 continue
             base = self.grid.default_lam(setting)
             candidates[setting] = [
@@ -338,7 +361,9 @@ class Study:
             scores = [(lam, records[item.key]["scores"][metric]) for lam, item in entries]
             best_lam, best_score = max(scores, key=lambda pair: pair[1])  # first of equals: grid order
             self.tuned[setting] = best_lam
-            self.lam_sources[setting.slug] = f"tuned on `{case.name}` ({metric.upper()} {best_score:.4g})"
+            self.lam_sources[setting.slug] = (
+                f"tuned on `{case.name}` at R = {setting.acceleration:g} ({metric.upper()} {best_score:.4g})"
+            )
             chosen.append(
                 {
                     **setting.as_dict(),
@@ -346,12 +371,21 @@ class Study:
                     "candidates": [{"lam": lam, metric: score} for lam, score in scores],
                 }
             )
+        for setting in self.grid.settings():
+            if setting in self.tuned or setting.prior not in self.options.tune_priors:
+                continue
+            nearest = min(tuned_accelerations, key=lambda r: (abs(r - setting.acceleration), r))
+            source = Setting(setting.backbone, setting.prior, setting.preset, nearest)
+            self.tuned[setting] = self.tuned[source]
+            self.lam_sources[setting.slug] = f"{self.lam_sources[source.slug]}, applied at R = {setting.acceleration:g}"
         tuning = {
             "case": case.name,
             "path": str(case.path),
             "sha256": case.sha256,
             "metric": metric,
             "grid": list(self.options.tune_grid),
+            "priors": list(self.options.tune_priors),
+            "accelerations": list(tuned_accelerations),
             "settings": chosen,
         }
         from semrecon_core.data.images import atomic_path
@@ -433,7 +467,7 @@ class Study:
             ]
         scoring = self.scoring[self.grid.presets[0]]
         labels = sorted({r["perceptual_label"] for r in records}) or ["not computed"]
-        deep = ", ".join(f"{k} {v}" for k, v in sorted(self.grid.deep.items()))
+        deep = self.grid.describe_deep()
         return {
             "cases": [{"name": c.name, "sha256": c.sha256} for c in self.cases],
             "scan": vars(self.options.scan),
@@ -452,7 +486,9 @@ class Study:
             "warnings": sorted(set(warnings)),
             "scoring": {"lpips_reason": scoring.lpips_reason, "perceptual_label": " / ".join(labels)},
             "lam_sources": dict(sorted(self.lam_sources.items())),
-            "tuning": None if tuning is None else {k: tuning[k] for k in ("case", "metric", "grid")},
+            "tuning": None
+            if tuning is None
+            else {k: tuning[k] for k in ("case", "metric", "grid", "priors", "accelerations")},
             "skipped": self.grid.skipped,
         }
 
@@ -490,7 +526,7 @@ class Study:
         options = {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(self.options).items()
-            if k not in ("scan", "lams", "banks")
+            if k not in ("scan", "lams", "banks", "per_backbone")
         }
         run = {
             "semrecon": __version__,
@@ -499,6 +535,7 @@ class Study:
             "scan": vars(self.options.scan),
             "banks": dict(self.grid.banks),
             "lams": {f"{b or '*'}:{p}": v for (b, p), v in self.options.lams.items()},
+            "per_backbone": self.options.per_backbone,
             "cases": [{"name": c.name, "path": str(c.path), "kind": c.kind, "sha256": c.sha256} for c in self.cases],
             "computed": self.computed,
             "reused": self.reused,

@@ -322,9 +322,14 @@ def _description(study: dict[str, Any]) -> list[str]:
         lines.append(f"**Warning:** {warning}")
     if study.get("tuning"):
         tuning = study["tuning"]
+        priors = " and ".join({"tv": "TV", "semantic": "semantic"}[p] for p in tuning.get("priors", ("tv", "semantic")))
+        where = ""
+        if tuning.get("accelerations") is not None:
+            where = f" at R = {', '.join(f'{r:g}' for r in tuning['accelerations'])} (other R: the nearest tuned R's λ)"
         lines.append(
-            f"λ of TV and semantic settings chosen on the tuning case `{tuning['case']}` (not a test case) by "
-            f"{tuning['metric'].upper()} over λ × {{{', '.join(f'{g:g}' for g in tuning['grid'])}}}."
+            f"λ of {priors} settings chosen on the tuning case `{tuning['case']}` (not a test case){where} by "
+            f"{tuning['metric'].upper()} over λ × {{{', '.join(f'{g:g}' for g in tuning['grid'])}}} "
+            "(× the preset's default λ or the --lam value); other λ as listed below."
         )
     return lines
 
