@@ -123,12 +123,22 @@ def _espirit(
     slices, _, cy, cx = calibration.shape
     top, left = cy // 2 - width // 2, cx // 2 - width // 2
     region = calibration[:, :, top : top + width, left : left + width]
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    # Workers compute single-threaded like the caller's thread (set in each, as OpenMP's count is per thread).
+    pool = (
+        ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
+        if workers > 1
+        else None
+    )
     try:
-        if pool is None or slices == 1:
-            kernels = kernel_basis(region, kernel_width, threshold)
+        # One SVD per slice whatever the thread count: a batched call rounds differently, and the maps must
+        # not depend on how many threads the caller runs (every path gives the same pixels).
+        def basis(index: int) -> torch.Tensor:
+            return kernel_basis(region[index : index + 1], kernel_width, threshold)
+
+        parts = list(pool.map(basis, range(slices))) if pool is not None else [basis(s) for s in range(slices)]
+        if slices == 1:
+            kernels = parts[0]
         else:
-            parts = list(pool.map(lambda s: kernel_basis(region[s : s + 1], kernel_width, threshold), range(slices)))
             rank = max(part.shape[1] for part in parts)
             kernels = torch.cat([torch.nn.functional.pad(part, (0, 0, 0, rank - part.shape[1])) for part in parts])
         return _maps(kernels, grid, kernel_width, crop, max_iter, chunk_pixels, pool)
