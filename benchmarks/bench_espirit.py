@@ -109,7 +109,7 @@ def run_case(kspace: KSpace, repeats: int, *, with_sigpy: bool) -> dict[str, obj
                 seconds, result = timed(lambda: espirit_maps(kspace, calib_width=ACS, method="sigpy"))
                 times["sigpy"].append(seconds)
                 maps["sigpy"] = result  # type: ignore[assignment]
-            seconds, result = timed(lambda: espirit_maps(kspace, calib_width=ACS))
+            seconds, result = timed(lambda: espirit_maps(kspace, calib_width=ACS, method="torch"))
             times["torch"].append(seconds)
             maps["torch"] = result  # type: ignore[assignment]
     median = {name: statistics.median(values) for name, values in times.items() if values}

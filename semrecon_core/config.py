@@ -48,11 +48,13 @@ _DEFAULTS: dict[_Key, object] = {
     ("lr", None, "inr", None, None): 1e-4,
     ("iterations", None, None, None, None): 1500,
     ("iterations", None, "inr", None, None): 1600,
+    ("iterations", None, "unrolled", None, None): 200,  # random init overfits later: backbones_defaults.md
     ("iterations", None, None, "semantic", "language"): 200,
     ("stages", None, None, None, None): 4,
     ("stages", None, None, "semantic", "language"): 8,
     ("dc_init", None, None, None, None): 0.01,
     ("dc_init", None, None, "semantic", "language"): 0.001,
+    ("validation", None, None, None, None): 0.0,
     ("final_dc", None, None, None, None): 0.0,
     ("final_dc", "public-code", "unet", None, None): 0.5,
     ("final_dc", "public-code", "inr", None, None): 0.05,
@@ -123,10 +125,16 @@ class ReconConfig:
         lora_rank: LoRA rank for scan-specific fine-tuning of a warm-started backbone (0: train all weights).
         final_dc: weight of a final soft data-consistency step, ``argmin_x ‖Ax − y‖² + w‖x − f‖²`` from the
             network's image ``f`` (0: none; public-code: the authors' 0.5 for the U-Net, 0.05 for the INR).
+        validation: fraction of the measured samples the unrolled network never trains on; the fit stops when
+            its loss on them stops improving and keeps its best weights (0, the default: all ``iterations`` run).
         stages: unrolled network stages (4; image-language banks: the authors' 8).
         dc_init: initial data-consistency weight of each unrolled stage (0.01; image-language: 0.001).
         slice_batch: slices optimised together (0: all).
+        time_budget_s: wall-clock seconds the fit of one scan may take, shared evenly by its slice batches
+            (and the INR's two phases); a fit stopped by it keeps its image at that point (0: no limit).
         calib_width: calibration (ACS) width used for ESPIRiT when the data do not say.
+        espirit: ESPIRiT implementation: ``sigpy`` (the reference, default) or ``torch`` (the same maps to 1e-4,
+            every slice at once, on the reconstruction's device; what the shipped chains use).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         autocast: ``bfloat16`` autocast of encoder and backbone on CUDA, or ``none``.
         encoder_checkpointing: recompute the semantic encoder's block activations in the backward pass
@@ -153,10 +161,13 @@ class ReconConfig:
     depth: int | None = None
     lora_rank: int = 4
     final_dc: float | None = None
+    validation: float | None = None
     stages: int | None = None
     dc_init: float | None = None
     slice_batch: int = 0
+    time_budget_s: float = 0.0
     calib_width: int = 24
+    espirit: Literal["sigpy", "torch"] = "sigpy"
     device: str = "auto"
     autocast: Literal["bfloat16", "none"] = "bfloat16"
     encoder_checkpointing: bool = False
@@ -168,10 +179,15 @@ class ReconConfig:
         _check_choice("preset", self.preset, PRESETS)
         _check_choice("similarity", self.similarity, ("pooled", "token-pca", "centred", None))
         _check_choice("autocast", self.autocast, ("bfloat16", "none"))
+        _check_choice("espirit", self.espirit, ("sigpy", "torch"))
         for name in ("lam", "lr", "sigma", "final_dc", "dc_init"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ConfigError(f"property '{name}': expected a non-negative number, found {value!r}")
+        if self.validation is not None and not 0 <= self.validation < 1:
+            raise ConfigError(f"property 'validation': expected a fraction in [0, 1), found {self.validation!r}")
+        if not self.time_budget_s >= 0:
+            raise ConfigError(f"property 'time_budget_s': expected seconds >= 0, found {self.time_budget_s!r}")
         if self.tau <= 0:
             raise ConfigError(f"property 'tau': expected a positive number, found {self.tau!r}")
         for name in ("iterations", "slice_batch", "lora_rank", "calib_width"):
@@ -280,6 +296,7 @@ class ResolvedConfig(ReconConfig):
     iterations: int = 0
     lr: float = 0.0
     final_dc: float = 0.0
+    validation: float = 0.0
     stages: int = 4
     dc_init: float = 0.01
     level_weights: tuple[float, ...] = ()
@@ -297,7 +314,18 @@ class ResolvedConfig(ReconConfig):
         return self
 
 
-_RESOLVED = ("lam", "iterations", "lr", "final_dc", "stages", "dc_init", "level_weights", "similarity", "sigma")
+_RESOLVED = (
+    "lam",
+    "iterations",
+    "lr",
+    "final_dc",
+    "validation",
+    "stages",
+    "dc_init",
+    "level_weights",
+    "similarity",
+    "sigma",
+)
 _Config = TypeVar("_Config", bound=ReconConfig)
 
 

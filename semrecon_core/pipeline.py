@@ -4,8 +4,9 @@ Every path that reconstructs (``semrecon recon``, the Gadgetron gadget, offline 
 the demo, warm-start pretraining, the study runner) calls :class:`Pipeline`; none of them estimates coil maps
 or builds images on its own, so the same file and configuration give the same pixels on every path.
 
-- Coil maps come from a pluggable :data:`CoilMapEstimator` (default :func:`espirit`: ESPIRiT through sigpy on
-  the calibration region, honouring ``calib_width``), or precomputed maps passed to :meth:`Pipeline.run`.
+- Coil maps come from a pluggable :data:`CoilMapEstimator` (default :func:`espirit`: ESPIRiT on the calibration
+  region, honouring ``calib_width``, through sigpy or the batched torch implementation as ``config.espirit``
+  says), or precomputed maps passed to :meth:`Pipeline.run`.
 - The k-space is scaled so that the zero-filled image has max magnitude 1 (λ is relative to that scale),
   handed to the engine registered for ``config.backbone`` with the prior ``config.prior`` asks for, and the
   result is scaled back.
@@ -18,11 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from semrecon_core.config import BankKind, ReconConfig, ResolvedConfig
+from semrecon_core.config import BankKind, ConfigError, ReconConfig, ResolvedConfig
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconProblem, ReconResult
@@ -51,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def espirit(kspace: KSpace, config: ReconConfig) -> torch.Tensor:
-    """ESPIRiT maps (sigpy) from the calibration region, ``config.calib_width`` wide at most.
+    """ESPIRiT maps (``config.espirit``) from the calibration region, ``config.calib_width`` wide at most.
 
     The width is clamped to the calibration block the data carry. Maps that vanish over most of the
     object (too few calibration lines) are refused with a message, never used for a silent wrong image.
@@ -59,7 +61,7 @@ def espirit(kspace: KSpace, config: ReconConfig) -> torch.Tensor:
     from semrecon_core.physics.coils import espirit_maps
 
     width = min(config.calib_width, *kspace.calibration.shape[-2:])
-    maps = espirit_maps(kspace, calib_width=width, device=resolve_device(config.device))
+    maps = espirit_maps(kspace, calib_width=width, device=resolve_device(config.device), method=config.espirit)
     check_coverage(kspace, maps)
     return maps
 
@@ -142,6 +144,8 @@ class Reconstruction:
         config: the resolved configuration.
         answers: the model's quality answer per slice (image-language banks), else ``None``.
         seconds: wall time of coil maps and reconstruction.
+        fit_seconds: wall time of the engine alone (what ``time_budget_s`` bounds); the rest of ``seconds``
+            is fixed cost (coil maps, loading the prior, data transfers, the quality answer).
     """
 
     kspace: KSpace
@@ -150,6 +154,7 @@ class Reconstruction:
     config: ResolvedConfig
     answers: list[dict[str, Any]] | None = None
     seconds: float = 0.0
+    fit_seconds: float = 0.0
 
     @property
     def image(self) -> torch.Tensor:
@@ -170,18 +175,34 @@ class Reconstruction:
     def images(self, *, series_index: int = 1, comment: str | None = None, role: str = "Image") -> list[Any]:
         """One float magnitude ``ismrmrd.Image`` per slice, with geometry, indices and meta.
 
-        ``comment`` replaces the default ``GADGETRON_ImageComment`` (``semrecon <label>``), e.g. for a
-        labelled fallback; ``role`` is the ``GADGETRON_DataRole``.
+        ``comment`` replaces the default ``GADGETRON_ImageComment`` (``semrecon <label>``, then the
+        iterations run and why the fit stopped, :func:`fit_summary`), e.g. for a labelled fallback; ``role`` is
+        the ``GADGETRON_DataRole``.
         """
-        return build_images(
+        summary = fit_summary(self.result.info.get("fits", []))
+        images = build_images(
             self.result.image,
             self.kspace,
             config=self.config,
-            comment=comment or f"semrecon {self.result.label}",
+            comment=comment or f"semrecon {self.result.label}" + (f"; {summary}" if summary else ""),
             role=role,
             series_index=series_index,
             answers=self.answers,
         )
+        for image in images:
+            image.meta["SEMRECON_Seconds"] = f"{self.seconds:.3f}"
+            image.meta["SEMRECON_FitSeconds"] = f"{self.fit_seconds:.3f}"
+        return images
+
+
+def fit_summary(fits: list[dict[str, Any]]) -> str:
+    """``"<n> it (<why stopped>)"`` of a deep engine's fits (a range over slice batches and phases); ``""``: none."""
+    if not fits:
+        return ""
+    counts = sorted({int(fit["iterations"]) for fit in fits})
+    reasons = sorted({str(fit["stopped"]) for fit in fits})
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{span} it ({', '.join(reasons)})"
 
 
 def build_images(
@@ -224,6 +245,12 @@ class Pipeline:
         self, config: ReconConfig, *, coil_maps: CoilMapEstimator = espirit, prior: Prior | None = None
     ) -> None:
         self.config = config.resolved(bank_kind(config))
+        if self.config.checkpoint and not Path(self.config.checkpoint).is_file():
+            raise ConfigError(
+                f"property 'checkpoint': {self.config.checkpoint} does not exist; make one from the site's own "
+                f"images with `semrecon pretrain {self.config.checkpoint} --backbone {self.config.backbone} "
+                "--images DIR` (magnitude .npy images)"
+            )
         self.device = resolve_device(self.config.device)
         self.estimate_maps_with = coil_maps
         self._prior = prior
@@ -261,7 +288,9 @@ class Pipeline:
             self.device,
         )
         prior = self.prior
+        fit_started = time.perf_counter()
         result = engine(problem, config, prior=prior, callback=callback)
+        fit_seconds = time.perf_counter() - fit_started
         image = (result.image * problem.scale).detach()
         if not bool(torch.isfinite(torch.view_as_real(image.to(torch.complex64))).all()):
             raise FloatingPointError(
@@ -279,6 +308,7 @@ class Pipeline:
             config=config,
             answers=answers,
             seconds=time.perf_counter() - started,
+            fit_seconds=fit_seconds,
         )
 
 

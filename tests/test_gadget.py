@@ -65,7 +65,8 @@ def _run(header: str, items: list, configuration: str) -> list:
 
 
 def _properties(**values: str) -> str:
-    body = "".join(f'<property name="{k}" value="{v}"/>' for k, v in values.items())
+    """A ``<configuration>`` of ``values``; no preview series unless asked for."""
+    body = "".join(f'<property name="{k}" value="{v}"/>' for k, v in {"preview": "false", **values}.items())
     return f"<configuration>{body}</configuration>"
 
 
@@ -258,3 +259,57 @@ def test_a_configuration_that_is_not_utf8_is_named_unless_it_declares_its_encodi
         parse_properties(latin1, source="the CONFIG")
     declared = b'<?xml version="1.0" encoding="ISO-8859-1"?>' + latin1
     assert parse_properties(declared, source="the CONFIG") == {"bank": "café.safetensors"}
+
+
+def test_preview_series_goes_out_first_then_the_fitted_series(scan: tuple[str, list, np.ndarray]) -> None:
+    """A fitted backbone: per buffer a CG-SENSE preview in series 2 at once, then the fitted images in series 1."""
+    header, recon_data, truth = scan
+    properties = _properties(backbone="unet", prior="tv", iterations="3", width="4", depth="2", preview="true")
+    images = _run(header, recon_data, properties)
+    assert [(image.image_series_index, image.image_index, image.slice) for image in images] == [
+        (2, 1, 0),
+        (1, 1, 0),
+        (2, 2, 1),
+        (1, 2, 1),
+    ]  # split_slices: one buffer per slice, each with its preview before its fitted image
+    previews = [image for image in images if image.image_series_index == 2]
+    for image in previews:
+        assert image.meta["GADGETRON_ImageComment"].startswith("semrecon preview CG-SENSE")
+        assert image.meta["GADGETRON_DataRole"] == "Image"
+    _assert_true_to(truth, previews, CG_SENSE)
+    fitted = [image for image in images if image.image_series_index == 1]
+    assert all(image.meta["GADGETRON_ImageComment"].endswith("; 3 it (iterations)") for image in fitted)
+    alone = _run(header, recon_data, _properties(backbone="sense"))  # the preview is the CG-SENSE chain's image
+    np.testing.assert_allclose(_pixels(previews), _pixels(alone), rtol=1e-5, atol=1e-6)
+
+
+def test_no_preview_when_turned_off_or_for_a_classical_backbone(scan: tuple[str, list, np.ndarray]) -> None:
+    header, recon_data, _ = scan
+    off = _run(header, recon_data, _properties(backbone="unet", iterations="2", width="4", depth="2"))
+    classical = _run(header, recon_data, _properties(backbone="sense", preview="true", preview_series_index="9"))
+    for images in (off, classical):
+        assert [image.image_series_index for image in images] == [1] * SLICES
+
+
+def test_a_failed_fit_sends_its_preview_again_as_the_labelled_fallback(
+    scan: tuple[str, list, np.ndarray], tmp_path: Path
+) -> None:
+    header, recon_data, truth = scan
+    missing = tmp_path / "no_such_bank.safetensors"
+    properties = _properties(backbone="unet", prior="semantic", bank=str(missing), device="cpu", preview="true")
+    images = _run(header, recon_data, properties)
+    previews = [image for image in images if image.image_series_index == 2]
+    fallbacks = [image for image in images if image.image_series_index == 1]
+    assert len(previews) == len(fallbacks) == SLICES
+    for image in fallbacks:
+        assert image.meta["GADGETRON_ImageComment"].startswith("FALLBACK CG-SENSE (unet+semantic failed:")
+        assert image.meta["GADGETRON_DataRole"] == "Fallback"
+    np.testing.assert_array_equal(_pixels(fallbacks), _pixels(previews))
+    _assert_true_to(truth, fallbacks, CG_SENSE)
+
+
+def test_preview_properties_are_validated() -> None:
+    with pytest.raises(ConfigError, match="property 'preview': expected true or false, found 'maybe'"):
+        settings_from_configuration(_properties(preview="maybe"))
+    with pytest.raises(ConfigError, match="property 'preview_series_index': expected >= 0, found -1"):
+        settings_from_configuration(_properties(preview_series_index="-1"))

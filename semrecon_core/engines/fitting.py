@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,12 +33,14 @@ from semrecon_core.physics.sense import SenseOp
 from semrecon_core.solvers.adam import STEP_GAMMA, STEP_SIZE, AdamSchedule, Closure, adam_fit
 from semrecon_core.solvers.cg import conjugate_gradient
 from semrecon_core.solvers.status import Callback, SolverStatus, chain
+from semrecon_core.solvers.stopping import TimeBudget
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from semrecon_core.config import Preset, ResolvedConfig
     from semrecon_core.priors.base import Prior
+    from semrecon_core.solvers.stopping import EarlyStopping
 
 ADAM_BETAS: dict[str, tuple[float, float]] = {"paper": (0.9, 0.99), "public-code": (0.9, 0.999)}
 """Adam's (β₁, β₂) per preset (see the module docstring)."""
@@ -51,8 +54,23 @@ def adam_schedule(groups: Sequence[tuple[Sequence[nn.Parameter], float]], preset
     return AdamSchedule(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA))
 
 
-Batch = Callable[[nn.Module, ReconProblem], tuple[Closure, Callable[[], torch.Tensor]]]
-"""``batch(network, sub_problem) -> (training closure, final image function)`` of one slice batch."""
+CHECK_EVERY = 10
+"""Iterations between two validation checks of a fit with early stopping."""
+PATIENCE = 20
+"""Checks without improvement of the validation loss before a fit stops (200 iterations)."""
+
+
+@dataclass
+class BatchFit:
+    """How to fit one slice batch: the training closure, the final image and an optional early stopping."""
+
+    closure: Closure
+    final: Callable[[], torch.Tensor]
+    stopping: EarlyStopping | None = None
+
+
+Batch = Callable[[nn.Module, ReconProblem], BatchFit]
+"""``batch(network, sub_problem) -> BatchFit`` of one slice batch."""
 
 
 def loss_terms(
@@ -124,25 +142,44 @@ def fit_batch(
     description: str,
     extra: dict[str, Any],
     schedule: AdamSchedule | None = None,
-) -> None:
+    stopping: EarlyStopping | None = None,
+    budget: TimeBudget | None = None,
+) -> dict[str, Any]:
     """One Adam fit of ``closure`` with the prior's trace extras and the trace recorder chained to ``callback``.
 
-    Without ``schedule``: a new :func:`adam_schedule` of the trainable ``parameters`` at ``lr``.
+    Without ``schedule``: a new :func:`adam_schedule` of the trainable ``parameters`` at ``lr``. ``stopping``
+    and ``budget`` are checked every :data:`CHECK_EVERY` iterations (``stopping`` before the trace records the
+    status). Returns ``extra`` with the iterations run and why the fit stopped (``iterations``,
+    ``validation``, ``time budget`` or ``callback``).
     """
     trainable = [p for p in parameters if p.requires_grad]
     if schedule is None and trainable:
         schedule = adam_schedule([(trainable, lr)], config.preset)
-    adam_fit(
+    within_budget = None if budget is None else budget.part()
+    checked = stopping is not None or budget is not None
+    outcome = adam_fit(
         closure,
         parameters,
         lr=lr,
         iterations=int(config.iterations),
-        callback=chain([trace, callback]),
+        callback=chain([stopping, within_budget, trace, callback]),
         describe=None if prior is None else prior.status,
         extra=extra,
         description=description,
+        record_every=CHECK_EVERY if checked else None,
         schedule=schedule,
     )
+    reason = "iterations"
+    if outcome.stopped_early:
+        reason = "time budget" if budget is not None and budget.spent else "callback"
+        if stopping is not None and stopping.stopped:
+            reason = "validation"
+    return {**extra, "iterations": outcome.iterations, "stopped": reason}
+
+
+def time_budget(config: ResolvedConfig, fits: int) -> TimeBudget | None:
+    """The wall-clock budget of ``config.time_budget_s`` shared by ``fits`` consecutive fits (``None``: no budget)."""
+    return TimeBudget(config.time_budget_s, fits) if config.time_budget_s > 0 else None
 
 
 def fit_network(
@@ -154,15 +191,22 @@ def fit_network(
     callback: Callback | None,
     name: str,
     batch: Batch,
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Fit a copy of ``base`` to each slice batch; returns the batches' images and the joint trace."""
+) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fit a copy of ``base`` to each slice batch.
+
+    Returns the batches' images, the joint trace and one record per batch (:func:`fit_batch`'s, with the
+    :meth:`EarlyStopping.summary` of fits with early stopping, whose image is that of the best check).
+    """
     images: list[torch.Tensor] = []
+    fits: list[dict[str, Any]] = []
     trace = TraceRecorder()
-    for part in slice_batches(problem.kspace.shape[0], config.slice_batch):
+    parts = slice_batches(problem.kspace.shape[0], config.slice_batch)
+    budget = time_budget(config, len(parts))
+    for part in parts:
         net = copy.deepcopy(base).train()
-        closure, final = batch(net, problem.select(part))
-        fit_batch(
-            closure,
+        fit = batch(net, problem.select(part))
+        record = fit_batch(
+            fit.closure,
             list(net.parameters()),
             lr=float(config.lr),
             config=config,
@@ -171,10 +215,16 @@ def fit_network(
             trace=trace,
             description=f"{name} slices {part.start}-{part.stop - 1}",
             extra={"slices": [part.start, part.stop]},
+            stopping=fit.stopping,
+            budget=budget,
         )
+        if fit.stopping is not None:
+            fit.stopping.restore()
+            record.update(fit.stopping.summary())
+        fits.append(record)
         with torch.no_grad(), autocast(problem.device, config):
-            images.append(final().detach())
-    return images, trace.records
+            images.append(fit.final().detach())
+    return images, trace.records, fits
 
 
 def prepare_network(
@@ -222,8 +272,12 @@ def finish(
     prior: Prior | None,
     info: dict[str, Any],
     trace: list[dict[str, Any]],
+    fits: list[dict[str, Any]],
 ) -> ReconResult:
-    """Join the batches, apply the optional final data consistency, zero pixels outside the maps' support."""
+    """Join the batches, apply the optional final data consistency, zero pixels outside the maps' support.
+
+    ``fits``: one record per fit (:func:`fit_batch`), kept in ``info["fits"]``.
+    """
     image = torch.cat(images, dim=0).to(torch.complex64)
     op = SenseOp(problem.maps, problem.mask)
     if config.final_dc > 0:
@@ -235,6 +289,7 @@ def finish(
     info = {
         **info,
         "iterations": config.iterations,
+        "fits": fits,
         "final_dc": config.final_dc,
         "pixels_outside_maps": int((~support).sum()),
         "data_residual": float((op(image) - measured).norm() / measured.norm().clamp_min(1e-12)),

@@ -24,6 +24,7 @@ from semrecon_core.engines.fitting import (
     fit_batch,
     loss_terms,
     slice_batches,
+    time_budget,
 )
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.priors.tv import TVPrior
@@ -56,10 +57,13 @@ def reconstruct_inr(
     spec = spec or siren_spec(config)
     two_phase = config.preset == "public-code"
     images: list[torch.Tensor] = []
+    fits: list[dict[str, Any]] = []
     trace = TraceRecorder()
     info: dict[str, Any] = {"siren": spec.to_dict(), "form": "two-phase" if two_phase else "eq7"}
     phase1_tv = TVPrior(INR_TV_WEIGHT, scaling="authors")
-    for part in slice_batches(problem.kspace.shape[0], config.slice_batch):
+    parts = slice_batches(problem.kspace.shape[0], config.slice_batch)
+    budget = time_budget(config, len(parts) * (2 if two_phase else 1))
+    for part in parts:
         sub = problem.select(part)
         torch.manual_seed(config.seed)
         inr = InrImage((sub.kspace.shape[0], *sub.kspace.shape[-2:]), spec).to(problem.device)
@@ -75,7 +79,7 @@ def reconstruct_inr(
                 image = inr()
                 return image, loss_terms(image, op, measured, config, prior)
 
-            fit_batch(
+            record = fit_batch(
                 eq7,
                 list(inr.parameters()),
                 lr=config.lr,
@@ -85,7 +89,9 @@ def reconstruct_inr(
                 trace=trace,
                 description=description,
                 extra=extra,
+                budget=budget,
             )
+            fits.append(record)
             with torch.no_grad():
                 images.append(inr().detach())
             continue
@@ -118,7 +124,7 @@ def reconstruct_inr(
         for phase, closure, tracked in ((1, phase1, phase1_tv), (2, phase2, prior)):
             if phase == 2:
                 inr.requires_grad_(False)
-            fit_batch(
+            record = fit_batch(
                 closure,
                 [],
                 lr=config.lr,
@@ -129,9 +135,11 @@ def reconstruct_inr(
                 description=f"{description} phase {phase}",
                 extra={**extra, "phase": phase},
                 schedule=schedule,
+                budget=budget,
             )
+            fits.append(record)
         with torch.no_grad(), autocast(problem.device, config):
             images.append(adaptor(inr()).detach().to(torch.complex64))
     info["trainable_parameters"] = count_parameters(InrImage((1, 2, 2), spec))["trainable"]
     name = "SIREN INR (two-phase, adaptor)" if two_phase else "SIREN INR"
-    return finish(images, problem, config, name, prior, info, trace.records)
+    return finish(images, problem, config, name, prior, info, trace.records, fits)

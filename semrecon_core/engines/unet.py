@@ -10,19 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from semrecon_core.backbones.unet import UNet, UNetSpec
-from semrecon_core.engines.fitting import autocast, finish, fit_network, loss_terms, prepare_network
+from semrecon_core.engines.fitting import BatchFit, autocast, finish, fit_network, loss_terms, prepare_network
 from semrecon_core.physics.sense import SenseOp
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import torch
     from torch import nn
 
     from semrecon_core.config import ResolvedConfig
     from semrecon_core.engines.base import ReconProblem, ReconResult
     from semrecon_core.priors.base import Prior
-    from semrecon_core.solvers.adam import Closure
     from semrecon_core.solvers.status import Callback
 
 
@@ -43,7 +40,7 @@ def reconstruct_unet(
     """Fit a U-Net to the scan with Eq. (7); ``network`` replaces the one ``config`` describes."""
     base, label, info = prepare_network(network, config, "unet", lambda: UNet(unet_spec(config)))
 
-    def batch(net: nn.Module, sub: ReconProblem) -> tuple[Closure, Callable[[], torch.Tensor]]:
+    def batch(net: nn.Module, sub: ReconProblem) -> BatchFit:
         op = SenseOp(sub.maps, sub.mask)
         measured = sub.kspace * sub.mask.unsqueeze(-3)
         zero_filled = op.adjoint(measured)
@@ -53,9 +50,9 @@ def reconstruct_unet(
                 image = net(zero_filled)
             return image, loss_terms(image, op, measured, config, prior)
 
-        return closure, lambda: net(zero_filled)
+        return BatchFit(closure, lambda: net(zero_filled))
 
-    images, trace = fit_network(
+    images, trace, fits = fit_network(
         problem, config, base.to(problem.device), prior=prior, callback=callback, name="U-Net", batch=batch
     )
-    return finish(images, problem, config, label, prior, info, trace)
+    return finish(images, problem, config, label, prior, info, trace, fits)

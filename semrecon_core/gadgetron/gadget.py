@@ -13,13 +13,18 @@ configured series; every other message passes through unchanged. The window (cen
 pixels as they leave the chain: after the AutoScale and FloatToUShort gadgets that follow the gadget in
 semrecon's chains (properties ``display_max_value``, ``display_max_intensity``; 0 for a chain without them).
 
-Failure of one buffer never ends the scan and never yields silent zeros: the cause is logged, the
-buffer is reconstructed again by a CG-SENSE pipeline on the CPU (so that it also survives GPU
-out-of-memory errors) and labelled ``FALLBACK CG-SENSE (...)``; if that fails too, or no ``KSpace`` can
-be built from the buffer, a zero-filled root-sum-of-squares image labelled ``FALLBACK zero-filled RSS
-(...)`` goes out. Fallback images carry ``GADGETRON_DataRole=Fallback``. (Gadgetron ends the whole stream
-when an external node sends ERROR, so per-buffer failures are reported through the log, which lands in
-Gadgetron's log, and in the image comment.)
+Preview: for the fitted backbones (U-Net, unrolled, INR) the coil maps of a buffer are estimated once and a
+CG-SENSE image goes out at once in its own series (``preview_series_index``, default ``series_index + 1``;
+comment ``semrecon preview ...``), before the fit starts; the fitted images follow in ``series_index`` with the
+iterations run and why the fit stopped in their comment. ``preview=false`` turns it off.
+
+Failure of one buffer never ends the scan and never yields silent zeros: the cause is logged and the
+buffer's preview goes out again in the main series or, without one, the buffer is reconstructed again by a
+CG-SENSE pipeline on the CPU (so that it also survives GPU out-of-memory errors), labelled ``FALLBACK CG-SENSE
+(...)``; if that fails too, or no ``KSpace`` can be built from the buffer, a zero-filled root-sum-of-squares
+image labelled ``FALLBACK zero-filled RSS (...)`` goes out. Fallback images carry
+``GADGETRON_DataRole=Fallback``. (Gadgetron ends the whole stream when an external node sends ERROR, so
+per-buffer failures are reported through the log, which lands in Gadgetron's log, and in the image comment.)
 
 What ends the scan is reported to Gadgetron as an ERROR naming the cause before the connection closes:
 properties that do not validate (before the first buffer is read) and messages the gadget refuses
@@ -37,6 +42,8 @@ import itertools
 import logging
 import socket
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,24 +97,26 @@ class SemreconGadget:
         self.device_lock = device_lock
         self.pipeline = Pipeline(settings.config, prior=prior)
         self.fallback = Pipeline(fallback_config(settings.config))
-        self._indices = itertools.count(1)
+        self.preview = Pipeline(fallback_config(settings.config).replace(device=settings.config.device))
+        self._indices: defaultdict[int, Iterator[int]] = defaultdict(lambda: itertools.count(1))
         self._buffers = itertools.count(1)
 
     def process(self, recon_data: Any) -> list[Any]:
-        """All images for one ``gadgetron.types.ReconData`` (one or more bits)."""
-        buffer = next(self._buffers)
-        images: list[Any] = []
-        for number, bit in enumerate(recon_data.bits):
-            images.extend(self.process_bit(bit, name=f"ReconData #{buffer} bit {number}"))
-        return images
+        """All images for one ``gadgetron.types.ReconData`` (one or more bits), previews first."""
+        return list(self.stream(recon_data))
 
-    def process_bit(self, bit: Any, *, name: str = "buffer") -> list[Any]:
-        """Images for one ``ReconBit``, numbered on from the previous ones; labelled fallbacks instead of errors."""
-        images = self._images_of(bit, name)
-        for image in images:
-            image.image_index = next(self._indices)
+    def stream(self, recon_data: Any) -> Iterator[Any]:
+        """The images of one ``ReconData`` as they are ready: each bit's preview, then its fitted images."""
+        buffer = next(self._buffers)
+        for number, bit in enumerate(recon_data.bits):
+            yield from self.process_bit(bit, name=f"ReconData #{buffer} bit {number}")
+
+    def process_bit(self, bit: Any, *, name: str = "buffer") -> Iterator[Any]:
+        """Images for one ``ReconBit``, numbered on per series; labelled fallbacks instead of errors."""
+        for image in self._images_of(bit, name):
+            image.image_index = next(self._indices[int(image.image_series_index)])
             set_window(image, self.settings.display)
-        return images
+            yield image
 
     def handle(self, connection: Any) -> None:
         """Serve one scan on a ``gadgetron.external.Connection`` (or anything that mimics it)."""
@@ -118,9 +127,7 @@ class SemreconGadget:
         for item in connection:
             if isinstance(item, ReconData):
                 buffers += 1
-                with self.device_lock or contextlib.nullcontext():
-                    images = self.process(item)
-                for image in images:
+                for image in self._locked(self.stream(item)):
                     connection.send(image)
             else:
                 connection.send(item)
@@ -128,7 +135,16 @@ class SemreconGadget:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _images_of(self, bit: Any, name: str) -> list[Any]:
+    def _locked(self, images: Iterator[Any]) -> Iterator[Any]:
+        """``images`` computed under the device lock, which is released while each one is sent."""
+        while True:
+            with self.device_lock or contextlib.nullcontext():
+                image = next(images, None)
+            if image is None:
+                return
+            yield image
+
+    def _images_of(self, bit: Any, name: str) -> Iterator[Any]:
         from semrecon_core.data.readers import from_recon_buffer
 
         config = self.pipeline.config
@@ -139,21 +155,37 @@ class SemreconGadget:
         except Exception as exc:  # noqa: BLE001 - a buffer the core refuses still gets a labelled image
             reason = _describe(exc, name)
             log.error("semrecon: %s cannot be reconstructed: %s", name, reason)
-            return self._rss_images(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
+            yield from self._rss_images(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
+            return
+        maps = preview = None
         try:
-            return self.pipeline.run(kspace).images(series_index=series)
+            maps = self.pipeline.estimate_maps(kspace)
+            if self.settings.sends_preview:
+                started = time.perf_counter()
+                preview = self.preview.run(kspace, maps=maps)
+                log.info("semrecon: %s preview in %.1f s", name, time.perf_counter() - started)
+                yield from preview.images(
+                    series_index=self.settings.preview_series, comment=f"semrecon preview {preview.label}"
+                )
+            yield from self.pipeline.run(kspace, maps=maps).images(series_index=series)
+            return
         except Exception as exc:  # any failure of one buffer becomes a labelled fallback
             reason = _describe(exc, name)
             log.error("semrecon: %s: %s: %s", name, failed, reason, exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             _release_cuda_memory()
+        comment = f"FALLBACK CG-SENSE ({failed}: {reason})"
+        if preview is not None:  # the preview is the CG-SENSE image the fallback would compute
+            yield from preview.images(series_index=series, comment=comment, role="Fallback")
+            return
         try:
-            comment = f"FALLBACK CG-SENSE ({failed}: {reason})"
-            return self.fallback.run(kspace).images(series_index=series, comment=comment, role="Fallback")
+            fallback = self.fallback.run(kspace, maps=maps)
         except Exception as exc:  # noqa: BLE001 - the last resort below is labelled as well
             second = _describe(exc, name)
             log.error("semrecon: CG-SENSE fallback for %s failed too: %s", name, second)
-        return self._rss_images(kspace, f"FALLBACK zero-filled RSS ({failed}: {reason}; CG-SENSE: {second})")
+            yield from self._rss_images(kspace, f"FALLBACK zero-filled RSS ({failed}: {reason}; CG-SENSE: {second})")
+            return
+        yield from fallback.images(series_index=series, comment=comment, role="Fallback")
 
     def _rss_images(self, kspace: KSpace, comment: str) -> list[Any]:
         """Zero-filled root-sum-of-squares images of ``kspace`` (no coil maps), labelled as a fallback."""

@@ -27,6 +27,9 @@ GADGET_PROPERTIES: dict[str, str] = {
     "centre/width describe the pixels that leave the chain",
     "display_max_intensity": "max_intensity of the FloatToUShortGadget after the gadget (default 4095; 0: the "
     "images stay float)",
+    "preview": "send a CG-SENSE preview series as each buffer arrives, before the fitted images (true/false, default "
+    "true; only for the fitted backbones)",
+    "preview_series_index": "image_series_index of the preview images (default 0: series_index + 1)",
 }
 
 
@@ -37,6 +40,18 @@ class GadgetSettings:
     config: ReconConfig = field(default_factory=ReconConfig)
     series_index: int = 1
     display: Display = field(default_factory=Display)
+    preview: bool = True
+    preview_series_index: int = 0
+
+    @property
+    def sends_preview(self) -> bool:
+        """Whether a preview series goes out: asked for, and the backbone is one that is fitted (takes time)."""
+        return self.preview and not self.config.is_classical
+
+    @property
+    def preview_series(self) -> int:
+        """The preview's image_series_index."""
+        return self.preview_series_index or self.series_index + 1
 
 
 def parse_properties(
@@ -96,19 +111,25 @@ def settings_from_properties(
     Raises :class:`ConfigError` naming an unknown property or a malformed value.
     """
     recon: dict[str, str] = {}
-    series_index = 1
+    series: dict[str, int] = {}
+    preview = True
     display: dict[str, Any] = {}
     for name, value in properties.items():
         key = name.strip().replace("-", "_")
         if key in ("display_max_value", "display_max_intensity"):
             display[key.removeprefix("display_")] = _non_negative(key, value, source)
-        elif key == "series_index":
+        elif key in ("series_index", "preview_series_index"):
             try:
-                series_index = int(value)
+                series[key] = int(value)
             except ValueError:
-                raise ConfigError(f"{source}: property 'series_index': cannot parse {value!r} as an integer") from None
-            if series_index < 0:
-                raise ConfigError(f"{source}: property 'series_index': expected >= 0, found {series_index}")
+                raise ConfigError(f"{source}: property '{key}': cannot parse {value!r} as an integer") from None
+            if series[key] < 0:
+                raise ConfigError(f"{source}: property '{key}': expected >= 0, found {series[key]}")
+        elif key == "preview":
+            flag = value.strip().lower()
+            if flag not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ConfigError(f"{source}: property 'preview': expected true or false, found {value!r}")
+            preview = flag in ("true", "1", "yes", "on")
         else:
             recon[name] = value
     try:
@@ -116,7 +137,7 @@ def settings_from_properties(
     except ConfigError as exc:
         extra = ", ".join(sorted(GADGET_PROPERTIES))
         raise ConfigError(f"{source}: {exc} (gadget properties: {extra})") from None
-    return GadgetSettings(config=config, series_index=series_index, display=Display(**display))
+    return GadgetSettings(config=config, preview=preview, display=Display(**display), **series)
 
 
 def _non_negative(name: str, value: str, source: str) -> float:

@@ -4,11 +4,11 @@ Maps are estimated from the fully sampled calibration block ``KSpace.calibration
 ``(slices, coils, cy, cx)`` with a square calibration width ``min(cy, cx)`` (or ``calib_width``), by one of
 two implementations of the same algorithm:
 
-- ``torch`` (the default): :func:`semrecon_core.physics.espirit.espirit`, all slices at once on the requested
-  device (CPU or CUDA); its maps equal sigpy's to ~3e-5;
-- ``sigpy``: ``sigpy.mri.app.EspiritCalib`` slice by slice on the block zero-padded to the k-space grid, the
-  reference the torch version is tested against; on a CUDA device it runs through CuPy when CuPy is
-  installed, else on the CPU.
+- ``sigpy`` (the default): ``sigpy.mri.app.EspiritCalib`` slice by slice on the block zero-padded to the k-space
+  grid, the reference the torch version is tested against; on a CUDA device it runs through CuPy when CuPy is
+  installed, else on the CPU;
+- ``torch``: :func:`semrecon_core.physics.espirit.espirit`, all slices at once on the requested device (CPU or
+  CUDA); its maps equal sigpy's to ~3e-5 in 0.84 × ``bart ecalib``'s time (``benchmarks/results/espirit.md``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def espirit_maps(
     threshold: float = 0.02,
     crop: float = 0.95,
     device: str | torch.device = "cpu",
-    method: EspiritMethod = "torch",
+    method: EspiritMethod = "sigpy",
 ) -> torch.Tensor:
     """ESPIRiT coil sensitivities (one set of maps) for every slice of ``kspace``.
 
