@@ -54,10 +54,10 @@ _DEFAULTS: dict[_Key, object] = {
     ("stages", None, None, "semantic", "language"): 8,
     ("dc_init", None, None, None, None): 0.01,
     ("dc_init", None, None, "semantic", "language"): 0.001,
-    ("validation", None, None, None, None): 0.0,
     ("final_dc", None, None, None, None): 0.0,
     ("final_dc", "public-code", "unet", None, None): 0.5,
     ("final_dc", "public-code", "inr", None, None): 0.05,
+    ("final_dc", None, "unrolled", None, None): 0.5,
     ("lam", None, None, "none", None): 0.0,
     ("lam", "paper", None, "tv", None): 0.003,
     ("lam", "public-code", "unet", "tv", None): 0.75,
@@ -125,8 +125,6 @@ class ReconConfig:
         lora_rank: LoRA rank for scan-specific fine-tuning of a warm-started backbone (0: train all weights).
         final_dc: weight of a final soft data-consistency step, ``argmin_x ‖Ax − y‖² + w‖x − f‖²`` from the
             network's image ``f`` (0: none; public-code: the authors' 0.5 for the U-Net, 0.05 for the INR).
-        validation: fraction of the measured samples the unrolled network never trains on; the fit stops when
-            its loss on them stops improving and keeps its best weights (0, the default: all ``iterations`` run).
         stages: unrolled network stages (4; image-language banks: the authors' 8).
         dc_init: initial data-consistency weight of each unrolled stage (0.01; image-language: 0.001).
         slice_batch: slices optimised together (0: all).
@@ -161,7 +159,6 @@ class ReconConfig:
     depth: int | None = None
     lora_rank: int = 4
     final_dc: float | None = None
-    validation: float | None = None
     stages: int | None = None
     dc_init: float | None = None
     slice_batch: int = 0
@@ -184,8 +181,6 @@ class ReconConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ConfigError(f"property '{name}': expected a non-negative number, found {value!r}")
-        if self.validation is not None and not 0 <= self.validation < 1:
-            raise ConfigError(f"property 'validation': expected a fraction in [0, 1), found {self.validation!r}")
         if not self.time_budget_s >= 0:
             raise ConfigError(f"property 'time_budget_s': expected seconds >= 0, found {self.time_budget_s!r}")
         if self.tau <= 0:
@@ -296,7 +291,6 @@ class ResolvedConfig(ReconConfig):
     iterations: int = 0
     lr: float = 0.0
     final_dc: float = 0.0
-    validation: float = 0.0
     stages: int = 4
     dc_init: float = 0.01
     level_weights: tuple[float, ...] = ()
@@ -319,7 +313,6 @@ _RESOLVED = (
     "iterations",
     "lr",
     "final_dc",
-    "validation",
     "stages",
     "dc_init",
     "level_weights",

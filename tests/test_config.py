@@ -31,7 +31,7 @@ def test_public_code_preset_and_per_backbone_defaults() -> None:
         ("public-code", "unet", "semantic", "image", {"lam": 0.1, "iterations": 1500, "final_dc": 0.5}),
         ("public-code", "unrolled", "semantic", "image", {"lam": 1.0, "stages": 4, "dc_init": 0.01}),
         ("public-code", "unrolled", "semantic", "language", {"lam": 500.0, "iterations": 200, "stages": 8}),
-        ("public-code", "unrolled", "semantic", "language", {"dc_init": 0.001, "final_dc": 0.0}),
+        ("public-code", "unrolled", "semantic", "language", {"dc_init": 0.001, "final_dc": 0.5}),
         ("public-code", "unet", "tv", None, {"lam": 0.75}),
         ("public-code", "unrolled", "tv", None, {"lam": 6.75}),
         ("public-code", "inr", "tv", None, {"lam": 3.0}),

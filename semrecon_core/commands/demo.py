@@ -248,7 +248,10 @@ def _describe_network(config: ReconConfig) -> str:
         return "paper architecture"
     if config.backbone == "inr":
         return f"SIREN, {config.width} features, {config.depth} layers (CPU demo size; the paper's on CUDA)"
-    return f"U-Net width {config.width}, depth {config.depth} (CPU demo size; the paper's on CUDA)"
+    unet = f"U-Net width {config.width}, depth {config.depth}"
+    if config.backbone == "unrolled":
+        unet = f"unrolled network, stages of a {unet}"
+    return f"{unet} (CPU demo size; the paper's on CUDA)"
 
 
 def run(args: argparse.Namespace) -> int:

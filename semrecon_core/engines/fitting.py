@@ -31,16 +31,15 @@ from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.engines.objective import L1Reduction, data_term
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.solvers.adam import STEP_GAMMA, STEP_SIZE, AdamSchedule, Closure, adam_fit
+from semrecon_core.solvers.budget import TimeBudget
 from semrecon_core.solvers.cg import conjugate_gradient
 from semrecon_core.solvers.status import Callback, SolverStatus, chain
-from semrecon_core.solvers.stopping import TimeBudget
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from semrecon_core.config import Preset, ResolvedConfig
     from semrecon_core.priors.base import Prior
-    from semrecon_core.solvers.stopping import EarlyStopping
 
 ADAM_BETAS: dict[str, tuple[float, float]] = {"paper": (0.9, 0.99), "public-code": (0.9, 0.999)}
 """Adam's (β₁, β₂) per preset (see the module docstring)."""
@@ -55,18 +54,15 @@ def adam_schedule(groups: Sequence[tuple[Sequence[nn.Parameter], float]], preset
 
 
 CHECK_EVERY = 10
-"""Iterations between two validation checks of a fit with early stopping."""
-PATIENCE = 20
-"""Checks without improvement of the validation loss before a fit stops (200 iterations)."""
+"""Iterations between two checks of a fit's time budget."""
 
 
 @dataclass
 class BatchFit:
-    """How to fit one slice batch: the training closure, the final image and an optional early stopping."""
+    """How to fit one slice batch: the training closure and the final image."""
 
     closure: Closure
     final: Callable[[], torch.Tensor]
-    stopping: EarlyStopping | None = None
 
 
 Batch = Callable[[nn.Module, ReconProblem], BatchFit]
@@ -142,38 +138,33 @@ def fit_batch(
     description: str,
     extra: dict[str, Any],
     schedule: AdamSchedule | None = None,
-    stopping: EarlyStopping | None = None,
     budget: TimeBudget | None = None,
 ) -> dict[str, Any]:
     """One Adam fit of ``closure`` with the prior's trace extras and the trace recorder chained to ``callback``.
 
-    Without ``schedule``: a new :func:`adam_schedule` of the trainable ``parameters`` at ``lr``. ``stopping``
-    and ``budget`` are checked every :data:`CHECK_EVERY` iterations (``stopping`` before the trace records the
-    status). Returns ``extra`` with the iterations run and why the fit stopped (``iterations``,
-    ``validation``, ``time budget`` or ``callback``).
+    Without ``schedule``: a new :func:`adam_schedule` of the trainable ``parameters`` at ``lr``. ``budget`` is
+    checked every :data:`CHECK_EVERY` iterations. Returns ``extra`` with the iterations run and why the fit
+    stopped (``iterations``, ``time budget`` or ``callback``).
     """
     trainable = [p for p in parameters if p.requires_grad]
     if schedule is None and trainable:
         schedule = adam_schedule([(trainable, lr)], config.preset)
     within_budget = None if budget is None else budget.part()
-    checked = stopping is not None or budget is not None
     outcome = adam_fit(
         closure,
         parameters,
         lr=lr,
         iterations=int(config.iterations),
-        callback=chain([stopping, within_budget, trace, callback]),
+        callback=chain([within_budget, trace, callback]),
         describe=None if prior is None else prior.status,
         extra=extra,
         description=description,
-        record_every=CHECK_EVERY if checked else None,
+        record_every=None if budget is None else CHECK_EVERY,
         schedule=schedule,
     )
     reason = "iterations"
     if outcome.stopped_early:
         reason = "time budget" if budget is not None and budget.spent else "callback"
-        if stopping is not None and stopping.stopped:
-            reason = "validation"
     return {**extra, "iterations": outcome.iterations, "stopped": reason}
 
 
@@ -194,8 +185,7 @@ def fit_network(
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
     """Fit a copy of ``base`` to each slice batch.
 
-    Returns the batches' images, the joint trace and one record per batch (:func:`fit_batch`'s, with the
-    :meth:`EarlyStopping.summary` of fits with early stopping, whose image is that of the best check).
+    Returns the batches' images, the joint trace and one record per batch (:func:`fit_batch`'s).
     """
     images: list[torch.Tensor] = []
     fits: list[dict[str, Any]] = []
@@ -215,12 +205,8 @@ def fit_network(
             trace=trace,
             description=f"{name} slices {part.start}-{part.stop - 1}",
             extra={"slices": [part.start, part.stop]},
-            stopping=fit.stopping,
             budget=budget,
         )
-        if fit.stopping is not None:
-            fit.stopping.restore()
-            record.update(fit.stopping.summary())
         fits.append(record)
         with torch.no_grad(), autocast(problem.device, config):
             images.append(fit.final().detach())
