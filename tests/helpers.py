@@ -218,3 +218,19 @@ def read_replies(sock: socket.socket, timeout: float) -> tuple[list, list[str]]:
     except ConnectionError:
         pass
     return items, errors
+
+
+def brain_scan(shared_data: Path) -> KSpace:
+    """The real 8-coil brain of ``shared_data`` (230 × 180), fully sampled, with its 24 central lines as calibration."""
+    import numpy as np
+
+    from semrecon_core.data.kspace import Geometry, KSpace
+
+    full = torch.from_numpy(np.load(shared_data / "brain_t1_8coil" / "kspace.npy")).permute(0, 2, 1)[None]
+    start = full.shape[-2] // 2 - 12
+    return KSpace(
+        data=full,
+        mask=torch.ones(1, *full.shape[-2:], dtype=torch.bool),
+        calibration=full[:, :, start : start + 24, :].contiguous(),
+        geometry=Geometry((230, 180, 1), (230, 180, 1), (230.0, 180.0, 5.0), (230.0, 180.0, 5.0)),
+    )

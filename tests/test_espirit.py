@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from semrecon_core.data.kspace import Geometry, KSpace
+from semrecon_core.data.kspace import KSpace
 from semrecon_core.data.simulate import builtin_anatomy, simulate_kspace
 from semrecon_core.physics.coils import espirit_maps
 from semrecon_core.physics.espirit import espirit
+from tests.helpers import brain_scan
 
 TOLERANCE = 1e-4
 
@@ -89,14 +90,7 @@ def test_calib_width_is_honoured(volume: KSpace) -> None:
 
 def test_maps_equal_sigpy_on_real_brain(shared_data: Path) -> None:
     """The real 8-coil brain (230 × 180), 24 calibration lines: the 1e-4 tolerance on real coils."""
-    full = torch.from_numpy(np.load(shared_data / "brain_t1_8coil" / "kspace.npy")).permute(0, 2, 1)[None]
-    start = full.shape[-2] // 2 - 12
-    scan = KSpace(
-        data=full,
-        mask=torch.ones(1, *full.shape[-2:], dtype=torch.bool),
-        calibration=full[:, :, start : start + 24, :].contiguous(),
-        geometry=Geometry((230, 180, 1), (230, 180, 1), (230.0, 180.0, 5.0), (230.0, 180.0, 5.0)),
-    )
+    scan = brain_scan(shared_data)
     ours = espirit_maps(scan, calib_width=24, method="torch")
     _assert_equal_maps(ours, espirit_maps(scan, calib_width=24, method="sigpy"))
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from semrecon_core.data.kspace import Geometry, KSpace
+from semrecon_core.data.kspace import KSpace
 from semrecon_core.physics.coils import espirit_maps, rss
 from semrecon_core.physics.fft import fft2c, ifft2c
 from semrecon_core.physics.linop import FFTOp, GradientOp, LinearOperator, MaskOp, SensitivityOp
 from semrecon_core.physics.masks import MASK_KINDS, sampling_mask
 from semrecon_core.physics.sense import SenseOp
-from tests.helpers import check_linear_operator, phantom_scan, random_tensor
+from tests.helpers import brain_scan, check_linear_operator, phantom_scan, random_tensor
 
 # --- FFT and linear operators -------------------------------------------------------------------
 
@@ -163,14 +163,7 @@ def test_espirit_rejects_calibration_smaller_than_kernel() -> None:
 
 
 def test_espirit_on_real_brain_calibration(shared_data) -> None:
-    full = torch.from_numpy(np.load(shared_data / "brain_t1_8coil" / "kspace.npy")).permute(0, 2, 1)[None]
-    start = full.shape[-2] // 2 - 12
-    scan = KSpace(
-        data=full,
-        mask=torch.ones(1, *full.shape[-2:], dtype=torch.bool),
-        calibration=full[:, :, start : start + 24, :].contiguous(),
-        geometry=Geometry((230, 180, 1), (230, 180, 1), (230.0, 180.0, 5.0), (230.0, 180.0, 5.0)),
-    )
+    scan = brain_scan(shared_data)
     maps = espirit_maps(scan)
     norms = maps.abs().square().sum(1).sqrt()[0]
     support = norms > 0
