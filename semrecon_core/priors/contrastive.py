@@ -177,6 +177,8 @@ class ContrastiveLoss:
             negatives = [n.float() - c for n, c in zip(negatives, self.centres, strict=True)]
         self.positives = [F.normalize(p.float(), dim=-1) for p in positives]
         self.negatives = [F.normalize(n.float(), dim=-1) for n in negatives]
+        # The level weights as a tensor beside the bank: no host→device copy inside the fitting loop.
+        self.weight_tensor = torch.tensor(self.weights, dtype=torch.float32, device=self.positives[0].device)
 
     def to(self, device: torch.device | str) -> ContrastiveLoss:
         """Move the bank (and PCA) to ``device`` in place; returns ``self``."""
@@ -186,6 +188,7 @@ class ContrastiveLoss:
             self.pca = [p.to(device) for p in self.pca]
         if self.centres is not None:
             self.centres = [c.to(device) for c in self.centres]
+        self.weight_tensor = self.weight_tensor.to(device)
         return self
 
     def query(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -226,7 +229,10 @@ class ContrastiveLoss:
     def __call__(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Weighted sum over levels of the reduced per-slice losses (a scalar)."""
         levels = self.per_level(features)
-        return (levels * torch.tensor(self.weights, device=levels.device, dtype=levels.dtype)).sum()
+        weights = self.weight_tensor
+        if weights.device != levels.device or weights.dtype != levels.dtype:  # features off the bank's device
+            weights = self.weight_tensor = weights.to(levels.device, levels.dtype)
+        return (levels * weights).sum()
 
 
 @dataclass

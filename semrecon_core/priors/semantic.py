@@ -37,6 +37,10 @@ class SemanticPrior:
     Attributes:
         last_embedding: detached ``(slices, D)`` embedding of the last :meth:`loss` call (for trajectories
             without a second encoder pass).
+        trace_answers: whether :meth:`status` (called at every flush of the fitting loop) also runs the
+            image-language model's :meth:`answer` (a prompt pass and a greedy decode per slice). Off by default:
+            the pipeline asks for the answer of the final image only; a trajectory that shows the answer along
+            the fit turns it on.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class SemanticPrior:
             **options,
         ).to(encoder.device)
         self.last_embedding: torch.Tensor | None = None
+        self.trace_answers = False
 
     @property
     def label(self) -> str:
@@ -111,15 +116,15 @@ class SemanticPrior:
 
     @torch.no_grad()
     def status(self, image: torch.Tensor) -> dict[str, Any]:
-        """Trace extras: the ``embedding`` ``(slices, D)`` and, for image-language banks, the model's ``answer``.
+        """Trace extras: the ``embedding`` ``(slices, D)``, and the model's ``answer`` when :attr:`trace_answers`.
 
         The embedding of the last loss evaluation is reused when it is of this batch, sparing a second
-        encoder pass.
+        encoder pass; without :attr:`trace_answers` no other model call runs here.
         """
         cached = self.last_embedding
         embedding = cached if cached is not None and cached.shape[0] == image.shape[0] else self.embed(image)
         status: dict[str, Any] = {"embedding": embedding.float().cpu().tolist()}
-        reply = self.answer(image)
+        reply = self.answer(image) if self.trace_answers else None
         if reply is not None:
             status["answer"] = reply
         return status
