@@ -61,6 +61,14 @@ def espirit(kspace: KSpace, config: ReconConfig) -> torch.Tensor:
     from semrecon_core.physics.coils import espirit_maps
 
     width = min(config.calib_width, *kspace.calibration.shape[-2:])
+    if width < config.calib_width:
+        log.warning(
+            "%s: calib_width %d is wider than the calibration region %s the data carry; ESPIRiT uses %d",
+            kspace.source or "k-space",
+            config.calib_width,
+            "×".join(str(n) for n in kspace.calibration.shape[-2:]),
+            width,
+        )
     maps = espirit_maps(kspace, calib_width=width, device=resolve_device(config.device), method=config.espirit)
     check_coverage(kspace, maps)
     return maps

@@ -313,3 +313,17 @@ def test_preview_properties_are_validated() -> None:
         settings_from_configuration(_properties(preview="maybe"))
     with pytest.raises(ConfigError, match="property 'preview_series_index': expected >= 0, found -1"):
         settings_from_configuration(_properties(preview_series_index="-1"))
+
+
+def test_a_calib_width_wider_than_the_data_is_narrowed_with_a_warning(
+    scan: tuple[str, list, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data carry 16 calibration lines: calib_width 24 (the chains' default) says what ESPIRiT uses instead."""
+    header, recon_data, _ = scan
+    with caplog.at_level(logging.WARNING):
+        _run(header, recon_data, _properties(backbone="sense", iterations="3", calib_width="24"))
+    assert "calib_width 24 is wider than the calibration region 16×64 the data carry; ESPIRiT uses 16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _run(header, recon_data, _properties(backbone="sense", iterations="3", calib_width="16"))
+    assert "calib_width" not in caplog.text
