@@ -248,5 +248,5 @@ def test_semantic_chain_sends_a_preview_then_the_semantic_volume_within_the_time
         assert image.data.dtype == np.uint16 and image.data.max() > 0
     fit = float(semantic[0].meta["SEMRECON_FitSeconds"])
     fixed = float(semantic[0].meta["SEMRECON_Seconds"]) - fit + float(previews[0].meta["SEMRECON_Seconds"])
-    assert budget - 0.5 <= fit <= budget + 2.0, f"fit {fit:.1f} s for a {budget:g} s budget"
+    assert budget - 0.5 <= fit <= budget + 3.0, f"fit {fit:.1f} s for a {budget:g} s budget"  # + one iteration
     assert result.seconds <= budget + fixed + 3.0, f"replay {result.seconds:.1f} s, fixed costs {fixed:.1f} s"

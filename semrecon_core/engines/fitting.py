@@ -19,6 +19,7 @@ objective's minimum. β₂ = 0.99 (a ~100-iteration memory) lets the step follow
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -145,12 +146,13 @@ def fit_batch(
 
     Without ``schedule``: a new :func:`adam_schedule` of the trainable ``parameters`` at ``lr``. ``budget`` is
     checked every :data:`CHECK_EVERY` iterations. Returns ``extra`` with the iterations run and why the fit
-    stopped (``iterations``, ``time budget`` or ``callback``).
+    stopped (``iterations``, ``time budget`` or ``callback``) and the loop's wall time (``seconds``).
     """
     trainable = [p for p in parameters if p.requires_grad]
     if schedule is None and trainable:
         schedule = adam_schedule([(trainable, lr)], config.preset)
     within_budget = None if budget is None else budget.part()
+    started = time.perf_counter()
     outcome = adam_fit(
         closure,
         parameters,
@@ -166,7 +168,8 @@ def fit_batch(
     reason = "iterations"
     if outcome.stopped_early:
         reason = "time budget" if budget is not None and budget.spent else "callback"
-    return {**extra, "iterations": outcome.iterations, "stopped": reason}
+    seconds = time.perf_counter() - started
+    return {**extra, "iterations": outcome.iterations, "stopped": reason, "seconds": seconds}
 
 
 def time_budget(config: ResolvedConfig, fits: int) -> TimeBudget | None:
