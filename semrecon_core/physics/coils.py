@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from semrecon_core.physics.espirit import check_calibration, espirit
+
 if TYPE_CHECKING:
     from semrecon_core.data.kspace import KSpace
 
@@ -67,19 +69,7 @@ def espirit_maps(
     name = kspace.source or "k-space"
     if calib.ndim != 4 or tuple(calib.shape[:2]) != (slices, coils):
         raise ValueError(f"{name}: calibration expected shape ({slices}, {coils}, cy, cx), found {tuple(calib.shape)}")
-    cy, cx = int(calib.shape[-2]), int(calib.shape[-1])
-    if cy > ny or cx > nx:
-        raise ValueError(f"{name}: calibration block {cy}×{cx} is larger than the k-space grid {ny}×{nx}")
-    width = min(cy, cx) if calib_width is None else int(calib_width)
-    if width > min(cy, cx):
-        raise ValueError(f"{name}: calib_width {width} exceeds the calibration block {cy}×{cx}")
-    if width < kernel_width:
-        raise ValueError(
-            f"{name}: calibration region {cy}×{cx} (width {width}) is smaller than the ESPIRiT kernel "
-            f"{kernel_width}×{kernel_width}; at least {kernel_width} fully sampled lines are needed"
-        )
-    if not torch.isfinite(torch.view_as_real(calib)).all():
-        raise ValueError(f"{name}: calibration data contain NaN or Inf samples")
+    width = check_calibration(calib, (ny, nx), calib_width=calib_width, kernel_width=kernel_width, name=name)
     empty = (calib.reshape(slices, -1) == 0).all(dim=1).nonzero()
     if len(empty):
         raise ValueError(f"{name}: calibration data of slice {int(empty[0])} are all zero")
@@ -87,8 +77,6 @@ def espirit_maps(
         return _sigpy_maps(
             kspace, width=width, kernel_width=kernel_width, threshold=threshold, crop=crop, device=device
         )
-    from semrecon_core.physics.espirit import espirit
-
     result = espirit(
         calib.to(device), (ny, nx), calib_width=width, kernel_width=kernel_width, threshold=threshold, crop=crop
     )

@@ -51,6 +51,36 @@ class EspiritResult(NamedTuple):
     eigenvalues: torch.Tensor
 
 
+def check_calibration(
+    calibration: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    calib_width: int | None,
+    kernel_width: int,
+    name: str = "calibration",
+) -> int:
+    """The calibration width ESPIRiT uses on the block ``(..., cy, cx)``; a ValueError naming ``name`` otherwise.
+
+    Refused: a block larger than the k-space ``grid``, a ``calib_width`` wider than the block or a width below
+    the kernel, NaN or Inf samples.
+    """
+    cy, cx = int(calibration.shape[-2]), int(calibration.shape[-1])
+    ny, nx = grid
+    if cy > ny or cx > nx:
+        raise ValueError(f"{name}: calibration block {cy}×{cx} is larger than the k-space grid {ny}×{nx}")
+    width = min(cy, cx) if calib_width is None else int(calib_width)
+    if width > min(cy, cx):
+        raise ValueError(f"{name}: calib_width {width} exceeds the calibration block {cy}×{cx}")
+    if width < kernel_width:
+        raise ValueError(
+            f"{name}: calibration region {cy}×{cx} (width {width}) is smaller than the ESPIRiT kernel "
+            f"{kernel_width}×{kernel_width}; at least {kernel_width} fully sampled lines are needed"
+        )
+    if not torch.isfinite(torch.view_as_real(calibration)).all():
+        raise ValueError(f"{name}: calibration data contain NaN or Inf samples")
+    return width
+
+
 def espirit(
     calibration: torch.Tensor,
     grid: tuple[int, int],
@@ -84,20 +114,10 @@ def espirit(
     """
     if calibration.ndim != 4:
         raise ValueError(f"calibration: expected shape (slices, coils, cy, cx), found {tuple(calibration.shape)}")
-    cy, cx = calibration.shape[-2:]
-    ny, nx = grid
-    if cy > ny or cx > nx:
-        raise ValueError(f"calibration block {cy}×{cx} is larger than the k-space grid {ny}×{nx}")
-    width = min(cy, cx) if calib_width is None else int(calib_width)
-    if width > min(cy, cx):
-        raise ValueError(f"calib_width {width} exceeds the calibration block {cy}×{cx}")
-    if width < kernel_width:
-        raise ValueError(f"calibration width {width} is smaller than the ESPIRiT kernel {kernel_width}")
     if max_iter < 1:
         raise ValueError(f"max_iter: expected >= 1, found {max_iter}")
     calibration = calibration.to(torch.complex64)
-    if not torch.isfinite(torch.view_as_real(calibration)).all():
-        raise ValueError("calibration data contain NaN or Inf samples")
+    width = check_calibration(calibration, grid, calib_width=calib_width, kernel_width=kernel_width)
     if calibration.device.type != "cpu":
         return _espirit(calibration, grid, width, kernel_width, threshold, crop, max_iter, chunk_pixels, workers=1)
     workers = torch.get_num_threads()
