@@ -167,7 +167,7 @@ def fit_batch(
     )
     reason = "iterations"
     if outcome.stopped_early:
-        reason = "time budget" if budget is not None and budget.spent else "callback"
+        reason = "time budget" if within_budget is not None and within_budget.spent else "callback"
     seconds = time.perf_counter() - started
     return {**extra, "iterations": outcome.iterations, "stopped": reason, "seconds": seconds}
 

@@ -8,7 +8,6 @@ so stopping on it would have lost ~2.5 dB; a loss plateau stopped 0.7–2.6 dB s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,18 +28,25 @@ class TimeBudget:
         self.seconds = seconds
         self._end = time.monotonic() + seconds
         self._parts_left = parts
-        self.spent = False
 
-    def part(self) -> Callable[[SolverStatus], bool | None]:
+    def part(self) -> BudgetShare:
         """The stopping callback of the next fit."""
         now = time.monotonic()
-        share_end = now + max(0.0, self._end - now) / max(1, self._parts_left)
+        share = BudgetShare(now + max(0.0, self._end - now) / max(1, self._parts_left))
         self._parts_left -= 1
+        return share
 
-        def stop_at_share(status: SolverStatus) -> bool | None:
-            if time.monotonic() < share_end:
-                return None
-            self.spent = True
-            return False
 
-        return stop_at_share
+class BudgetShare:
+    """One fit's share of a :class:`TimeBudget`: a callback that stops the fit at ``end``; ``spent`` once it has."""
+
+    def __init__(self, end: float) -> None:
+        self.end = end
+        self.spent = False
+
+    def __call__(self, status: SolverStatus) -> bool | None:
+        """``False`` (stop) once the share's end has passed."""
+        if time.monotonic() < self.end:
+            return None
+        self.spent = True
+        return False
