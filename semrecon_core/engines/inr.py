@@ -100,6 +100,8 @@ def reconstruct_inr(
         schedule = adam_schedule(
             [(list(inr.parameters()), config.lr), (list(adaptor.parameters()), ADAPTOR_LR)], config.preset
         )
+        common: dict[str, Any] = {"lr": config.lr, "config": config, "callback": callback, "trace": trace}
+        common.update(schedule=schedule, budget=budget)
 
         def phase1(
             inr: InrImage = inr, adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured
@@ -112,34 +114,30 @@ def reconstruct_inr(
             terms = {name: first[name] + second[name] for name in first}
             return refined, terms
 
+        fits.append(
+            fit_batch(
+                phase1, [], prior=phase1_tv, description=f"{description} phase 1", extra={**extra, "phase": 1}, **common
+            )
+        )
+        # phase 2 freezes the SIREN: its image is computed once
+        inr.requires_grad_(False)
+        with torch.no_grad():
+            frozen = inr()
+
         def phase2(
-            inr: InrImage = inr, adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured
+            adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured, base: torch.Tensor = frozen
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            with torch.no_grad():
-                base = inr()
             with autocast(problem.device, config):
                 refined = adaptor(base).to(torch.complex64)
             return refined, loss_terms(refined, op, measured, config, prior, reduction="sampled")
 
-        for phase, closure, tracked in ((1, phase1, phase1_tv), (2, phase2, prior)):
-            if phase == 2:
-                inr.requires_grad_(False)
-            record = fit_batch(
-                closure,
-                [],
-                lr=config.lr,
-                config=config,
-                prior=tracked,
-                callback=callback,
-                trace=trace,
-                description=f"{description} phase {phase}",
-                extra={**extra, "phase": phase},
-                schedule=schedule,
-                budget=budget,
+        fits.append(
+            fit_batch(
+                phase2, [], prior=prior, description=f"{description} phase 2", extra={**extra, "phase": 2}, **common
             )
-            fits.append(record)
+        )
         with torch.no_grad(), autocast(problem.device, config):
-            images.append(adaptor(inr()).detach().to(torch.complex64))
+            images.append(adaptor(frozen).detach().to(torch.complex64))
     info["trainable_parameters"] = count_parameters(InrImage((1, 2, 2), spec))["trainable"]
     name = "SIREN INR (two-phase, adaptor)" if two_phase else "SIREN INR"
     return finish(images, problem, config, name, prior, info, trace.records, fits)
