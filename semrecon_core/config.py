@@ -127,6 +127,9 @@ class ReconConfig:
             network's image ``f`` (0: none; public-code: the authors' 0.5 for the U-Net, 0.05 for the INR).
         stages: unrolled network stages (4; image-language banks: the authors' 8).
         dc_init: initial data-consistency weight of each unrolled stage (0.01; image-language: 0.001).
+        start: where the U-Net's fit starts: ``network`` (its own output, the paper) or ``preview`` (its output
+            plus a fixed offset that makes the first iterate the CG-SENSE preview, so a fit stopped early sends an
+            image near the preview instead of the network's untrained output; online chains).
         slice_batch: slices optimised together (0: all).
         time_budget_s: wall-clock seconds the fit of one scan may take, shared evenly by its slice batches
             (and the INR's two phases); a fit stopped by it keeps its image at that point (0: no limit).
@@ -161,6 +164,7 @@ class ReconConfig:
     final_dc: float | None = None
     stages: int | None = None
     dc_init: float | None = None
+    start: Literal["network", "preview"] = "network"
     slice_batch: int = 0
     time_budget_s: float = 0.0
     calib_width: int = 24
@@ -177,6 +181,9 @@ class ReconConfig:
         _check_choice("similarity", self.similarity, ("pooled", "token-pca", "centred", None))
         _check_choice("autocast", self.autocast, ("bfloat16", "none"))
         _check_choice("espirit", self.espirit, ("sigpy", "torch"))
+        _check_choice("start", self.start, ("network", "preview"))
+        if self.start == "preview" and self.backbone != "unet":
+            raise ConfigError(f"property 'start': 'preview' needs backbone unet, found backbone '{self.backbone}'")
         for name in ("lam", "lr", "sigma", "final_dc", "dc_init"):
             value = getattr(self, name)
             if value is not None and not value >= 0:

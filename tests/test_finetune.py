@@ -15,7 +15,7 @@ from semrecon_core.backbones.checkpoint import save_checkpoint
 from semrecon_core.backbones.siren import SirenSpec
 from semrecon_core.backbones.unet import UNet, UNetSpec
 from semrecon_core.backbones.unrolled import UnrolledNet
-from semrecon_core.config import ReconConfig
+from semrecon_core.config import ConfigError, ReconConfig
 from semrecon_core.data.simulate import coil_maps, simulate_kspace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconResult
@@ -156,6 +156,31 @@ def test_final_data_consistency_moves_towards_the_samples_by_its_weight(case) ->
         residuals.append(float((op(image) - noiseless).norm() / noiseless.norm()))
     assert residuals[0] < 0.05 * before
     assert residuals[0] < residuals[1] < residuals[2] < before  # a softer step keeps more of the network image
+
+
+def test_start_at_preview_makes_the_first_iterate_the_cg_sense_image(case) -> None:
+    _, _, problem, _ = case
+    preview = fit(problem, ReconConfig(backbone="sense")).image
+
+    def first_error(config: ReconConfig) -> tuple[float, ReconResult]:
+        firsts: list[torch.Tensor] = []
+
+        def keep(status: SolverStatus) -> None:
+            if status.solution is not None and not firsts:
+                firsts.append(status.solution.detach().clone())
+
+        result = fit(problem, config, callback=keep)
+        return float((firsts[0] - preview).norm() / preview.norm()), result
+
+    config = ReconConfig(backbone="unet", prior="tv", iterations=10, lr=3e-3, width=8, depth=3, start="preview")
+    anchored_error, anchored = first_error(config)
+    plain_error, _ = first_error(config.replace(start="network"))
+    assert "started at the preview" in anchored.label
+    # the first iterate is the preview (anchored) or the untrained network's output (plain)
+    assert anchored_error < 0.02 < 0.5 < plain_error, (anchored_error, plain_error)
+    assert not torch.allclose(anchored.image, preview, atol=1e-3)  # the network trains: the fit moves the image
+    with pytest.raises(ConfigError, match="'start': 'preview' needs backbone unet, found backbone 'inr'"):
+        ReconConfig(backbone="inr", start="preview")
 
 
 def test_warm_start_lora_trains_adapters_only(case, tmp_path: Path) -> None:

@@ -3,18 +3,26 @@
 With ``config.checkpoint`` the U-Net starts from a warm-start checkpoint and only LoRA adapters (rank
 ``config.lora_rank``; 0 = all weights) train; without one, every weight of a randomly initialised U-Net
 (``config.width``/``config.depth``, default the paper's 64 / 5) trains.
+
+``config.start == "preview"`` adds a fixed offset to the network's output, chosen so that the first iterate is the
+CG-SENSE image the gadget sends as its preview: the fit then moves away from the preview only as far as its
+objective leads it, and a fit stopped early by the time budget is near the preview rather than at the network's
+untrained output.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from semrecon_core.backbones.unet import UNet, UNetSpec
+from semrecon_core.config import ReconConfig
+from semrecon_core.engines.classical import sense
 from semrecon_core.engines.fitting import BatchFit, autocast, finish, fit_network, loss_terms, prepare_network
 from semrecon_core.physics.sense import SenseOp
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from semrecon_core.config import ResolvedConfig
@@ -44,15 +52,30 @@ def reconstruct_unet(
         op = SenseOp(sub.maps, sub.mask)
         measured = sub.kspace * sub.mask.unsqueeze(-3)
         zero_filled = op.adjoint(measured)
+        offset = preview_offset(net, zero_filled, sub) if config.start == "preview" else None
+
+        def output() -> torch.Tensor:
+            image = net(zero_filled)
+            return image if offset is None else image + offset
 
         def closure() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with autocast(problem.device, config):
-                image = net(zero_filled)
+                image = output()
             return image, loss_terms(image, op, measured, config, prior)
 
-        return BatchFit(closure, lambda: net(zero_filled))
+        return BatchFit(closure, output)
 
+    if config.start == "preview":
+        label += ", started at the preview"
     images, trace, fits = fit_network(
         problem, config, base.to(problem.device), prior=prior, callback=callback, name="U-Net", batch=batch
     )
     return finish(images, problem, config, label, prior, info, trace, fits)
+
+
+def preview_offset(net: nn.Module, zero_filled: torch.Tensor, problem: ReconProblem) -> torch.Tensor:
+    """``preview − net(zero_filled)`` for the slices of ``problem``: the CG-SENSE preview the gadget sends."""
+    preview_config = ReconConfig(backbone="sense", prior="none", device=str(problem.device)).resolved()
+    with torch.no_grad():
+        preview = sense(problem, preview_config, prior=None, callback=None).image
+        return preview - net(zero_filled)
