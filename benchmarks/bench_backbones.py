@@ -630,7 +630,13 @@ def _defaults_markdown(summary: dict[str, Any]) -> str:
             "(public-code U-Net and unrolled 0.5, INR 0.05): what that step alone costs or gains on this case."
         ),
         "",
-        f"**Failing rows: {', '.join(failing)}.**" if failing else "**Every row passes both criteria.**",
+        (
+            f"**Failing rows: {', '.join(failing)}.**"
+            if failing
+            else "**Every row passes both criteria.**"
+            if summary["rows"]
+            else "No backbone rows yet."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
