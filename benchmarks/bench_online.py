@@ -179,7 +179,7 @@ def online_run(
     kspace: Any, settings: Any, reference: np.ndarray, *, overrides: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Maps, preview, fit as the gadget runs them; times from the clock start (= the last acquisition in)."""
-    from semrecon_core.gadgetron.gadget import fallback_config
+    from semrecon_core.config import preview_config
     from semrecon_core.pipeline import Pipeline, prepare_problem
 
     config = settings.config if not overrides else settings.config.replace(**overrides)
@@ -190,7 +190,7 @@ def online_run(
     load_seconds = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    preview_pipeline = Pipeline(fallback_config(config).replace(device=config.device))
+    preview_pipeline = Pipeline(preview_config(config).replace(device=config.device))
     started = time.perf_counter()
     maps = pipeline.estimate_maps(kspace)
     maps_at = time.perf_counter() - started

@@ -315,6 +315,15 @@ class ResolvedConfig(ReconConfig):
         return self
 
 
+def preview_config(config: ReconConfig) -> ReconConfig:
+    """The CG-SENSE reconstruction of the preview and fallback images (and of the U-Net's ``start=preview``).
+
+    CPU, no prior, the same seed and calibration width as ``config``; the gadget runs its preview on ``config``'s
+    device.
+    """
+    return ReconConfig(backbone="sense", prior="none", device="cpu", seed=config.seed, calib_width=config.calib_width)
+
+
 _RESOLVED = (
     "lam",
     "iterations",

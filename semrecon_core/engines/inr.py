@@ -100,8 +100,14 @@ def reconstruct_inr(
         schedule = adam_schedule(
             [(list(inr.parameters()), config.lr), (list(adaptor.parameters()), ADAPTOR_LR)], config.preset
         )
-        common: dict[str, Any] = {"lr": config.lr, "config": config, "callback": callback, "trace": trace}
-        common.update(schedule=schedule, budget=budget)
+        common: dict[str, Any] = {
+            "lr": config.lr,
+            "config": config,
+            "callback": callback,
+            "trace": trace,
+            "schedule": schedule,
+            "budget": budget,
+        }
 
         def phase1(
             inr: InrImage = inr, adaptor: Adaptor = adaptor, op: SenseOp = op, measured: torch.Tensor = measured

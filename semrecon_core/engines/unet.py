@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from semrecon_core.backbones.unet import UNet, UNetSpec
-from semrecon_core.config import ReconConfig
+from semrecon_core.config import preview_config
 from semrecon_core.engines.classical import sense
 from semrecon_core.engines.fitting import BatchFit, autocast, finish, fit_network, loss_terms, prepare_network
 from semrecon_core.physics.sense import SenseOp
@@ -52,7 +52,7 @@ def reconstruct_unet(
         op = SenseOp(sub.maps, sub.mask)
         measured = sub.kspace * sub.mask.unsqueeze(-3)
         zero_filled = op.adjoint(measured)
-        offset = preview_offset(net, zero_filled, sub) if config.start == "preview" else None
+        offset = preview_offset(net, zero_filled, sub, config) if config.start == "preview" else None
 
         def output() -> torch.Tensor:
             image = net(zero_filled)
@@ -73,9 +73,14 @@ def reconstruct_unet(
     return finish(images, problem, config, label, prior, info, trace, fits)
 
 
-def preview_offset(net: nn.Module, zero_filled: torch.Tensor, problem: ReconProblem) -> torch.Tensor:
-    """``preview − net(zero_filled)`` for the slices of ``problem``: the CG-SENSE preview the gadget sends."""
-    preview_config = ReconConfig(backbone="sense", prior="none", device=str(problem.device)).resolved()
+def preview_offset(
+    net: nn.Module, zero_filled: torch.Tensor, problem: ReconProblem, config: ResolvedConfig
+) -> torch.Tensor:
+    """``preview − net(zero_filled)`` for the slices of ``problem``, the network run as the fit runs it.
+
+    The preview is the gadget's (:func:`~semrecon_core.config.preview_config`), here on the scaled data.
+    """
     with torch.no_grad():
-        preview = sense(problem, preview_config, prior=None, callback=None).image
-        return preview - net(zero_filled)
+        preview = sense(problem, preview_config(config).resolved(), prior=None, callback=None).image
+        with autocast(problem.device, config):
+            return preview - net(zero_filled)

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from semrecon_core.config import ConfigError, ReconConfig
+from semrecon_core.config import ConfigError, ReconConfig, preview_config
 from semrecon_core.data.images import set_window
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.gadgetron import compat
@@ -65,11 +65,6 @@ log = logging.getLogger(__name__)
 
 # Longest error text put into an image comment (scanner displays truncate long comments anyway).
 _MAX_REASON = 160
-
-
-def fallback_config(config: ReconConfig) -> ReconConfig:
-    """The CG-SENSE configuration of the fallback: CPU, no prior, same seed and calibration width."""
-    return ReconConfig(backbone="sense", prior="none", device="cpu", seed=config.seed, calib_width=config.calib_width)
 
 
 class SemreconGadget:
@@ -96,8 +91,8 @@ class SemreconGadget:
         self.header = header
         self.device_lock = device_lock
         self.pipeline = Pipeline(settings.config, prior=prior)
-        self.fallback = Pipeline(fallback_config(settings.config))
-        self.preview = Pipeline(fallback_config(settings.config).replace(device=settings.config.device))
+        self.fallback = Pipeline(preview_config(settings.config))
+        self.preview = Pipeline(preview_config(settings.config).replace(device=settings.config.device))
         self._indices: defaultdict[int, Iterator[int]] = defaultdict(lambda: itertools.count(1))
         self._buffers = itertools.count(1)
 
