@@ -130,7 +130,8 @@ class ReconConfig:
         start: where the U-Net's fit starts: ``network`` (its own output, the paper) or ``preview`` (its output
             plus a fixed offset that makes the first iterate the CG-SENSE preview, so a fit stopped early sends an
             image near the preview instead of the network's untrained output; online chains).
-        slice_batch: slices optimised together (0: all).
+        slice_batch: slices optimised together (0: as many as the device holds: all on the CPU; on CUDA sized from
+            the memory of one measured fit step, U-Net and unrolled; the INR fits all).
         time_budget_s: wall-clock seconds the fit of one scan may take, shared evenly by its slice batches
             (and the INR's two phases); a fit stopped by it keeps its image at that point (0: no limit).
         calib_width: calibration (ACS) width used for ESPIRiT when the data do not say.

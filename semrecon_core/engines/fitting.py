@@ -3,7 +3,8 @@
 ``min_θ  D(A f_θ(x₀), y) + λ · R(f_θ(x₀))`` where ``A = M F C`` is the SENSE operator of the scan, ``y``
 the measured k-space (scaled so that the zero-filled image has max magnitude 1), ``D`` the data term of the
 preset (:mod:`semrecon_core.engines.objective`) and ``R`` the prior. Slices are fitted in batches of
-``config.slice_batch`` (0 = all), each batch from the same initial weights, by
+``config.slice_batch`` (0 = as many as the device holds: :mod:`semrecon_core.engines.batching`), each batch from
+the same initial weights, by
 :func:`semrecon_core.solvers.adam.adam_fit` with the Adam of the preset (:func:`adam_schedule`).
 
 Adam's second-moment decay β₂ per preset (``ADAM_BETAS``): ``public-code`` keeps PyTorch's (0.9, 0.999) as the
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from semrecon_core.engines.base import ReconProblem, ReconResult
+from semrecon_core.engines.batching import plan_slice_batch, slice_batches
 from semrecon_core.engines.objective import L1Reduction, data_term
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.solvers.adam import STEP_GAMMA, STEP_SIZE, AdamSchedule, Closure, adam_fit
@@ -111,12 +113,6 @@ def autocast(device: torch.device, config: ResolvedConfig) -> AbstractContextMan
     return nullcontext()
 
 
-def slice_batches(slices: int, batch: int) -> list[slice]:
-    """Consecutive slice ranges of at most ``batch`` slices (0: one range of all)."""
-    step = slices if batch <= 0 else batch
-    return [slice(start, min(start + step, slices)) for start in range(0, slices, step)]
-
-
 class TraceRecorder:
     """A callback that keeps every status as a trace record."""
 
@@ -187,14 +183,16 @@ def fit_network(
     name: str,
     batch: Batch,
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Fit a copy of ``base`` to each slice batch.
+    """Fit a copy of ``base`` to each slice batch (sized by :func:`~semrecon_core.engines.batching.plan_slice_batch`).
 
-    Returns the batches' images, the joint trace and one record per batch (:func:`fit_batch`'s).
+    Returns the batches' images, the joint trace and one record per batch (:func:`fit_batch`'s, with the batch
+    size's reason under ``slice_batch``).
     """
     images: list[torch.Tensor] = []
     fits: list[dict[str, Any]] = []
     trace = TraceRecorder()
-    parts = slice_batches(problem.kspace.shape[0], config.slice_batch)
+    plan = plan_slice_batch(problem, config, base, batch)
+    parts = slice_batches(problem.kspace.shape[0], plan.size)
     budget = time_budget(config, len(parts))
     for part in parts:
         net = copy.deepcopy(base).train()
@@ -211,7 +209,7 @@ def fit_network(
             extra={"slices": [part.start, part.stop]},
             budget=budget,
         )
-        fits.append(record)
+        fits.append({**record, "slice_batch": plan.reason})
         with torch.no_grad(), autocast(problem.device, config):
             images.append(fit.final().detach())
     return images, trace.records, fits

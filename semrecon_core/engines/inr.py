@@ -16,6 +16,7 @@ import torch
 
 from semrecon_core.backbones.lora import count_parameters
 from semrecon_core.backbones.siren import Adaptor, InrImage, SirenSpec
+from semrecon_core.engines.batching import slice_batches
 from semrecon_core.engines.fitting import (
     TraceRecorder,
     adam_schedule,
@@ -23,7 +24,6 @@ from semrecon_core.engines.fitting import (
     finish,
     fit_batch,
     loss_terms,
-    slice_batches,
     time_budget,
 )
 from semrecon_core.physics.sense import SenseOp

@@ -1,0 +1,92 @@
+"""Slice batches of a deep fit: how many slices are optimised together.
+
+``config.slice_batch`` > 0 fixes the batch. 0 means as many as the device holds: every slice on the CPU; on CUDA
+the batch is sized from measured memory. One fit step on one slice and one on two slices (each from a fresh copy
+of the network) give the footprint per slice and the fixed part (weights, encoder, workspace); the batch is the
+largest that keeps the projected peak under :data:`HEADROOM` of the memory free before the fit.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from semrecon_core.config import ResolvedConfig
+    from semrecon_core.engines.base import ReconProblem
+    from semrecon_core.engines.fitting import BatchFit
+
+HEADROOM = 0.85
+"""Fraction of the free device memory a slice batch may take (the rest absorbs fragmentation and the images)."""
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The slice batch of a fit and why: ``size`` slices per batch, ``reason`` in words (for the fit's record)."""
+
+    size: int
+    reason: str
+
+
+def slice_batches(slices: int, batch: int) -> list[slice]:
+    """Consecutive slice ranges of at most ``batch`` slices (0: one range of all)."""
+    step = slices if batch <= 0 else batch
+    return [slice(start, min(start + step, slices)) for start in range(0, slices, step)]
+
+
+def batch_for_memory(slices: int, *, free_bytes: int, one_slice_bytes: int, two_slice_bytes: int) -> BatchPlan:
+    """The largest batch whose projected peak, ``fixed + n · per_slice``, stays within ``HEADROOM · free_bytes``.
+
+    ``one_slice_bytes`` / ``two_slice_bytes``: measured peaks of one fit step on one and on two slices. At least one
+    slice (a batch of one that does not fit fails as it would have), at most ``slices``.
+    """
+    per_slice = max(two_slice_bytes - one_slice_bytes, 1)
+    fixed = max(one_slice_bytes - per_slice, 0)
+    size = int((HEADROOM * free_bytes - fixed) // per_slice)
+    size = min(max(size, 1), slices)
+    reason = (
+        f"memory: {free_bytes / GIB:.1f} GiB free, {per_slice / GIB:.2f} GiB per slice + {fixed / GIB:.2f} GiB "
+        f"fixed (measured) → {size} of {slices} slices per batch"
+    )
+    return BatchPlan(size, reason)
+
+
+def step_peak_bytes(batch: Callable[[nn.Module, ReconProblem], BatchFit], base: nn.Module, sub: ReconProblem) -> int:
+    """Peak CUDA memory (bytes above what was allocated before) of one fit step on ``sub`` from a copy of ``base``."""
+    device = sub.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    net = copy.deepcopy(base).train()
+    _, terms = batch(net, sub).closure()
+    terms["loss"].backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del net, terms
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def plan_slice_batch(
+    problem: ReconProblem,
+    config: ResolvedConfig,
+    base: nn.Module,
+    batch: Callable[[nn.Module, ReconProblem], BatchFit],
+) -> BatchPlan:
+    """The slice batch of a fit of ``problem`` (see the module docstring)."""
+    slices = int(problem.kspace.shape[0])
+    if config.slice_batch > 0:
+        return BatchPlan(min(config.slice_batch, slices), f"slice_batch {config.slice_batch} (set)")
+    if problem.device.type != "cuda" or slices == 1:
+        return BatchPlan(slices, "all slices (slice_batch 0)")
+    one = step_peak_bytes(batch, base, problem.select(slice(0, 1)))
+    two = step_peak_bytes(batch, base, problem.select(slice(0, 2)))
+    free, _ = torch.cuda.mem_get_info(problem.device)
+    return batch_for_memory(slices, free_bytes=int(free), one_slice_bytes=one, two_slice_bytes=two)
