@@ -366,7 +366,7 @@ class JanusLanguageEncoder:
         begin = self._token_id(self._token("boi_token", "<begin_of_image>"))
         end = self._token_id(self._token("eoi_token", "<end_of_image>"))
         expanded = [*ids[:tag], begin, *[image_id] * self.num_image_tokens, end, *ids[tag + 1 :]]
-        return torch.tensor(expanded, dtype=torch.long), tag + 1
+        return torch.tensor(expanded, dtype=torch.long, device=self.device), tag + 1
 
     def word_spellings(self, word: str) -> list[tuple[int, ...]]:
         """The distinct token sequences of ``word`` as an answer: as given, capitalised, after a space.
@@ -394,7 +394,7 @@ class JanusLanguageEncoder:
         with precision_context(pixels.device, self.dtype):
             weight_dtype = inner.aligner.fc1.weight.dtype
             features = inner.get_image_features(pixels.to(weight_dtype), return_dict=True).pooler_output
-            text = inner.get_input_embeddings()(self.input_ids.to(pixels.device))
+            text = inner.get_input_embeddings()(self.input_ids.to(pixels.device))  # a no-op: ids live there
         text = text.unsqueeze(0).expand(pixels.shape[0], -1, -1).to(features.dtype)
         if features.shape[1] != self.num_image_tokens:
             raise ValueError(
