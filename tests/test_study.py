@@ -307,3 +307,36 @@ def test_missing_case_and_missing_extra_are_named(tmp_path: Path, capsys: pytest
 
     with pytest.raises(ImportError, match=r"pip install 'semrecon\[study\]'"):
         require("semrecon_no_such_package", "this test")
+
+
+def test_the_trajectory_of_an_image_language_bank_carries_the_models_answers(tiny_janus: Path) -> None:
+    import torch
+
+    from semrecon_core.config import ReconConfig
+    from semrecon_core.data.simulate import simulate_kspace
+    from semrecon_core.encoders.janus import JanusLanguageEncoder
+    from semrecon_core.pipeline import Pipeline
+    from semrecon_core.priors.bank import bank_from_features, embed_images
+    from semrecon_core.priors.semantic import SemanticPrior
+    from semrecon_core.study.tasks import TrajectoryRecorder
+
+    language = JanusLanguageEncoder.from_pretrained(str(tiny_janus))
+    generator = torch.Generator().manual_seed(0)
+    positives = [torch.rand(1, 32, 32, generator=generator).to(torch.complex64) for _ in range(2)]
+    negatives = [p + 0.5 * torch.roll(p, 8, dims=-2) for p in positives]  # aliased copies
+    bank = bank_from_features(
+        embed_images(language, positives), embed_images(language, negatives), identity=language.identity,
+        similarity="centred", weights=(1.0,),
+    )  # fmt: skip
+    prior = SemanticPrior(language, bank)
+    image = (np.eye(64, dtype=np.float32) + 0.1)[None]  # one slice with structure
+    kspace = simulate_kspace(image, coils=4, acceleration=2, acs_width=16, mask_kind="gaussian", seed=0)
+    config = ReconConfig(
+        backbone="unet", prior="semantic", preset="public-code", iterations=4, width=8, depth=2, calib_width=16,
+        lam=0.1, device="cpu",
+    )  # fmt: skip
+    recorder = TrajectoryRecorder(prior)
+    Pipeline(config, prior=prior).run(kspace, callback=recorder)
+    assert recorder.points, "no flush reached the recorder"
+    for point in recorder.points:
+        assert len(point["answer"]) == 1 and set(point["answer"][0]) >= {"answer", "choice", "p_high", "p_low"}

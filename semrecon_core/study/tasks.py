@@ -95,10 +95,15 @@ def thread_limits(threads: int) -> Iterator[None]:
 
 
 class TrajectoryRecorder:
-    """A solver callback keeping, at each flush of the Adam loop, the iterate's embeddings in the bank's space."""
+    """A solver callback keeping, at each flush of the Adam loop, the iterate's embeddings in the bank's space.
+
+    With an image-language bank each point also keeps the model's answer (the prior's ``trace_answers`` is turned
+    on: a prompt pass and a greedy decode per flush, on the trajectory case only), which the Fig. 5 panel writes.
+    """
 
     def __init__(self, prior: Any) -> None:
         self.prior = prior
+        prior.trace_answers = True
         self.points: list[dict[str, Any]] = []
 
     def __call__(self, status: SolverStatus) -> None:
