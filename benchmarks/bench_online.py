@@ -47,7 +47,8 @@ DATA = ROOT.parent / "shared" / "data"
 CHAIN = ROOT / "config" / "semrecon_semantic.xml"
 DINOV2 = Path.home() / ".cache" / "huggingface" / "semrecon" / "dinov2-small-imgfocus"
 PRETRAIN_SLICES = [f"pd_{n:02d}" for n in range(6)]  # the checkpoint's slices
-TEST_SLICES = [f"pd_{n:02d}" for n in range(6, 11)]  # the volume's slices (never pretrained on)
+TEST_SLICES = [f"pd_{n:02d}" for n in range(6, 10)]  # the volume's slices (never pretrained on)
+TUNING_SLICE = "pd_10"  # bench_anytime.py's slice: neither pretrained on nor in the volume
 
 # Stated peak throughputs of one GPU (dense, no sparsity), for the projection.
 GPUS = {
@@ -76,7 +77,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _volume(size: int, slices: int) -> np.ndarray:
-    """``slices`` PD test slices at ``size``²; beyond the five test slices they repeat, every other flipped."""
+    """``slices`` PD test slices at ``size``²; beyond the four test slices they repeat, every other flipped."""
     out = []
     for index in range(slices):
         name = TEST_SLICES[index % len(TEST_SLICES)]

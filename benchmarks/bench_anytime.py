@@ -1,0 +1,229 @@
+"""Anytime fitting of the shipped semantic chain: is every image the fit could send at least as good as the preview?
+
+Issue 11, item 3. The chain (``config/semrecon_semantic.xml``) starts the U-Net's fit at the CG-SENSE preview
+(``start=preview``); what it sends when the time budget stops it is the iterate at that point. This script fits
+one **tuning slice** (``pd_10``, never one of ``bench_online.py``'s test slices, never pretrained on) with the
+chain's settings for a grid of semantic weights λ, and scores every iterate the loop hands over, as it is and after
+a soft data-consistency step ``argmin ‖Ax − y‖² + w‖x − f‖²`` (the chain's ``final_dc``) for each weight ``w``.
+
+Per (λ, w) it reports the worst and the last PSNR of the iterates relative to the preview, and the largest λ whose
+iterates all stay at or above the preview: the λ an online chain could ship with this encoder and bank. The same
+checkpoint and bank as ``bench_online.py`` (``semrecon pretrain`` and a bank from the PD pretraining slices, the
+installed DINOv2).
+
+Writes ``benchmarks/results/anytime.json`` and ``anytime.md``. Run:
+``python benchmarks/bench_anytime.py --work /tmp/bench_online_work`` (reuses a checkpoint and bank found there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from bench_online import (  # the script's directory is on the path when run as a script
+    DATA,
+    DINOV2,
+    RESULTS,
+    TUNING_SLICE,
+    _resize,
+    chain_settings,
+    make_bank,
+    make_checkpoint,
+)
+
+
+def _reuse_or_make(work: Path, size: int, epochs: int) -> tuple[Path, Path]:
+    """The checkpoint and bank in ``work`` when both exist, else made there as ``bench_online.py`` makes them."""
+    checkpoint, bank = work / "unet.safetensors", work / "bank.safetensors"
+    if not checkpoint.is_file():
+        checkpoint, _ = make_checkpoint(work, size, 16, 4, epochs)
+    if not bank.is_file():
+        bank, _ = make_bank(work, size)
+    return checkpoint, bank
+
+
+def sweep(
+    work: Path, *, size: int, lams: list[float], weights: list[float], iterations: int, epochs: int
+) -> dict[str, Any]:
+    """Fit the tuning slice once per λ and score every iterate, raw and after the data-consistency step per weight."""
+    from semrecon_core.config import preview_config
+    from semrecon_core.data.simulate import simulate_kspace
+    from semrecon_core.engines.fitting import final_data_consistency
+    from semrecon_core.metrics import psnr
+    from semrecon_core.physics.sense import SenseOp
+    from semrecon_core.pipeline import Pipeline, prepare_problem
+
+    checkpoint, bank = _reuse_or_make(work, size, epochs)
+    settings = chain_settings(
+        {"bank": str(bank), "encoder": str(DINOV2), "checkpoint": str(checkpoint), "device": "cpu", "layers": "1,7,12"}
+    )
+    image = _resize(np.load(DATA / "knee_fastmri_rss" / f"{TUNING_SLICE}.npy"), size)[None]
+    kspace = simulate_kspace(image, coils=15, acceleration=4, acs_width=24, mask_kind="gaussian", seed=0)
+    assert kspace.ground_truth is not None
+    truth = kspace.ground_truth.abs().numpy()
+    maps = Pipeline(settings.config).estimate_maps(kspace)
+    problem = prepare_problem(kspace, maps, torch.device("cpu"))
+    op = SenseOp(problem.maps, problem.mask)
+    support = maps.abs().square().sum(dim=1) > 0
+    preview = psnr(truth, Pipeline(preview_config(settings.config)).run(kspace, maps=maps).cropped().abs().numpy())
+
+    def score(x: torch.Tensor) -> float:
+        return psnr(truth, (x * support * problem.scale).abs().numpy())
+
+    runs = []
+    for lam in lams:
+        curves: dict[str, list[float]] = {"none": [], **{f"{w:g}": [] for w in weights}}
+        steps: list[int] = []
+
+        def record(status: Any, curves: dict[str, list[float]] = curves, steps: list[int] = steps) -> None:
+            if status.solution is None:
+                return
+            steps.append(status.iteration + 1)
+            x = status.solution.detach().to(torch.complex64)
+            curves["none"].append(score(x))
+            for w in weights:
+                curves[f"{w:g}"].append(score(final_data_consistency(x, problem.kspace, op, weight=w)))
+
+        config = settings.config.replace(lam=lam, iterations=iterations, time_budget_s=0.0)
+        started = time.perf_counter()
+        Pipeline(config).run(kspace, maps=maps, callback=record)
+        seconds = time.perf_counter() - started
+        print(f"λ {lam:g}: {seconds:.0f} s, last iterate {curves['none'][-1] - preview:+.2f} dB", flush=True)
+        runs.append({"lam": lam, "seconds": seconds, "iterations": steps, "curves": curves})
+    return {"preview_psnr": preview, "runs": runs, "checkpoint": str(checkpoint), "bank": str(bank)}
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """Per (λ, data-consistency weight): worst and last iterate against the preview; the largest λ that keeps up.
+
+    An iterate is below the preview when it is more than ``result["tolerance_db"]`` dB below it.
+    """
+    preview = result["preview_psnr"]
+    rows = []
+    for run in result["runs"]:
+        for weight, curve in run["curves"].items():
+            gaps = [value - preview for value in curve]
+            below = [it for it, gap in zip(run["iterations"], gaps, strict=True) if gap < -result["tolerance_db"]]
+            rows.append(
+                {
+                    "lam": run["lam"],
+                    "final_dc": weight,
+                    "worst_db": min(gaps),
+                    "last_db": gaps[-1],
+                    "iterates": len(gaps),
+                    "below": len(below),
+                    "first_below": below[0] if below else None,
+                }
+            )
+    keeping = [row for row in rows if row["lam"] > 0 and row["below"] == 0]
+    best = max(keeping, key=lambda row: row["lam"]) if keeping else None
+    return {"rows": rows, "largest_lam_at_or_above_preview": best}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results as Markdown."""
+    summary = result["summary"]
+    best = summary["largest_lam_at_or_above_preview"]
+    verdict = (
+        f"Largest λ > 0 whose every iterate stays at or above the preview: **λ {best['lam']:g} with final_dc "
+        f"{best['final_dc']}** (last iterate {best['last_db']:+.2f} dB)."
+        if best
+        else "**No λ > 0 keeps every iterate at or above the preview**, with or without the data-consistency step: "
+        "with this encoder and bank the semantic prior moves the image away from the ground truth from its first "
+        "steps, and the step on what is sent gives back part of the loss, not all of it."
+    )
+    lines = [
+        "# Anytime fitting: every iterate of the shipped semantic chain against its preview (tuning slice)",
+        "",
+        (
+            f"Written by `{result['command']}` on {result['machine']} ({result['threads']} thread(s); torch "
+            f"{result['torch']}). Other jobs may share the machine."
+        ),
+        "",
+        (
+            f"- Slice: fastMRI PD knee `{TUNING_SLICE}` at {result['size']}² (the tuning slice: not among "
+            "`bench_online.py`'s test slices, not pretrained on), 15 simulated birdcage coils, R = 4, the paper "
+            "code's 1-D Gaussian mask, 24 ACS lines, seed 0."
+        ),
+        (
+            "- Chain: `config/semrecon_semantic.xml` (U-Net warm start + LoRA 4, `start=preview`, preset paper) "
+            f"with the checkpoint and DINOv2 bank of `bench_online.py`, {result['iterations']} iterations, no time "
+            "budget; λ as listed."
+        ),
+        (
+            f"- Preview (CG-SENSE, the chain's): **{result['preview_psnr']:.2f} dB**. Every iterate the loop hands "
+            "over (every second iteration without a time budget) is scored as it is (final_dc none) and after the "
+            "soft data-consistency step with each weight. An iterate counts as below the preview when it is more "
+            f"than {result['tolerance_db']:g} dB below (the fit with the data term alone moves by about that much)."
+        ),
+        "",
+        verdict,
+        "",
+        "| λ | final_dc | worst iterate − preview (dB) | last iterate − preview (dB) | iterates below the preview |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        below = f"{row['below']} of {row['iterates']}"
+        if row["first_below"]:
+            below += f" (first at {row['first_below']})"
+        lines.append(
+            f"| {row['lam']:g} | {row['final_dc']} | {row['worst_db']:+.2f} | {row['last_db']:+.2f} | {below} |"
+        )
+    lines += [
+        "",
+        "λ 0 is the fit with the data term alone (the prior's λ set to zero): the reference for how far the "
+        "network moves without the prior. Seconds per fit: "
+        + ", ".join(f"λ {run['lam']:g} {run['seconds']:.0f} s" for run in result["runs"])
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Run the sweep (see the module docstring) and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lams", default="0,3e-5,1e-4,4e-4,1.6e-3", help="semantic weights λ (comma-separated)")
+    parser.add_argument("--final-dc", default="0.5,2,8", help="data-consistency weights scored on each iterate")
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--pretrain-epochs", type=int, default=100)
+    parser.add_argument("--tolerance-db", type=float, default=0.05, help="how far below the preview still counts")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, required=True, help="checkpoint and bank (reused when present)")
+    args = parser.parse_args()
+    if not DATA.is_dir() or not DINOV2.is_dir():
+        parser.error(f"needs {DATA} and the DINOv2 encoder at {DINOV2} (semrecon encoder install)")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    lams = [float(v) for v in args.lams.split(",")]
+    weights = [float(v) for v in args.final_dc.split(",")]
+    result = sweep(
+        args.work, size=args.size, lams=lams, weights=weights, iterations=args.iterations, epochs=args.pretrain_epochs
+    )
+    result |= {
+        "command": "python3 benchmarks/bench_anytime.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "size": args.size,
+        "iterations": args.iterations,
+        "tolerance_db": args.tolerance_db,
+    }
+    result["summary"] = summarise(result)
+    (RESULTS / "anytime.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "anytime.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
