@@ -1,7 +1,8 @@
 """``semrecon bank build OUT ...`` and ``semrecon bank info BANK``.
 
 ``build`` reads the sources (:mod:`semrecon_core.priors.bank_sources`: ISMRMRD, fastMRI, ``.cfl``, ``.npy``
-k-space or magnitude images; negatives simulated from the positives unless given), embeds them with the chosen
+k-space, or images: ``.npy``, PNG, TIFF, DICOM, ISMRMRD image files, fastMRI RSS; negatives simulated from the
+positives unless given), embeds them with the chosen
 encoder and saves the bank (:mod:`semrecon_core.priors.bank`); ``info`` prints a bank's metadata and shapes.
 Both report the bank's leave-one-out P/N separability (each embedding, or each image's K perturbed embeddings,
 held out and scored with Eq. 3 against the rest; the AUC of held-out positives vs negatives), so a user sees
@@ -38,7 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = sub.add_parser("build", help="embed positive and negative images into a bank")
     build.add_argument("out", type=Path, help="output bank (.safetensors)")
-    build.add_argument("--positives", nargs="+", required=True, metavar="SRC", help="fully sampled sources")
+    build.add_argument(
+        "--positives",
+        nargs="+",
+        required=True,
+        metavar="SRC",
+        help="fully sampled sources: files or folders of k-space (ISMRMRD, fastMRI, .cfl, .npy) or images (.npy, PNG, "
+        "TIFF, DICOM, ISMRMRD image files, fastMRI reconstruction_rss)",
+    )
     build.add_argument("--negatives", nargs="+", metavar="SRC", help="low-quality sources (default: simulated)")
     build.add_argument("--encoder", default="deepseek-community/Janus-Pro-1B", help="HuggingFace id or directory")
     build.add_argument("--family", choices=("janus", "hf-vision"), default="janus", help="encoder family")
