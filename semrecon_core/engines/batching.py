@@ -20,11 +20,23 @@ if TYPE_CHECKING:
 
     from semrecon_core.config import ResolvedConfig
     from semrecon_core.engines.base import ReconProblem
-    from semrecon_core.engines.fitting import BatchFit
+    from semrecon_core.solvers.adam import Closure
 
 HEADROOM = 0.85
 """Fraction of the free device memory a slice batch may take (the rest absorbs fragmentation and the images)."""
 GIB = 2**30
+
+
+@dataclass
+class BatchFit:
+    """How to fit one slice batch: the training closure and the final image."""
+
+    closure: Closure
+    final: Callable[[], torch.Tensor]
+
+
+Batch = Callable[["nn.Module", "ReconProblem"], BatchFit]
+"""``batch(network, sub_problem) -> BatchFit`` of one slice batch."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ def batch_for_memory(slices: int, *, free_bytes: int, one_slice_bytes: int, two_
     return BatchPlan(size, reason)
 
 
-def step_peak_bytes(batch: Callable[[nn.Module, ReconProblem], BatchFit], base: nn.Module, sub: ReconProblem) -> int:
+def step_peak_bytes(batch: Batch, base: nn.Module, sub: ReconProblem) -> int:
     """Peak CUDA memory (bytes above what was allocated before) of one fit step on ``sub`` from a copy of ``base``."""
     device = sub.device
     torch.cuda.synchronize(device)
@@ -78,7 +90,7 @@ def plan_slice_batch(
     problem: ReconProblem,
     config: ResolvedConfig,
     base: nn.Module,
-    batch: Callable[[nn.Module, ReconProblem], BatchFit],
+    batch: Batch,
 ) -> BatchPlan:
     """The slice batch of a fit of ``problem`` (see the module docstring)."""
     slices = int(problem.kspace.shape[0])

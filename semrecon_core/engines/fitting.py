@@ -23,14 +23,13 @@ import copy
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from semrecon_core.engines.base import ReconProblem, ReconResult
-from semrecon_core.engines.batching import plan_slice_batch, slice_batches
+from semrecon_core.engines.batching import Batch, plan_slice_batch, slice_batches
 from semrecon_core.engines.objective import L1Reduction, data_term
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.solvers.adam import STEP_GAMMA, STEP_SIZE, AdamSchedule, Closure, adam_fit
@@ -59,18 +58,6 @@ def adam_schedule(groups: Sequence[tuple[Sequence[nn.Parameter], float]], preset
 CHECK_EVERY = 1
 """Iterations between two checks of a fit's time budget: every one, so a fit overruns its share by at most one
 iteration (one host synchronisation per iteration, small beside an iteration's encoder passes)."""
-
-
-@dataclass
-class BatchFit:
-    """How to fit one slice batch: the training closure and the final image."""
-
-    closure: Closure
-    final: Callable[[], torch.Tensor]
-
-
-Batch = Callable[[nn.Module, ReconProblem], BatchFit]
-"""``batch(network, sub_problem) -> BatchFit`` of one slice batch."""
 
 
 def loss_terms(

@@ -18,8 +18,9 @@ import torch
 
 from semrecon_core.backbones.unet import UNet, UNetSpec
 from semrecon_core.config import preview_config
+from semrecon_core.engines.batching import BatchFit
 from semrecon_core.engines.classical import sense
-from semrecon_core.engines.fitting import BatchFit, autocast, finish, fit_network, loss_terms, prepare_network
+from semrecon_core.engines.fitting import autocast, finish, fit_network, loss_terms, prepare_network
 from semrecon_core.physics.sense import SenseOp
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from semrecon_core.backbones.unrolled import UnrolledNet, ssdu_split
+from semrecon_core.engines.batching import BatchFit
 from semrecon_core.engines.fitting import (
-    BatchFit,
     autocast,
     finish,
     fit_network,
