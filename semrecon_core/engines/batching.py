@@ -99,6 +99,10 @@ def plan_slice_batch(
     if problem.device.type != "cuda" or slices == 1:
         return BatchPlan(slices, "all slices (slice_batch 0)")
     one = step_peak_bytes(batch, base, problem.select(slice(0, 1)))
-    two = step_peak_bytes(batch, base, problem.select(slice(0, 2)))
+    try:
+        two = step_peak_bytes(batch, base, problem.select(slice(0, 2)))
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return BatchPlan(1, f"memory: a step on two slices ran out of memory → 1 of {slices} slices per batch")
     free, _ = torch.cuda.mem_get_info(problem.device)
     return batch_for_memory(slices, free_bytes=int(free), one_slice_bytes=one, two_slice_bytes=two)
