@@ -1,18 +1,19 @@
 """Anytime fitting of the shipped semantic chain: is every image the fit could send at least as good as the preview?
 
-Issue 11, item 3. The chain (``config/semrecon_semantic.xml``) starts the U-Net's fit at the CG-SENSE preview
-(``start=preview``); what it sends when the time budget stops it is the iterate at that point. This script fits
-one **tuning slice** (``pd_10``, never one of ``bench_online.py``'s test slices, never pretrained on) with the
-chain's settings for a grid of semantic weights λ, and scores every iterate the loop hands over, as it is and after
-a soft data-consistency step ``argmin ‖Ax − y‖² + w‖x − f‖²`` (the chain's ``final_dc``) for each weight ``w``.
+The chain (``config/semrecon_semantic.xml``) starts the U-Net's fit at the CG-SENSE preview (``start=preview``);
+what it sends when the time budget stops it is the iterate at that point. This script fits one **tuning slice**
+(``pd_10``, never one of ``bench_online.py``'s test slices, never pretrained on) with the chain's settings for a grid
+of semantic weights λ, and scores every iterate the loop hands over, as it is and after a soft data-consistency step
+``argmin ‖Ax − y‖² + w‖x − f‖²`` (the chain's ``final_dc``) for each weight ``w``. The chain's bank (DINOv2 layers
+1/7/12, centred: ``bench_online.py``'s) gets the full λ grid; the same bank images embedded with single layers or
+other similarities get a shorter one, so that a verdict is not an artefact of one layer choice.
 
-Per (λ, w) it reports the worst and the last PSNR of the iterates relative to the preview, and the largest λ whose
-iterates all stay at or above the preview: the λ an online chain could ship with this encoder and bank. The same
-checkpoint and bank as ``bench_online.py`` (``semrecon pretrain`` and a bank from the PD pretraining slices, the
-installed DINOv2).
+Per (bank, λ, w) it reports the worst and the last PSNR of the iterates relative to the preview, and the largest λ
+whose iterates all stay at or above it (within ``--tolerance-db``): the λ an online chain could ship with this
+encoder. The checkpoint is ``bench_online.py``'s (``semrecon pretrain`` on the PD pretraining slices).
 
 Writes ``benchmarks/results/anytime.json`` and ``anytime.md``. Run:
-``python benchmarks/bench_anytime.py --work /tmp/bench_online_work`` (reuses a checkpoint and bank found there).
+``python benchmarks/bench_anytime.py --work /tmp/bench_online_work`` (reuses a checkpoint and banks found there).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +42,58 @@ from bench_online import (  # the script's directory is on the path when run as 
 )
 
 
-def _reuse_or_make(work: Path, size: int, epochs: int) -> tuple[Path, Path]:
-    """The checkpoint and bank in ``work`` when both exist, else made there as ``bench_online.py`` makes them."""
-    checkpoint, bank = work / "unet.safetensors", work / "bank.safetensors"
-    if not checkpoint.is_file():
-        checkpoint, _ = make_checkpoint(work, size, 16, 4, epochs)
-    if not bank.is_file():
-        bank, _ = make_bank(work, size)
-    return checkpoint, bank
+@dataclass(frozen=True)
+class Variant:
+    """A bank of the prior: DINOv2 hidden states ``layers`` compared by ``similarity`` (``None``: the preset's)."""
+
+    layers: str
+    similarity: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How the tables name it."""
+        similarity = self.similarity or "centred (the preset's)"
+        chain = " — the chain's" if self == CHAIN else ""
+        return f"layers {self.layers.replace(',', '/')}, {similarity}{chain}"
+
+    def overrides(self) -> dict[str, str]:
+        """Gadget properties selecting this bank's layers, similarity and level weights."""
+        out = {"layers": self.layers}
+        if self.similarity:
+            out["similarity"] = self.similarity
+        if "," not in self.layers:
+            out["level_weights"] = "1"
+        return out
+
+
+CHAIN = Variant("1,7,12")
+OTHER_VARIANTS = "1:centred;7:centred;12:centred;1,7,12:pooled;1,7,12:token-pca"
+
+
+def _bank(work: Path, size: int, variant: Variant) -> Path:
+    """The variant's bank in ``work``, built there (as ``bench_online.py`` builds its bank) when absent."""
+    weights = "1" if "," not in variant.layers else None
+    expected = work / (
+        "bank.safetensors"
+        if variant == CHAIN
+        else f"bank_{variant.layers.replace(',', '-')}_{variant.similarity}.safetensors"
+    )
+    if expected.is_file():
+        return expected
+    path, _ = make_bank(work, size, layers=variant.layers, similarity=variant.similarity, weights=weights)
+    return path
 
 
 def sweep(
-    work: Path, *, size: int, lams: list[float], weights: list[float], iterations: int, epochs: int
+    work: Path,
+    *,
+    size: int,
+    plan: list[tuple[Variant, list[float]]],
+    weights: list[float],
+    iterations: int,
+    epochs: int,
 ) -> dict[str, Any]:
-    """Fit the tuning slice once per λ and score every iterate, raw and after the data-consistency step per weight."""
+    """Fit the tuning slice once per (bank, λ) of ``plan``; score every iterate, raw and after each DC step."""
     from semrecon_core.config import preview_config
     from semrecon_core.data.simulate import simulate_kspace
     from semrecon_core.engines.fitting import final_data_consistency
@@ -61,44 +101,48 @@ def sweep(
     from semrecon_core.physics.sense import SenseOp
     from semrecon_core.pipeline import Pipeline, prepare_problem
 
-    checkpoint, bank = _reuse_or_make(work, size, epochs)
-    settings = chain_settings(
-        {"bank": str(bank), "encoder": str(DINOV2), "checkpoint": str(checkpoint), "device": "cpu", "layers": "1,7,12"}
-    )
+    checkpoint = work / "unet.safetensors"
+    if not checkpoint.is_file():
+        checkpoint, _ = make_checkpoint(work, size, 16, 4, epochs)
+    paths = {"checkpoint": str(checkpoint), "encoder": str(DINOV2), "device": "cpu"}
     image = _resize(np.load(DATA / "knee_fastmri_rss" / f"{TUNING_SLICE}.npy"), size)[None]
     kspace = simulate_kspace(image, coils=15, acceleration=4, acs_width=24, mask_kind="gaussian", seed=0)
     assert kspace.ground_truth is not None
     truth = kspace.ground_truth.abs().numpy()
-    maps = Pipeline(settings.config).estimate_maps(kspace)
+    base = chain_settings({**paths, "bank": "", "prior": "none"}).config
+    maps = Pipeline(base).estimate_maps(kspace)
     problem = prepare_problem(kspace, maps, torch.device("cpu"))
     op = SenseOp(problem.maps, problem.mask)
     support = maps.abs().square().sum(dim=1) > 0
-    preview = psnr(truth, Pipeline(preview_config(settings.config)).run(kspace, maps=maps).cropped().abs().numpy())
+    preview = psnr(truth, Pipeline(preview_config(base)).run(kspace, maps=maps).cropped().abs().numpy())
 
     def score(x: torch.Tensor) -> float:
         return psnr(truth, (x * support * problem.scale).abs().numpy())
 
     runs = []
-    for lam in lams:
-        curves: dict[str, list[float]] = {"none": [], **{f"{w:g}": [] for w in weights}}
-        steps: list[int] = []
+    for variant, lams in plan:
+        settings = chain_settings({**paths, "bank": str(_bank(work, size, variant)), **variant.overrides()})
+        for lam in lams:
+            curves: dict[str, list[float]] = {"none": [], **{f"{w:g}": [] for w in weights}}
+            steps: list[int] = []
 
-        def record(status: Any, curves: dict[str, list[float]] = curves, steps: list[int] = steps) -> None:
-            if status.solution is None:
-                return
-            steps.append(status.iteration + 1)
-            x = status.solution.detach().to(torch.complex64)
-            curves["none"].append(score(x))
-            for w in weights:
-                curves[f"{w:g}"].append(score(final_data_consistency(x, problem.kspace, op, weight=w)))
+            def record(status: Any, curves: dict[str, list[float]] = curves, steps: list[int] = steps) -> None:
+                if status.solution is None:
+                    return
+                steps.append(status.iteration + 1)
+                x = status.solution.detach().to(torch.complex64)
+                curves["none"].append(score(x))
+                for w in weights:
+                    curves[f"{w:g}"].append(score(final_data_consistency(x, problem.kspace, op, weight=w)))
 
-        config = settings.config.replace(lam=lam, iterations=iterations, time_budget_s=0.0)
-        started = time.perf_counter()
-        Pipeline(config).run(kspace, maps=maps, callback=record)
-        seconds = time.perf_counter() - started
-        print(f"λ {lam:g}: {seconds:.0f} s, last iterate {curves['none'][-1] - preview:+.2f} dB", flush=True)
-        runs.append({"lam": lam, "seconds": seconds, "iterations": steps, "curves": curves})
-    return {"preview_psnr": preview, "runs": runs, "checkpoint": str(checkpoint), "bank": str(bank)}
+            config = settings.config.replace(lam=lam, iterations=iterations, time_budget_s=0.0)
+            started = time.perf_counter()
+            Pipeline(config).run(kspace, maps=maps, callback=record)
+            seconds = time.perf_counter() - started
+            last = curves["none"][-1] - preview
+            print(f"{variant.label}, λ {lam:g}: {seconds:.0f} s, last iterate {last:+.2f} dB", flush=True)
+            runs.append({"bank": variant.label, "lam": lam, "seconds": seconds, "iterations": steps, "curves": curves})
+    return {"preview_psnr": preview, "runs": runs, "checkpoint": str(checkpoint)}
 
 
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +158,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             below = [it for it, gap in zip(run["iterations"], gaps, strict=True) if gap < -result["tolerance_db"]]
             rows.append(
                 {
+                    "bank": run["bank"],
                     "lam": run["lam"],
                     "final_dc": weight,
                     "worst_db": min(gaps),
@@ -134,11 +179,12 @@ def markdown(result: dict[str, Any]) -> str:
     best = summary["largest_lam_at_or_above_preview"]
     verdict = (
         f"Largest λ > 0 whose every iterate stays at or above the preview: **λ {best['lam']:g} with final_dc "
-        f"{best['final_dc']}** (last iterate {best['last_db']:+.2f} dB)."
+        f"{best['final_dc']}, bank {best['bank']}** (last iterate {best['last_db']:+.2f} dB)."
         if best
-        else "**No λ > 0 keeps every iterate at or above the preview**, with or without the data-consistency step: "
-        "with this encoder and bank the semantic prior moves the image away from the ground truth from its first "
-        "steps, and the step on what is sent gives back part of the loss, not all of it."
+        else "**No λ > 0 keeps every iterate at or above the preview** (within the tolerance), with any of these "
+        "banks, with or without the data-consistency step: with this encoder the semantic prior moves the image "
+        "away from the ground truth from its first steps, and the step on what is sent gives back part of the "
+        "loss, not all of it."
     )
     lines = [
         "# Anytime fitting: every iterate of the shipped semantic chain against its preview (tuning slice)",
@@ -155,8 +201,9 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         (
             "- Chain: `config/semrecon_semantic.xml` (U-Net warm start + LoRA 4, `start=preview`, preset paper) "
-            f"with the checkpoint and DINOv2 bank of `bench_online.py`, {result['iterations']} iterations, no time "
-            "budget; λ as listed."
+            f"with the checkpoint of `bench_online.py`, {result['iterations']} iterations, no time budget. Banks: the "
+            "chain's (`bench_online.py`'s: DINOv2 layers 1/7/12, centred) over the λ grid, and the same images "
+            "embedded with other layers (level weight 1) or similarities over a shorter grid."
         ),
         (
             f"- Preview (CG-SENSE, the chain's): **{result['preview_psnr']:.2f} dB**. Every iterate the loop hands "
@@ -167,21 +214,22 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         verdict,
         "",
-        "| λ | final_dc | worst iterate − preview (dB) | last iterate − preview (dB) | iterates below the preview |",
-        "|---|---|---|---|---|",
+        "| bank | λ | final_dc | worst iterate − preview (dB) | last iterate − preview (dB) | iterates below |",
+        "|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         below = f"{row['below']} of {row['iterates']}"
         if row["first_below"]:
             below += f" (first at {row['first_below']})"
         lines.append(
-            f"| {row['lam']:g} | {row['final_dc']} | {row['worst_db']:+.2f} | {row['last_db']:+.2f} | {below} |"
+            f"| {row['bank']} | {row['lam']:g} | {row['final_dc']} | {row['worst_db']:+.2f} | {row['last_db']:+.2f} "
+            f"| {below} |"
         )
     lines += [
         "",
         "λ 0 is the fit with the data term alone (the prior's λ set to zero): the reference for how far the "
         "network moves without the prior. Seconds per fit: "
-        + ", ".join(f"λ {run['lam']:g} {run['seconds']:.0f} s" for run in result["runs"])
+        + ", ".join(f"{run['seconds']:.0f} s" for run in result["runs"])
         + ".",
         "",
     ]
@@ -192,6 +240,10 @@ def main() -> int:
     """Run the sweep (see the module docstring) and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lams", default="0,3e-5,1e-4,4e-4,1.6e-3", help="semantic weights λ (comma-separated)")
+    parser.add_argument(
+        "--variants", default=OTHER_VARIANTS, help="other banks, LAYERS:SIMILARITY;... ('' for the chain's only)"
+    )
+    parser.add_argument("--variant-lams", default="4e-4,1.6e-3", help="λ of the other banks")
     parser.add_argument("--final-dc", default="0.5,2,8", help="data-consistency weights scored on each iterate")
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--size", type=int, default=128)
@@ -204,10 +256,14 @@ def main() -> int:
         parser.error(f"needs {DATA} and the DINOv2 encoder at {DINOV2} (semrecon encoder install)")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    lams = [float(v) for v in args.lams.split(",")]
+    plan = [(CHAIN, [float(v) for v in args.lams.split(",")])]
+    variant_lams = [float(v) for v in args.variant_lams.split(",")]
+    for item in filter(None, args.variants.split(";")):
+        layers, _, similarity = item.partition(":")
+        plan.append((Variant(layers, similarity or None), variant_lams))
     weights = [float(v) for v in args.final_dc.split(",")]
     result = sweep(
-        args.work, size=args.size, lams=lams, weights=weights, iterations=args.iterations, epochs=args.pretrain_epochs
+        args.work, size=args.size, plan=plan, weights=weights, iterations=args.iterations, epochs=args.pretrain_epochs
     )
     result |= {
         "command": "python3 benchmarks/bench_anytime.py " + " ".join(sys.argv[1:]),

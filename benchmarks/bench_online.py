@@ -106,30 +106,35 @@ def make_checkpoint(work: Path, size: int, width: int, depth: int, epochs: int) 
     return out, time.perf_counter() - started
 
 
-def make_bank(work: Path, size: int) -> tuple[Path, float]:
+def make_bank(
+    work: Path, size: int, *, layers: str = "1,7,12", similarity: str | None = None, weights: str | None = None
+) -> tuple[Path, float]:
     """A DINOv2 bank: the pretraining PD slices at ``size``² (positives), three zero-filled versions each (negatives).
 
     The site's own images of the scan's contrast, as for the checkpoint (README, the three setup steps); a bank of
-    another contrast (PD fat-suppressed) pulls the PD images towards it.
+    another contrast (PD fat-suppressed) pulls the PD images towards it. ``layers``, ``similarity`` and ``weights``
+    (default the preset's) go to ``semrecon bank build``; the images are made once per ``work`` directory.
     """
     from semrecon_core.priors.bank_sources import read_source, undersampled_versions
 
     positives, negatives = work / "bank_positives", work / "bank_negatives"
-    positives.mkdir(exist_ok=True)
-    negatives.mkdir(exist_ok=True)
-    for name in PRETRAIN_SLICES:
-        np.save(positives / f"{name}.npy", _resize(np.load(DATA / "knee_fastmri_rss" / f"{name}.npy"), size))
-    rng = np.random.default_rng(0)
-    acs = 16 if size < 192 else 24  # 24 ACS lines do not fit R > 5.3 on 128 lines
-    for path in sorted(positives.glob("*.npy")) * 3:
-        source = read_source(path, "positives")
-        for image, r in undersampled_versions(source, rng, acs_width=acs):
-            name = f"{path.stem}_R{r:.2f}_{rng.integers(1000):03d}.npy"
-            np.save(negatives / name, image.abs().squeeze(0).numpy().astype(np.float32))
-    out = work / "bank.safetensors"
+    if not negatives.is_dir():
+        positives.mkdir(exist_ok=True)
+        for name in PRETRAIN_SLICES:
+            np.save(positives / f"{name}.npy", _resize(np.load(DATA / "knee_fastmri_rss" / f"{name}.npy"), size))
+        negatives.mkdir()
+        rng = np.random.default_rng(0)
+        for path in sorted(positives.glob("*.npy")) * 3:
+            for image, r in undersampled_versions(read_source(path, "positives"), rng):
+                name = f"{path.stem}_R{r:.2f}_{rng.integers(1000):03d}.npy"
+                np.save(negatives / name, image.abs().squeeze(0).numpy().astype(np.float32))
+    options = ["--layers", layers] + (["--similarity", similarity] if similarity else [])
+    options += ["--weights", weights] if weights else []
+    default = layers == "1,7,12" and not similarity and not weights
+    out = work / ("bank.safetensors" if default else f"bank_{layers.replace(',', '-')}_{similarity}.safetensors")
     started = time.perf_counter()
     _semrecon(
-        "bank", "build", str(out), "--encoder", str(DINOV2), "--family", "hf-vision", "--layers", "1,7,12",
+        "bank", "build", str(out), "--encoder", str(DINOV2), "--family", "hf-vision", *options,
         "--positives", str(positives), "--negatives", str(negatives), "--seed", "0",
     )  # fmt: skip
     return out, time.perf_counter() - started
