@@ -113,3 +113,25 @@ def test_pdhg_stops_when_the_callback_returns_false() -> None:
     assert [status.iteration for status in statuses] == [0, 1, 2, 3, 4]
     assert torch.equal(stopped, _denoise_by_pdhg(noisy, tv, iterations=5))
     assert torch.equal(stopped, statuses[-1].solution)
+
+
+def test_adam_uses_the_fused_kernel_where_it_applies_and_computes_the_loops_update() -> None:
+    import torch
+
+    from semrecon_core.solvers.adam import adam_optimizer
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    loop_weights = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = adam_optimizer([(weights, 1e-2)], betas=(0.9, 0.99))
+    loop = torch.optim.Adam(loop_weights, lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    assert fused.defaults["fused"] is True
+    for step in range(5):
+        for optimizer, params in ((fused, weights), (loop, loop_weights)):
+            optimizer.zero_grad()
+            sum(((p - step) ** 2).sum() for p in params).backward()
+            optimizer.step()
+    for a, b in zip(weights, loop_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    complex_weight = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    assert not adam_optimizer([([complex_weight], 1e-2)]).defaults["fused"]  # no fused kernel for complex

@@ -108,10 +108,12 @@ def pretrain(
     import torch
     from tqdm.auto import tqdm
 
+    from semrecon_core.solvers.adam import adam_optimizer
+
     if not pairs:
         raise ValueError("pretraining: no training images")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=lr)
+    optimizer = adam_optimizer([([p for p in network.parameters() if p.requires_grad], lr)])
     network.train()
     history: list[float] = []
     with tqdm(total=epochs * len(pairs), desc="pretraining", unit="step", disable=None) as bar:

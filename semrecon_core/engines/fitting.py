@@ -32,7 +32,7 @@ from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.engines.batching import Batch, plan_slice_batch, slice_batches
 from semrecon_core.engines.objective import L1Reduction, data_term
 from semrecon_core.physics.sense import SenseOp
-from semrecon_core.solvers.adam import STEP_GAMMA, STEP_SIZE, AdamSchedule, Closure, adam_fit
+from semrecon_core.solvers.adam import AdamSchedule, Closure, adam_fit
 from semrecon_core.solvers.budget import TimeBudget
 from semrecon_core.solvers.cg import conjugate_gradient
 from semrecon_core.solvers.status import Callback, SolverStatus, chain
@@ -49,10 +49,7 @@ ADAM_BETAS: dict[str, tuple[float, float]] = {"paper": (0.9, 0.99), "public-code
 
 def adam_schedule(groups: Sequence[tuple[Sequence[nn.Parameter], float]], preset: Preset) -> AdamSchedule:
     """Adam with the preset's betas and the authors' ``StepLR(1000, 0.5)``, one group per ``(parameters, lr)``."""
-    optimizer = torch.optim.Adam(
-        [{"params": list(params), "lr": lr} for params, lr in groups], betas=ADAM_BETAS[preset]
-    )
-    return AdamSchedule(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=STEP_SIZE, gamma=STEP_GAMMA))
+    return AdamSchedule.create(groups, betas=ADAM_BETAS[preset])
 
 
 CHECK_EVERY = 1
