@@ -92,3 +92,18 @@ def test_dockerfile_derives_from_gadgetron_and_copies_existing_paths() -> None:
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"Dockerfile copies {source}, which the repository lacks"
+
+
+def test_the_docker_image_has_a_volume_for_every_path_the_semantic_chain_reads() -> None:
+    import re
+
+    from semrecon_core.emulation.chain import parse_chain
+
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    volumes = re.search(r"^VOLUME \[(.*)\]$", text, re.MULTILINE)
+    assert volumes is not None
+    mounted = {v.strip().strip('"') for v in volumes.group(1).split(",")}
+    node = next(n for n in parse_chain(ROOT / "config" / "semrecon_semantic.xml").nodes if n.kind == "external")
+    for name in ("bank", "checkpoint"):
+        assert str(Path(node.properties[name]).parent) in mounted, name
+    assert "[semantic,gpu]" in text  # CuPy: sigpy's ESPIRiT on the GPU
