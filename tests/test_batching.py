@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from semrecon_core.config import ReconConfig
 from semrecon_core.data.simulate import simulate_kspace
@@ -60,7 +59,7 @@ def test_the_fit_records_its_batch_and_why(slice_batch: int, batches: int, reaso
     assert all(fit["slice_batch"].startswith(reason) for fit in fits)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the batch is sized from its memory)")
+@pytest.mark.cuda
 def test_on_cuda_the_batch_is_sized_from_measured_memory() -> None:
     config = ReconConfig(
         backbone="unet", prior="tv", iterations=2, width=8, depth=2, calib_width=16, slice_batch=0, device="cuda"
