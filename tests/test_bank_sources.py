@@ -32,7 +32,7 @@ def _png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
-def _dicom(path: Path, stored: np.ndarray, *, slope: float = 1.0, samples: int = 1) -> Path:
+def _dicom(path: Path, stored: np.ndarray, *, slope: float = 1.0, samples: int = 1, inverted: bool = False) -> Path:
     pydicom = pytest.importorskip("pydicom", reason="DICOM sources need pydicom: pip install 'semrecon[semantic]'")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -47,7 +47,7 @@ def _dicom(path: Path, stored: np.ndarray, *, slope: float = 1.0, samples: int =
     dataset.Modality = "MR"
     dataset.Rows, dataset.Columns = stored.shape[-2:]
     dataset.SamplesPerPixel = samples
-    dataset.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
+    dataset.PhotometricInterpretation = "RGB" if samples > 1 else ("MONOCHROME1" if inverted else "MONOCHROME2")
     dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
     dataset.RescaleSlope, dataset.RescaleIntercept = slope, 0.0
     if samples > 1:
@@ -72,6 +72,7 @@ def test_png_tiff_dicom_ismrmrd_and_fastmri_images_read_as_written(tmp_path: Pat
         "8-bit PNG": (_png(tmp_path / "a.png", grey8), grey8[None]),
         "16-bit PNG": (_png(tmp_path / "b.png", grey16), grey16[None]),
         "DICOM (slope 2)": (_dicom(tmp_path / "c.dcm", grey16, slope=2.0), 2.0 * grey16[None]),
+        "DICOM MONOCHROME1": (_dicom(tmp_path / "c1.dcm", grey16, inverted=True), grey16.max() - grey16[None]),
     }
     pages = [Image.fromarray(grey8), Image.fromarray(grey8[::-1].copy())]
     pages[0].save(tmp_path / "d.tif", save_all=True, append_images=pages[1:])
@@ -81,6 +82,12 @@ def test_png_tiff_dicom_ismrmrd_and_fastmri_images_read_as_written(tmp_path: Pat
     written["ISMRMRD images"] = (tmp_path / "e.h5", np.stack([image, 2 * image]))
     write_images(tmp_path / "e_complex.h5", [ismrmrd.Image.from_array(complex_image)])
     written["ISMRMRD complex images"] = (tmp_path / "e_complex.h5", image[None])
+    ushort = np.round(300 + image * 60000).astype(np.uint16)  # Gadgetron's usual output; squares overflow 16 bits
+    write_images(tmp_path / "e_ushort.h5", [ismrmrd.Image.from_array(ushort)])
+    written["ISMRMRD unsigned short images"] = (tmp_path / "e_ushort.h5", ushort[None].astype(np.float32))
+    short = np.round(image * 30000).astype(np.int16)
+    write_images(tmp_path / "e_short.h5", [ismrmrd.Image.from_array(short)])
+    written["ISMRMRD short images"] = (tmp_path / "e_short.h5", short[None].astype(np.float32))
     with h5py.File(tmp_path / "f.h5", "w") as file:
         file["reconstruction_rss"] = np.stack([image, image.T])
     written["fastMRI RSS"] = (tmp_path / "f.h5", np.stack([image, image.T]))
@@ -93,22 +100,29 @@ def test_png_tiff_dicom_ismrmrd_and_fastmri_images_read_as_written(tmp_path: Pat
         assert hashlib.sha256(path.read_bytes()).hexdigest() == before, f"{what}: input modified"
 
 
-def test_a_folder_finds_dicom_files_without_a_suffix(tmp_path: Path, image: np.ndarray) -> None:
+def test_a_folder_finds_dicom_files_by_their_preamble(tmp_path: Path, image: np.ndarray) -> None:
     grey16 = np.round(image * 1000).astype(np.uint16)
     _dicom(tmp_path / "IM0001", grey16)
-    (tmp_path / "notes").write_text("not an image")
+    _dicom(tmp_path / "1.2.840.113619.2.55", grey16)  # a UID for a name: its "suffix" is .55
+    _dicom(tmp_path / "DICOMDIR", grey16)  # the media index (here any DICOM file under that name): not an image
+    (tmp_path / "notes.txt").write_text("not an image")
     _png(tmp_path / "a.png", np.round(image * 255).astype(np.uint8))
     found = expand_sources([tmp_path], "positives")
-    assert [p.name for p in found] == ["IM0001", "a.png"]
+    assert [p.name for p in found] == ["1.2.840.113619.2.55", "IM0001", "a.png"]
     np.testing.assert_array_equal(read_source(found[0], "positives").images.real.numpy(), grey16[None])
 
 
 def test_broken_image_files_are_named_errors(tmp_path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     (tmp_path / "text.dcm").write_text("not DICOM")
     colour = _dicom(tmp_path / "colour.dcm", np.round(image * 1000).astype(np.uint16), samples=3)
     _png(tmp_path / "tiny.png", np.zeros((4, 4), np.uint8))
+    pages = [Image.fromarray(np.zeros((16, 16), np.uint8)), Image.fromarray(np.zeros((8, 16), np.uint8))]
+    pages[0].save(tmp_path / "mixed.tif", save_all=True, append_images=pages[1:])
     cases = {
+        "mixed.tif": "pages of different sizes [(8, 16), (16, 16)]",
         "broken.png": "cannot be read as an image",
         "text.dcm": "not a readable DICOM file",
         colour.name: "SamplesPerPixel 3; expected 1",

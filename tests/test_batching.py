@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from semrecon_core.config import ReconConfig
 from semrecon_core.data.simulate import simulate_kspace
-from semrecon_core.engines.batching import GIB, HEADROOM, batch_for_memory, slice_batches
+from semrecon_core.engines.batching import GIB, HEADROOM, batch_for_memory, plan_slice_batch, slice_batches
 from semrecon_core.pipeline import Pipeline
 
 
@@ -66,3 +67,40 @@ def test_on_cuda_the_batch_is_sized_from_measured_memory() -> None:
     )
     fits = _problem_fit(config)["fits"]
     assert fits[0]["slice_batch"].startswith("memory:") and "3 of 3 slices" in fits[0]["slice_batch"], fits[0]
+
+
+def _fake_cuda_problem(slices: int):
+    """A stand-in for a problem on a CUDA device: only what the planner reads (no CUDA needed)."""
+    from types import SimpleNamespace
+
+    problem = SimpleNamespace(kspace=torch.zeros(slices, 1, 4, 4), device=torch.device("cuda"))
+    problem.select = lambda part: SimpleNamespace(n=len(range(*part.indices(slices))))
+    return problem
+
+
+def test_the_planner_sizes_from_its_measurements_and_falls_back_to_one_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from semrecon_core.engines import batching
+
+    calls: list[int] = []
+
+    def measured(batch, base, sub) -> int:  # 1 GiB per slice on top of 0.5 GiB; the first call (warm-up) costs more
+        calls.append(sub.n)
+        return int((3.0 if len(calls) == 1 else 0.5 + sub.n) * GIB)
+
+    network = torch.nn.Linear(1024, 1024)  # 4 MiB of trainable weights: 8 MiB of Adam moments
+    config = ReconConfig(backbone="unet", slice_batch=0).resolved()
+    monkeypatch.setattr(batching, "step_peak_bytes", measured)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * GIB, 80 * GIB))
+    plan = plan_slice_batch(_fake_cuda_problem(35), config, network, batch=None)
+    assert calls == [1, 1, 2]  # warm-up, one slice, two slices
+    assert plan.size == 7 and "7 of 35 slices" in plan.reason  # (0.85 · 10 − 0.5 − 0.008) / 1 = 7.99
+
+    def out_of_memory(batch, base, sub) -> int:
+        if sub.n == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return GIB
+
+    monkeypatch.setattr(batching, "step_peak_bytes", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    plan = plan_slice_batch(_fake_cuda_problem(35), config, network, batch=None)
+    assert plan.size == 1 and "ran out of memory" in plan.reason

@@ -79,6 +79,8 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
         assert ssim(truth, magnitude) == pytest.approx(row["ssim"], abs=1e-4)
         assert row["psnr_db"] > low_psnr and row["ssim"] > low_ssim and row["tenengrad"] > 0, row
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    cg_sense, deep_tv = (images[k].data.reshape(truth.shape) for k in (1, CLASSICAL))
+    assert np.abs(deep_tv - cg_sense).max() > 1e-4 * np.abs(cg_sense).max()  # the fit moved from its start
     summary["comments"] = [image.meta["GADGETRON_ImageComment"] for image in images]
     return summary
 
@@ -125,3 +127,8 @@ def test_demo_fast_with_the_installed_dinov2(tmp_path: Path, capsys: pytest.Capt
 def test_demo_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path / "d"), "--size", "8"]) == 2
     assert "--size" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_pretraining_without_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--fast", "--pretrain-epochs", "0"]) == 2
+    assert "--pretrain-epochs: expected at least 1, found 0" in capsys.readouterr().err

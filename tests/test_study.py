@@ -336,7 +336,9 @@ def test_the_trajectory_of_an_image_language_bank_carries_the_models_answers(tin
         lam=0.1, device="cpu",
     )  # fmt: skip
     recorder = TrajectoryRecorder(prior)
-    Pipeline(config, prior=prior).run(kspace, callback=recorder)
+    with recorder:
+        Pipeline(config, prior=prior).run(kspace, callback=recorder)
+    assert not prior.trace_answers  # restored: later items sharing the prior do not decode at every flush
     assert recorder.points, "no flush reached the recorder"
     for point in recorder.points:
         assert len(point["answer"]) == 1 and set(point["answer"][0]) >= {"answer", "choice", "p_high", "p_low"}

@@ -100,10 +100,11 @@ def pretrain(
     epochs: int,
     lr: float = 1e-3,
     seed: int = 0,
+    device: Any = "cpu",
 ) -> list[float]:
-    """Supervised training of ``network`` on ``pairs`` (one example per step, shuffled per epoch).
+    """Supervised training of ``network`` on ``pairs`` (one example per step, shuffled per epoch) on ``device``.
 
-    Returns the mean L1 loss per epoch.
+    The network is moved to ``device`` (and stays there). Returns the mean L1 loss per epoch.
     """
     import torch
     from tqdm.auto import tqdm
@@ -113,12 +114,20 @@ def pretrain(
     if not pairs:
         raise ValueError("pretraining: no training images")
     generator = torch.Generator().manual_seed(seed)
+    network.to(device)
+    pairs = [
+        dataclasses.replace(
+            pair,
+            **{name: getattr(pair, name).to(device) for name in ("zero_filled", "target", "kspace", "mask", "maps")},
+        )
+        for pair in pairs
+    ]
     optimizer = adam_optimizer([([p for p in network.parameters() if p.requires_grad], lr)])
     network.train()
     history: list[float] = []
     with tqdm(total=epochs * len(pairs), desc="pretraining", unit="step", disable=None) as bar:
         for epoch in range(epochs):
-            total = torch.zeros(())
+            total = torch.zeros((), device=device)
             for index in torch.randperm(len(pairs), generator=generator).tolist():
                 pair = pairs[index]
                 optimizer.zero_grad(set_to_none=True)

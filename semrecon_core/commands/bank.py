@@ -179,7 +179,11 @@ def build(args: argparse.Namespace) -> Path:
         "sources": images.records,
         "sigma": sigma if args.kind == "language" else None,
         "perturbations": count,
-        "negatives": "given" if negative_files else "simulated: zero-filled RSS, gaussian 1-D mask, R~U[3,8], 24 ACS",
+        "negatives": (
+            "given"
+            if negative_files
+            else "simulated: zero-filled RSS, gaussian 1-D mask, R~U[3,8], 24 ACS lines (lines/8 under 192 lines)"
+        ),
         "preset": args.preset,
         "seed": args.seed,
     }

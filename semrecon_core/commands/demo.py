@@ -57,7 +57,7 @@ INR × 0.1."""
 COILS, ACCELERATION = 8, 4
 """The simulated scan: birdcage coils and the acceleration of the paper's 1-D Gaussian mask."""
 PRETRAIN_EPOCHS = 30
-"""Epochs of the demo's warm-start pretraining (10 b0 slices; about 10 s at 160² on 2 CPU cores)."""
+"""Epochs of the demo's warm-start pretraining (10 b0 slices; about 10 s at 160² with the CPU network on 2 cores)."""
 DINOV2_LAYERS = (1, 7, 12)
 """Hidden states of the DINOv2 ViT-S/14 the prior compares (its 12 layers: early, middle, last)."""
 ANATOMY_FILE = "t1_coronal_slice.npy"
@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pretrain-epochs",
         type=int,
         default=None,
-        help=f"epochs of the U-Net's warm-start pretraining on the b0 slices (default {PRETRAIN_EPOCHS}, --fast 5)",
+        help=f"U-Net only: epochs of its warm-start pretraining on the b0 slices (default {PRETRAIN_EPOCHS}, --fast 5)",
     )
     parser.add_argument("--size", type=int, default=None, help="image size (default 160, --fast 64)")
     parser.add_argument(
@@ -268,6 +268,7 @@ def build_demo_checkpoint(out: Path, config: ReconConfig, size: int, *, epochs: 
     from semrecon_core.backbones.pretrain import pretrain, simulate_pair
     from semrecon_core.backbones.unet import UNet
     from semrecon_core.engines.unet import unet_spec
+    from semrecon_core.pipeline import resolve_device
 
     first_seed = config.seed + 1000  # not the scan's mask
     pairs = [
@@ -284,7 +285,8 @@ def build_demo_checkpoint(out: Path, config: ReconConfig, size: int, *, epochs: 
     ]
     torch.manual_seed(config.seed)
     network = UNet(unet_spec(config.resolved()))
-    history = pretrain(network, pairs, epochs=epochs, seed=config.seed)
+    history = pretrain(network, pairs, epochs=epochs, seed=config.seed, device=resolve_device(config.device))
+    network.cpu()
     metadata = {
         "data": [{"path": f"dipy {BANK_FILE} (b0 brain slices, not the demo anatomy)", "slices": len(pairs)}],
         "masks": {

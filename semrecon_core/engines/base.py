@@ -28,6 +28,7 @@ class ReconProblem:
         maps: complex64 coil maps ``(slices, coils, y, x)``.
         scale: the factor the data were divided by (max of the zero-filled image magnitude).
         device: where the tensors live.
+        first_slice: the index of the first slice in the scan (a sub-problem's place in its volume).
     """
 
     kspace: torch.Tensor
@@ -35,11 +36,17 @@ class ReconProblem:
     maps: torch.Tensor
     scale: float
     device: torch.device
+    first_slice: int = 0
 
     def select(self, part: slice) -> ReconProblem:
         """The sub-problem of the slices in ``part`` (same scale and device)."""
         return ReconProblem(
-            kspace=self.kspace[part], mask=self.mask[part], maps=self.maps[part], scale=self.scale, device=self.device
+            kspace=self.kspace[part],
+            mask=self.mask[part],
+            maps=self.maps[part],
+            scale=self.scale,
+            device=self.device,
+            first_slice=self.first_slice + (part.start or 0),
         )
 
 

@@ -1,9 +1,10 @@
 """Slice batches of a deep fit: how many slices are optimised together.
 
 ``config.slice_batch`` > 0 fixes the batch. 0 means as many as the device holds: every slice on the CPU; on CUDA
-the batch is sized from measured memory. One fit step on one slice and one on two slices (each from a fresh copy
-of the network) give the footprint per slice and the fixed part (weights, encoder, workspace); the batch is the
-largest that keeps the projected peak under :data:`HEADROOM` of the memory free before the fit.
+the batch is sized from measured memory. After one discarded warm-up step (one-time allocations such as library
+workspaces), one fit step on one slice and one on two slices (each from a fresh copy of the network) give the
+footprint per slice and the fixed part (network copy, gradients, workspace), to which Adam's two moment buffers
+are added; the batch is the largest that keeps the projected peak under :data:`HEADROOM` of the memory free.
 """
 
 from __future__ import annotations
@@ -53,14 +54,17 @@ def slice_batches(slices: int, batch: int) -> list[slice]:
     return [slice(start, min(start + step, slices)) for start in range(0, slices, step)]
 
 
-def batch_for_memory(slices: int, *, free_bytes: int, one_slice_bytes: int, two_slice_bytes: int) -> BatchPlan:
+def batch_for_memory(
+    slices: int, *, free_bytes: int, one_slice_bytes: int, two_slice_bytes: int, state_bytes: int = 0
+) -> BatchPlan:
     """The largest batch whose projected peak, ``fixed + n · per_slice``, stays within ``HEADROOM · free_bytes``.
 
-    ``one_slice_bytes`` / ``two_slice_bytes``: measured peaks of one fit step on one and on two slices. At least one
+    ``one_slice_bytes`` / ``two_slice_bytes``: measured peaks of one fit step on one and on two slices;
+    ``state_bytes``: what the fit holds beyond a step (the optimiser's state), added to the fixed part. At least one
     slice (a batch of one that does not fit fails as it would have), at most ``slices``.
     """
     per_slice = max(two_slice_bytes - one_slice_bytes, 1)
-    fixed = max(one_slice_bytes - per_slice, 0)
+    fixed = max(one_slice_bytes - per_slice, 0) + state_bytes
     size = int((HEADROOM * free_bytes - fixed) // per_slice)
     size = min(max(size, 1), slices)
     reason = (
@@ -98,6 +102,7 @@ def plan_slice_batch(
         return BatchPlan(min(config.slice_batch, slices), f"slice_batch {config.slice_batch} (set)")
     if problem.device.type != "cuda" or slices == 1:
         return BatchPlan(slices, "all slices (slice_batch 0)")
+    step_peak_bytes(batch, base, problem.select(slice(0, 1)))  # warm-up: one-time allocations stay out of the rest
     one = step_peak_bytes(batch, base, problem.select(slice(0, 1)))
     try:
         two = step_peak_bytes(batch, base, problem.select(slice(0, 2)))
@@ -105,4 +110,5 @@ def plan_slice_batch(
         torch.cuda.empty_cache()
         return BatchPlan(1, f"memory: a step on two slices ran out of memory → 1 of {slices} slices per batch")
     free, _ = torch.cuda.mem_get_info(problem.device)
-    return batch_for_memory(slices, free_bytes=int(free), one_slice_bytes=one, two_slice_bytes=two)
+    adam = 2 * sum(p.numel() * p.element_size() for p in base.parameters() if p.requires_grad)  # exp_avg, exp_avg_sq
+    return batch_for_memory(slices, free_bytes=int(free), one_slice_bytes=one, two_slice_bytes=two, state_bytes=adam)

@@ -152,9 +152,12 @@ def fit_batch(
     return {**extra, "iterations": outcome.iterations, "stopped": reason, "seconds": seconds}
 
 
-def time_budget(config: ResolvedConfig, fits: int) -> TimeBudget | None:
-    """The wall-clock budget of ``config.time_budget_s`` shared by ``fits`` consecutive fits (``None``: no budget)."""
-    return TimeBudget(config.time_budget_s, fits) if config.time_budget_s > 0 else None
+def time_budget(config: ResolvedConfig, fits: int, *, started: float | None = None) -> TimeBudget | None:
+    """The wall-clock budget of ``config.time_budget_s`` shared by ``fits`` consecutive fits (``None``: no budget).
+
+    ``started``: when the budget began (``time.monotonic()``; default now), e.g. before planning the batches.
+    """
+    return TimeBudget(config.time_budget_s, fits, started=started) if config.time_budget_s > 0 else None
 
 
 def fit_network(
@@ -175,9 +178,10 @@ def fit_network(
     images: list[torch.Tensor] = []
     fits: list[dict[str, Any]] = []
     trace = TraceRecorder()
+    started = time.monotonic()  # planning the batches counts against the time budget
     plan = plan_slice_batch(problem, config, base, batch)
     parts = slice_batches(problem.kspace.shape[0], plan.size)
-    budget = time_budget(config, len(parts))
+    budget = time_budget(config, len(parts), started=started)
     for part in parts:
         net = copy.deepcopy(base).train()
         fit = batch(net, problem.select(part))

@@ -68,13 +68,13 @@ def reconstruct_unrolled(
         "unrolled",
         lambda: UnrolledNet(unet_spec(config, residual=True), stages=config.stages, lam_init=config.dc_init),
     )
-    generator = torch.Generator().manual_seed(config.seed)
     authors = config.preset == "public-code"
     learned: list[list[float]] = []
 
     def batch(net: nn.Module, sub: ReconProblem) -> BatchFit:
         unrolled = cast("UnrolledNet", net)
         sigma = AUTHORS_HOLDOUT_SIGMA if authors else None
+        generator = torch.Generator().manual_seed(config.seed + sub.first_slice)  # the batch's split, whoever asks
         theta, held = ssdu_split(sub.mask, holdout=SSDU_HOLDOUT, generator=generator, gaussian_sigma=sigma)
         op_net, op_loss = SenseOp(sub.maps, theta), SenseOp(sub.maps, held)
         seen = sub.kspace * theta.unsqueeze(-3)

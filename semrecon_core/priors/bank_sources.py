@@ -8,7 +8,8 @@ DICOM preamble, through pydicom, rescaled by its modality LUT; multi-frame is a 
 image group of an ``.h5`` without raw data: ``dataset/<group>/data``, channels combined by RSS) and fastMRI ``.h5``
 files that hold only ``reconstruction_rss``. Without given negatives, negatives are made from each positive slice as
 in the public code: zero-filled RSS after a 1-D Gaussian-density mask with R drawn uniformly from [3, 8] and
-24 ACS lines (magnitude images are treated as single-coil k-space for this). ``semrecon bank build``
+24 ACS lines, or the ``lines / 8`` R = 8 allows on smaller images (magnitude images are treated as single-coil
+k-space for this). ``semrecon bank build``
 (:mod:`semrecon_core.commands.bank`) embeds what :func:`gather_images` returns.
 """
 
@@ -47,7 +48,9 @@ def expand_sources(paths: Sequence[str | Path], role: str) -> list[Path]:
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and (p.suffix.lower() in SOURCE_SUFFIXES or (not p.suffix and _is_dicom(p)))
+                if p.is_file()
+                and p.name.upper() != "DICOMDIR"  # a DICOM media index, no image
+                and (p.suffix.lower() in SOURCE_SUFFIXES or _is_dicom(p))
             )
             if not found:
                 raise ValueError(f"--{role}: directory {path} holds no {', '.join(SOURCE_SUFFIXES)} or DICOM files")
@@ -136,6 +139,8 @@ def _read_picture(path: Path) -> np.ndarray:
                 pages.append(np.asarray(page, dtype=np.float32))
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: cannot be read as an image: {exc}") from None
+    if len({page.shape for page in pages}) > 1:
+        raise ValueError(f"{path}: pages of different sizes {sorted({page.shape for page in pages})}")
     return np.stack(pages)
 
 
@@ -173,9 +178,9 @@ def _read_hdf5_images(path: Path) -> np.ndarray | None:
     """
     import h5py
 
-    from semrecon_core.data.readers import _open_hdf5
+    from semrecon_core.data.readers import _is_hdf5, _open_hdf5
 
-    if not h5py.is_hdf5(path):
+    if not _is_hdf5(path):
         return None
     with _open_hdf5(path) as file:
         raw = any(
@@ -202,8 +207,8 @@ def _read_hdf5_images(path: Path) -> np.ndarray | None:
         for name in sorted(groups):
             data = np.asarray(file[name]["data"][()])  # (images, channels, z, y, x)
             if data.dtype.names:  # complex images: ISMRMRD's compound of real and imag
-                data = data["real"] + 1j * data["imag"]
-            magnitude = np.sqrt((np.abs(data) ** 2).sum(axis=1))  # RSS over channels
+                data = data["real"].astype(np.float64) + 1j * data["imag"].astype(np.float64)
+            magnitude = np.sqrt((np.abs(data.astype(np.complex128)) ** 2).sum(axis=1))  # RSS over channels
             slices.extend(magnitude.reshape(-1, *magnitude.shape[-2:]).astype(np.float32))
     return np.stack(slices)
 

@@ -22,11 +22,12 @@ class TimeBudget:
     the budget evenly rather than on its first batch.
     """
 
-    def __init__(self, seconds: float, parts: int) -> None:
+    def __init__(self, seconds: float, parts: int, *, started: float | None = None) -> None:
+        """``seconds`` from ``started`` (a ``time.monotonic()`` reading; default now), shared by ``parts`` fits."""
         if seconds <= 0 or parts < 1:
             raise ValueError(f"time budget: expected positive seconds and parts, found {seconds} s, {parts} parts")
         self.seconds = seconds
-        self._end = time.monotonic() + seconds
+        self._end = (time.monotonic() if started is None else started) + seconds
         self._parts_left = parts
 
     def part(self) -> BudgetShare:

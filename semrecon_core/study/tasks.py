@@ -97,14 +97,25 @@ def thread_limits(threads: int) -> Iterator[None]:
 class TrajectoryRecorder:
     """A solver callback keeping, at each flush of the Adam loop, the iterate's embeddings in the bank's space.
 
-    With an image-language bank each point also keeps the model's answer (the prior's ``trace_answers`` is turned
-    on: a prompt pass and a greedy decode per flush, on the trajectory case only), which the Fig. 5 panel writes.
+    With an image-language bank each point also keeps the model's answer, which the Fig. 5 panel writes: inside
+    ``with recorder:`` the prior's ``trace_answers`` is on (a prompt pass and a greedy decode per flush); it is
+    restored on leaving, since priors are shared by every item a worker runs.
     """
 
     def __init__(self, prior: Any) -> None:
         self.prior = prior
-        prior.trace_answers = True
         self.points: list[dict[str, Any]] = []
+        self._previous = False
+
+    def __enter__(self) -> TrajectoryRecorder:
+        """Turn the prior's answers along the trajectory on."""
+        self._previous = self.prior.trace_answers
+        self.prior.trace_answers = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Restore the prior's setting."""
+        self.prior.trace_answers = self._previous
 
     def __call__(self, status: SolverStatus) -> None:
         """Embed ``status.solution`` when the loop hands one over (the last status of a flush)."""
@@ -146,7 +157,8 @@ def run_task(task: Task) -> Iterator[dict[str, Any]]:
             recorder = None
             if task.trajectory and item.config.prior == "semantic":
                 recorder = TrajectoryRecorder(pipeline.prior)
-            recon = pipeline.run(scan, maps=maps, callback=recorder)
+            with recorder or contextlib.nullcontext():
+                recon = pipeline.run(scan, maps=maps, callback=recorder)
             image = recon.cropped().abs().numpy().astype(np.float32)
             if image.shape != reference.shape:
                 raise ValueError(
