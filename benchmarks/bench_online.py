@@ -19,7 +19,7 @@ built before the clock starts (``semrecon serve`` keeps it across scans); its lo
   cost case (the Janus-Pro-1B vision tower with RANDOM WEIGHTS at its real size, 384 px, and the paper's U-Net
   64/5 with LoRA, one 320² 15-coil slice), with FLOPs (``torch.utils.flop_counter``) and aten op counts.
 
-Writes ``benchmarks/results/online.json`` and ``online.md`` (CPU) or ``online_gpu.*`` (CUDA).
+Writes ``benchmarks/results/online.json`` and ``online.md`` (CPU) or ``online_gpu.*`` (CUDA), or ``--name``.*.
 """
 
 from __future__ import annotations
@@ -563,6 +563,7 @@ def main() -> int:
     parser.add_argument("--skip-cost", action="store_true", help="skip the real-size cost case")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, help="keep the checkpoint and bank here (default: a temporary dir)")
+    parser.add_argument("--name", help="results file name without suffix (default online, or online_gpu on CUDA)")
     parser.add_argument("--render", type=Path, help="only rewrite the Markdown of an existing results JSON")
     args = parser.parse_args()
     if args.render:
@@ -664,7 +665,7 @@ def main() -> int:
         cost["what"] = f"{cost['encoder']}, U-Net 64/5 + LoRA 4, 320², 15 coils"
         result["cost"] = cost
         result["projection"] = _projection_block(cost, online, quality)
-    name = "online_gpu" if cuda else "online"
+    name = args.name or ("online_gpu" if cuda else "online")
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(_markdown(result))
     print(_markdown(result))
