@@ -73,15 +73,7 @@ OTHER_VARIANTS = "1:centred;7:centred;12:centred;1,7,12:pooled;1,7,12:token-pca"
 def _bank(work: Path, size: int, variant: Variant) -> Path:
     """The variant's bank in ``work``, built there (as ``bench_online.py`` builds its bank) when absent."""
     weights = "1" if "," not in variant.layers else None
-    expected = work / (
-        "bank.safetensors"
-        if variant == CHAIN
-        else f"bank_{variant.layers.replace(',', '-')}_{variant.similarity}.safetensors"
-    )
-    if expected.is_file():
-        return expected
-    path, _ = make_bank(work, size, layers=variant.layers, similarity=variant.similarity, weights=weights)
-    return path
+    return make_bank(work, size, layers=variant.layers, similarity=variant.similarity, weights=weights, reuse=True)[0]
 
 
 def sweep(

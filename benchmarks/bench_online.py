@@ -107,16 +107,27 @@ def make_checkpoint(work: Path, size: int, width: int, depth: int, epochs: int) 
 
 
 def make_bank(
-    work: Path, size: int, *, layers: str = "1,7,12", similarity: str | None = None, weights: str | None = None
+    work: Path,
+    size: int,
+    *,
+    layers: str = "1,7,12",
+    similarity: str | None = None,
+    weights: str | None = None,
+    reuse: bool = False,
 ) -> tuple[Path, float]:
     """A DINOv2 bank: the pretraining PD slices at ``size``² (positives), three zero-filled versions each (negatives).
 
     The site's own images of the scan's contrast, as for the checkpoint (README, the three setup steps); a bank of
     another contrast (PD fat-suppressed) pulls the PD images towards it. ``layers``, ``similarity`` and ``weights``
-    (default the preset's) go to ``semrecon bank build``; the images are made once per ``work`` directory.
+    (default the preset's) go to ``semrecon bank build``; the images are made once per ``work`` directory. With
+    ``reuse`` a bank already in ``work`` under the same name is returned as it is (0 s).
     """
     from semrecon_core.priors.bank_sources import read_source, undersampled_versions
 
+    default = layers == "1,7,12" and not similarity and not weights
+    out = work / ("bank.safetensors" if default else f"bank_{layers.replace(',', '-')}_{similarity}.safetensors")
+    if reuse and out.is_file():
+        return out, 0.0
     positives, negatives = work / "bank_positives", work / "bank_negatives"
     if not negatives.is_dir():
         positives.mkdir(exist_ok=True)
@@ -130,8 +141,6 @@ def make_bank(
                 np.save(negatives / name, image.abs().squeeze(0).numpy().astype(np.float32))
     options = ["--layers", layers] + (["--similarity", similarity] if similarity else [])
     options += ["--weights", weights] if weights else []
-    default = layers == "1,7,12" and not similarity and not weights
-    out = work / ("bank.safetensors" if default else f"bank_{layers.replace(',', '-')}_{similarity}.safetensors")
     started = time.perf_counter()
     _semrecon(
         "bank", "build", str(out), "--encoder", str(DINOV2), "--family", "hf-vision", *options,

@@ -179,6 +179,7 @@ def _read_hdf5_images(path: Path) -> np.ndarray | None:
     import h5py
 
     from semrecon_core.data.readers import _is_hdf5, _open_hdf5
+    from semrecon_core.physics.coils import rss
 
     if not _is_hdf5(path):
         return None
@@ -189,9 +190,9 @@ def _read_hdf5_images(path: Path) -> np.ndarray | None:
         if "kspace" in file or raw:
             return None
         if "reconstruction_rss" in file:
-            rss = file["reconstruction_rss"]
-            _check_claimed(path, tuple(rss.shape))
-            return np.abs(np.asarray(rss[()], dtype=np.float32)).reshape(-1, *rss.shape[-2:])
+            stored = file["reconstruction_rss"]
+            _check_claimed(path, tuple(stored.shape))
+            return np.abs(np.asarray(stored[()], dtype=np.float32)).reshape(-1, *stored.shape[-2:])
         groups = {
             f"{top}/{name}": item["data"].shape
             for top, parent in file.items()
@@ -203,13 +204,13 @@ def _read_hdf5_images(path: Path) -> np.ndarray | None:
             return None
         for shape in groups.values():
             _check_claimed(path, tuple(shape))
-        slices = []
+        slices: list[np.ndarray] = []
         for name in sorted(groups):
             data = np.asarray(file[name]["data"][()])  # (images, channels, z, y, x)
             if data.dtype.names:  # complex images: ISMRMRD's compound of real and imag
-                data = data["real"].astype(np.float64) + 1j * data["imag"].astype(np.float64)
-            magnitude = np.sqrt((np.abs(data.astype(np.complex128)) ** 2).sum(axis=1))  # RSS over channels
-            slices.extend(magnitude.reshape(-1, *magnitude.shape[-2:]).astype(np.float32))
+                data = data["real"] + 1j * data["imag"]
+            magnitude = rss(torch.from_numpy(data.astype(np.complex64)), dim=1)  # in floating point: no int wrap
+            slices.extend(magnitude.reshape(-1, *magnitude.shape[-2:]).numpy())
     return np.stack(slices)
 
 
