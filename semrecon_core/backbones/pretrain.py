@@ -141,3 +141,37 @@ def pretrain(
             bar.set_postfix(epoch=epoch + 1, l1=f"{history[-1]:.4g}")
             log.info("pretraining epoch %d/%d: L1 %.4g", epoch + 1, epochs, history[-1])
     return history
+
+
+def pretrain_checkpoint(
+    path: str | Path,
+    network: Any,
+    backbone: str,
+    pairs: list[TrainingPair],
+    *,
+    data: list[dict[str, Any]],
+    masks: dict[str, Any],
+    epochs: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: Any = "cpu",
+) -> tuple[Path, list[float]]:
+    """:func:`pretrain`, then write the network (on the CPU) as a ``semrecon pretrain`` checkpoint with provenance.
+
+    ``data``: the training files (or their description); ``masks``: how the scans were simulated (kind,
+    acceleration, ACS width, coils, seeds). Returns the checkpoint path and the loss per epoch.
+    """
+    from semrecon_core.backbones.checkpoint import save_checkpoint
+
+    history = pretrain(network, pairs, epochs=epochs, lr=lr, seed=seed, device=device)
+    network.cpu()
+    metadata = {
+        "data": data,
+        "masks": {**masks, "simulation": "semrecon_core.data.simulate.simulate_kspace; ESPIRiT maps"},
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "loss": "L1 of real/imag vs fully sampled coil-combined image",
+        "loss_per_epoch": history,
+    }
+    return save_checkpoint(path, network, backbone, metadata), history

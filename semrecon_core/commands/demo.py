@@ -264,8 +264,7 @@ def build_demo_checkpoint(out: Path, config: ReconConfig, size: int, *, epochs: 
     import torch
     from skimage.transform import resize
 
-    from semrecon_core.backbones.checkpoint import save_checkpoint
-    from semrecon_core.backbones.pretrain import pretrain, simulate_pair
+    from semrecon_core.backbones.pretrain import pretrain_checkpoint, simulate_pair
     from semrecon_core.backbones.unet import UNet
     from semrecon_core.engines.unet import unet_spec
     from semrecon_core.pipeline import resolve_device
@@ -283,25 +282,26 @@ def build_demo_checkpoint(out: Path, config: ReconConfig, size: int, *, epochs: 
         )
         for index, plane in enumerate(bank_positives())
     ]
-    torch.manual_seed(config.seed)
-    network = UNet(unet_spec(config.resolved()))
-    history = pretrain(network, pairs, epochs=epochs, seed=config.seed, device=resolve_device(config.device))
-    network.cpu()
-    metadata = {
-        "data": [{"path": f"dipy {BANK_FILE} (b0 brain slices, not the demo anatomy)", "slices": len(pairs)}],
-        "masks": {
-            "kind": "gaussian",
-            "acceleration": ACCELERATION,
-            "acs_width": config.calib_width,
-            "coils": COILS,
-            "seeds": [first_seed, first_seed + len(pairs) - 1],
-        },
-        "epochs": epochs,
-        "seed": config.seed,
-        "loss": "L1 of real/imag vs fully sampled coil-combined image",
-        "loss_per_epoch": history,
+    masks = {
+        "kind": "gaussian",
+        "acceleration": ACCELERATION,
+        "acs_width": config.calib_width,
+        "coils": COILS,
+        "seeds": [first_seed, first_seed + len(pairs) - 1],
     }
-    return save_checkpoint(out / "unet.safetensors", network, "unet", metadata)
+    torch.manual_seed(config.seed)  # the network's initial weights
+    path, _ = pretrain_checkpoint(
+        out / "unet.safetensors",
+        UNet(unet_spec(config.resolved())),
+        "unet",
+        pairs,
+        data=[{"path": f"dipy {BANK_FILE} (b0 brain slices, not the demo anatomy)", "slices": len(pairs)}],
+        masks=masks,
+        epochs=epochs,
+        seed=config.seed,
+        device=resolve_device(config.device),
+    )
+    return path
 
 
 def _network_size(backbone: str, device: torch.device) -> dict[str, int]:

@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """Simulate the training scans, train, write the checkpoint."""
     import torch
 
-    from semrecon_core.backbones.checkpoint import save_checkpoint
-    from semrecon_core.backbones.pretrain import TrainingPair, load_magnitudes, pretrain, simulate_pair
+    from semrecon_core.backbones.pretrain import TrainingPair, load_magnitudes, pretrain_checkpoint, simulate_pair
     from semrecon_core.backbones.unet import UNet, UNetSpec
     from semrecon_core.backbones.unrolled import UnrolledNet
     from semrecon_core.priors.bank import file_sha256
@@ -93,24 +92,16 @@ def run(args: argparse.Namespace) -> int:
             stages=args.stages,
             cg_iterations=args.cg_iterations,
         )
-    history = pretrain(network, pairs, epochs=args.epochs, lr=args.lr, seed=args.seed)
-    metadata = {
-        "data": data,
-        "masks": {
-            "kind": args.mask,
-            "acceleration": args.acceleration,
-            "acs_width": args.acs_width,
-            "seeds": [args.seed, args.seed + len(pairs) - 1],
-            "coils": args.coils,
-            "simulation": "semrecon_core.data.simulate.simulate_kspace; ESPIRiT maps",
-        },
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "seed": args.seed,
-        "loss": "L1 of real/imag vs fully sampled coil-combined image",
-        "loss_per_epoch": history,
+    masks = {
+        "kind": args.mask,
+        "acceleration": args.acceleration,
+        "acs_width": args.acs_width,
+        "seeds": [args.seed, args.seed + len(pairs) - 1],
+        "coils": args.coils,
     }
-    path = save_checkpoint(args.out, network, args.backbone, metadata)
+    path, history = pretrain_checkpoint(
+        args.out, network, args.backbone, pairs, data=data, masks=masks, epochs=args.epochs, lr=args.lr, seed=args.seed
+    )
     print(
         f"wrote {path} and {path.with_suffix('.json')} ({len(pairs)} images, {args.epochs} epochs, "
         f"final L1 {history[-1]:.4g})"
