@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semrecon_core.data.simulate import LINE_MASK_KINDS, write_ismrmrd_raw
+from semrecon_core.data.simulate import FOV_MARGIN, LINE_MASK_KINDS, write_ismrmrd_raw
 
 
 def _matrix(text: str) -> tuple[int, int]:
@@ -33,7 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--matrix",
         type=_matrix,
-        help="N or NYxNX (default 128, or the --image size; an --image is resized to it)",
+        help="N or NYxNX (default 128, or the --image size; an --image is resized to it, then --fov-margin is added)",
+    )
+    parser.add_argument(
+        "--fov-margin",
+        type=float,
+        default=FOV_MARGIN,
+        help=f"zeros around an --image on each side, as a fraction of its side, so that the object lies inside the "
+        f"field of view as on a real scan (default {FOV_MARGIN:g}; 0 puts a cropped image's anatomy on the edges)",
     )
     parser.add_argument("--coils", type=int, default=8, help="receive coils (default 8)")
     parser.add_argument("--slices", type=int, default=1, help="slices (default 1)")
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         noise_std=args.noise,
         noise_scan=args.noise_scan,
         oversampling=args.oversampling,
+        fov_margin=args.fov_margin,
         calibration=args.calibration,
         seed=args.seed,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from semrecon_core.config import BACKBONES, PRESETS, PRIORS
+from semrecon_core.data.simulate import FOV_MARGIN
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask", default="gaussian", choices=("gaussian", "equispaced", "random", "poisson"), help="mask kind"
     )
     scans.add_argument("--noise", type=float, default=0.005, help="k-space noise of simulated scans (default 0.005)")
+    scans.add_argument(
+        "--fov-margin",
+        type=float,
+        default=FOV_MARGIN,
+        help=f"zeros around simulated images, a fraction of their side on each side (default {FOV_MARGIN:g})",
+    )
     tuning = parser.add_argument_group("λ tuning")
     tuning.add_argument("--tune-on", metavar="CASE", help="choose λ of TV and semantic on this case (not a test case)")
     tuning.add_argument("--tune-grid", default="0.25,0.5,1,2,4", help="factors of the default λ tried (default 0.25–4)")
@@ -170,7 +177,14 @@ def options_from_args(args: argparse.Namespace) -> Any:
         depth=common.get("depth"),
         per_backbone=per_backbone,
         seed=args.seed,
-        scan=ScanOptions(coils=args.coils, acs=args.acs, mask=args.mask, noise=args.noise, seed=args.seed),
+        scan=ScanOptions(
+            coils=args.coils,
+            acs=args.acs,
+            mask=args.mask,
+            noise=args.noise,
+            fov_margin=args.fov_margin,
+            seed=args.seed,
+        ),
         tune_on=args.tune_on,
         tune_grid=_numbers(args.tune_grid, "--tune-grid"),
         tune_metric=args.tune_metric,

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from semrecon_core.data.simulate import FOV_MARGIN
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -49,6 +51,8 @@ class ScanOptions:
         acs: fully sampled centre lines of the masks (and ESPIRiT's calibration width).
         mask: mask kind (``gaussian``: the authors' 1-D Gaussian mask; ``equispaced``, ``random``, ``poisson``).
         noise: complex k-space noise std of simulated cases, relative to the image maximum.
+        fov_margin: zeros around simulated images, a fraction of their side on each side (the object inside the
+            field of view; :func:`~semrecon_core.data.simulate.place_in_fov`).
         seed: the study seed every case's seed derives from.
     """
 
@@ -56,6 +60,7 @@ class ScanOptions:
     acs: int = 24
     mask: str = "gaussian"
     noise: float = 0.005
+    fov_margin: float = FOV_MARGIN
     seed: int = 0
 
 
@@ -167,6 +172,7 @@ def load_scan(case: Case, acceleration: float, options: ScanOptions) -> KSpace:
             acs_width=options.acs,
             mask_kind=options.mask,
             noise_std=options.noise,
+            fov_margin=options.fov_margin,
             seed=seed,
         )
         return replace(scan, source=f"{case.path} ({scan.source})")
