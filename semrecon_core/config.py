@@ -1,7 +1,9 @@
 """The one reconstruction configuration shared by the CLI, the gadget's XML properties and the tests.
 
-``ReconConfig`` is a keyword-only, frozen dataclass. Fields left at ``None`` take the value of the
-chosen preset (``paper``, the default, or ``public-code``; REFERENCE.md §1) through :meth:`ReconConfig.resolved`.
+``ReconConfig`` is a keyword-only, frozen dataclass. Fields left at ``None`` take the value the bank recommends
+or else that of the chosen preset (``paper``, the default, or ``public-code``; REFERENCE.md §1) through
+:meth:`ReconConfig.resolved`, which records each value's source (``semrecon_core.settings.resolve`` reads the
+bank's metadata for it).
 ``ReconConfig.from_properties`` parses string properties (Gadgetron ``<property>`` elements, ``--set name=value``)
 and rejects unknown names and malformed values with a message that names them.
 """
@@ -84,16 +86,63 @@ _CLASSICAL_DEFAULTS: dict[str, dict[str, object]] = {
 
 def default_value(name: str, preset: str, backbone: str, prior: str, kind: str | None) -> tuple[bool, object]:
     """``(found, value)``: the most specific default of field ``name`` for this combination."""
-    best: tuple[int, object] | None = None
-    for (field_name, *pattern), value in _DEFAULTS.items():
+    entry = _default_entry(name, preset, backbone, prior, kind)
+    return (False, None) if entry is None else (True, entry[1])
+
+
+def _default_entry(name: str, preset: str, backbone: str, prior: str, kind: str | None) -> tuple[_Key, object] | None:
+    """``(key, value)`` of the most specific entry of :data:`_DEFAULTS` for field ``name``, or ``None``."""
+    best: tuple[int, _Key, object] | None = None
+    for key, value in _DEFAULTS.items():
+        field_name, *pattern = key
         if field_name != name:
             continue
         wanted = (preset, backbone, prior, kind)
         if all(p is None or p == w for p, w in zip(pattern, wanted, strict=True)):
             specificity = sum(weight for p, weight in zip(pattern, (1, 2, 4, 8), strict=True) if p is not None)
             if best is None or specificity > best[0]:
-                best = (specificity, value)
-    return (False, None) if best is None else (True, best[1])
+                best = (specificity, key, value)
+    return None if best is None else (best[1], best[2])
+
+
+# How sources and combinations are named (``ResolvedConfig.sources``, ``semrecon recon --explain``).
+SOURCE_EXPLICIT = "explicit"
+SOURCE_DEFAULT = "default"
+_NAMES = {
+    "zero-filled": "zero-filled",
+    "sense": "SENSE",
+    "unet": "U-Net",
+    "unrolled": "unrolled",
+    "inr": "INR",
+    "none": "no prior",
+    "tv": "TV",
+    "semantic": "semantic",
+    "image": "image-only bank",
+    "language": "image-language bank",
+}
+
+
+def _preset_source(key: _Key) -> str:
+    """``preset paper (U-Net + semantic)``: the table entry ``key`` as a source."""
+    _, preset, *combination = key
+    parts = " + ".join(_NAMES[p] for p in combination if p is not None)
+    if preset is None:
+        return f"preset table ({parts}; every preset)" if parts else "preset table (every preset)"
+    return f"preset {preset} ({parts})" if parts else f"preset {preset}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One resolved setting: its ``value`` and where it came from (``source``).
+
+    Sources: ``explicit`` (set by the caller: option, ``--set``, property), ``bank PATH`` (a value the bank
+    recommends in its metadata), ``preset paper (U-Net + semantic)`` (the entry of the preset table that
+    matched), ``classical default (CS-TV)`` and ``default`` (the field's own default).
+    """
+
+    name: str
+    value: object
+    source: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,26 +268,57 @@ class ReconConfig:
         """True for the solvers without a network (zero-filled, CG-SENSE, compressed-sensing TV)."""
         return self.backbone in ("zero-filled", "sense")
 
-    def resolved(self, bank_kind: BankKind | None = None) -> ResolvedConfig:
-        """A copy with every unset field filled from the defaults of (preset, backbone, prior, bank kind).
+    def resolved(
+        self, bank_kind: BankKind | None = None, *, bank_metadata: dict[str, Any] | None = None
+    ) -> ResolvedConfig:
+        """A copy with every unset field filled, each value with its source (:attr:`ResolvedConfig.sources`).
 
-        ``bank_kind`` (``image`` or ``language``, from the bank's metadata) selects the image-language
-        settings of the semantic prior; ``None``: image-only.
+        Precedence: a value set here (``explicit``) > a value the bank recommends (``bank_metadata``'s
+        ``recommended``, see :func:`bank_recommendations`) > the preset table for (preset, backbone, prior,
+        bank kind) > the field's default. ``bank_metadata`` (the bank file's metadata, read once by
+        :func:`semrecon_core.settings.resolve`) also gives the bank kind; without it ``bank_kind`` (``image`` or
+        ``language``) selects the image-language settings of the semantic prior (``None``: image-only). The
+        metadata travel with the result, so that building the prior does not read them again. Pure: reads
+        no file.
         """
-        kind = bank_kind if self.prior == "semantic" else None
+        semantic = self.prior == "semantic"
+        metadata = bank_metadata if semantic else None
+        if metadata is not None:
+            bank_kind = "language" if metadata.get("encoder", {}).get("kind") == "language" else "image"
+        kind = bank_kind if semantic else None
+        recommended = bank_recommendations(metadata, self.preset, self.backbone, source=self.bank or "bank")
+        classical = _CLASSICAL_DEFAULTS.get(self.prior, {}) if self.is_classical else {}
+        hints = typing.get_type_hints(ReconConfig) if recommended else {}
         updates: dict[str, Any] = {}  # field values of several types; __post_init__ validates them
-        for f in fields(self):
-            if getattr(self, f.name) is not None:
-                continue
-            classical = _CLASSICAL_DEFAULTS.get(self.prior, {}) if self.is_classical else {}
-            if f.name in classical:
+        sources: dict[str, str] = {}
+        for f in fields(ReconConfig):
+            value = getattr(self, f.name)
+            if value is not None:
+                explicit = f.default is None or value != f.default
+                sources[f.name] = SOURCE_EXPLICIT if explicit else SOURCE_DEFAULT
+            elif f.name in recommended:
+                updates[f.name] = _parse_value(f.name, _as_text(recommended[f.name]), hints[f.name])
+                sources[f.name] = f"bank {self.bank}"
+            elif f.name in classical:
                 updates[f.name] = classical[f.name]
-                continue
-            found, value = default_value(f.name, self.preset, self.backbone, self.prior, kind)
-            if found:
-                updates[f.name] = value
+                sources[f.name] = f"classical default ({'CS-TV' if self.prior == 'tv' else 'CG-SENSE'})"
+            elif (entry := _default_entry(f.name, self.preset, self.backbone, self.prior, kind)) is not None:
+                updates[f.name] = entry[1]
+                sources[f.name] = _preset_source(entry[0])
+            else:
+                sources[f.name] = SOURCE_DEFAULT
         values = {f.name: getattr(self, f.name) for f in fields(ReconConfig)}
-        return ResolvedConfig(**{**values, **updates}, bank_kind=kind)
+        try:
+            return ResolvedConfig(
+                **{**values, **updates},
+                bank_kind=kind,
+                bank_metadata=metadata,
+                sources=tuple(sources.items()),
+            )
+        except ConfigError as exc:
+            if not recommended:
+                raise
+            raise ConfigError(f"bank {self.bank}: a recommended value does not validate: {exc}") from None
 
     def replace(self: _Config, **changes: Any) -> _Config:
         """Return a validated copy (of the same class) with ``changes`` applied."""
@@ -273,7 +353,7 @@ class ReconConfig:
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or not f.metadata.get("property", True):
                 continue
             if isinstance(value, tuple):
                 out[f.name] = ",".join(str(v) for v in value)
@@ -290,10 +370,18 @@ class ResolvedConfig(ReconConfig):
 
     Made by :meth:`ReconConfig.resolved`; ``bank``, ``checkpoint``, ``width`` and ``depth`` stay optional.
     ``bank_kind`` records the kind of bank the defaults were chosen for (``None``: no semantic prior, or an
-    image-only bank assumed).
+    image-only bank assumed). ``bank_metadata``: the bank's metadata as read for the resolution (``None``: not
+    read), reused by the prior factory. ``sources``: ``(field, source)`` of every :class:`ReconConfig` field
+    (:meth:`setting`, :meth:`settings`). Neither is a property (:meth:`to_properties` leaves them out).
     """
 
     bank_kind: BankKind | None = None
+    bank_metadata: dict[str, Any] | None = dataclasses.field(
+        default=None, compare=False, repr=False, metadata={"property": False}
+    )
+    sources: tuple[tuple[str, str], ...] = dataclasses.field(
+        default=(), compare=False, repr=False, metadata={"property": False}
+    )
 
     lam: float = 0.0
     iterations: int = 0
@@ -311,9 +399,36 @@ class ResolvedConfig(ReconConfig):
         if missing:
             raise ConfigError(f"resolved configuration: no value for {', '.join(missing)}")
 
-    def resolved(self, bank_kind: BankKind | None = None) -> ResolvedConfig:
+    def resolved(
+        self, bank_kind: BankKind | None = None, *, bank_metadata: dict[str, Any] | None = None
+    ) -> ResolvedConfig:
         """Already resolved: itself."""
         return self
+
+    def replace(self: _Config, **changes: Any) -> _Config:
+        """A validated copy with ``changes`` applied; the changed fields' source becomes ``explicit``.
+
+        A changed ``bank`` forgets the metadata read for the old one.
+        """
+        assert isinstance(self, ResolvedConfig)
+        sources = dict(self.sources)
+        sources.update({name: SOURCE_EXPLICIT for name in changes if name in sources})
+        extra: dict[str, Any] = {"sources": tuple(sources.items())}
+        if "bank" in changes and changes["bank"] != self.bank:
+            extra["bank_metadata"] = None
+        return dataclasses.replace(self, **{**extra, **changes})
+
+    def source(self, name: str) -> str:
+        """Where the value of field ``name`` came from (``explicit``, ``bank PATH``, ``preset ...``, ``default``)."""
+        return dict(self.sources).get(name, SOURCE_DEFAULT)
+
+    def setting(self, name: str) -> Setting:
+        """Field ``name`` with its value and source."""
+        return Setting(name, getattr(self, name), self.source(name))
+
+    def settings(self) -> list[Setting]:
+        """Every :class:`ReconConfig` field, in declaration order, with its value and source."""
+        return [self.setting(f.name) for f in fields(ReconConfig)]
 
 
 def preview_config(config: ReconConfig) -> ReconConfig:
@@ -336,7 +451,47 @@ _RESOLVED = (
     "similarity",
     "sigma",
 )
+RECOMMENDABLE = _RESOLVED
+"""The fields a bank may recommend in its metadata: those the preset table fills."""
 _Config = TypeVar("_Config", bound=ReconConfig)
+
+
+def bank_recommendations(
+    metadata: dict[str, Any] | None, preset: str, backbone: str, *, source: str = "bank"
+) -> dict[str, object]:
+    """The settings a bank recommends for (``preset``, ``backbone``): ``metadata["recommended"]``.
+
+    ``recommended`` maps a field of the preset table (:data:`RECOMMENDABLE`: λ, iterations, ...) to a value, or to
+    ``{selector: value}`` with selectors ``"paper/unet"``, ``"unet"``, ``"paper"`` or ``"*"`` (the most
+    specific that matches wins; none: no recommendation), e.g. ``{"lam": {"paper/unet": 0.002, "inr": 0.03}}``.
+    A field outside :data:`RECOMMENDABLE` is a :class:`ConfigError` naming ``source``.
+    """
+    table = (metadata or {}).get("recommended") or {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: metadata 'recommended' must map setting names to values, found {table!r}")
+    out: dict[str, object] = {}
+    for name, value in table.items():
+        if name not in RECOMMENDABLE:
+            raise ConfigError(
+                f"{source}: metadata 'recommended' names {name!r}; a bank may recommend {', '.join(RECOMMENDABLE)}"
+            )
+        if isinstance(value, dict):
+            for selector in (f"{preset}/{backbone}", backbone, preset, "*"):
+                if selector in value:
+                    out[name] = value[selector]
+                    break
+        else:
+            out[name] = value
+    return out
+
+
+def _as_text(value: object) -> str:
+    """A recommended value (JSON) as the text :func:`_parse_value` reads."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from semrecon_core.config import BankKind, ConfigError, ReconConfig, ResolvedConfig
+from semrecon_core.config import ConfigError, ReconConfig, ResolvedConfig
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.priors.base import AnsweringPrior, Prior
+from semrecon_core.settings import lam_note, resolve, unused
 
 if TYPE_CHECKING:
     from semrecon_core.solvers.status import Callback
@@ -90,36 +91,6 @@ def check_coverage(kspace: KSpace, maps: torch.Tensor) -> None:
                 f"{kspace.source}: ESPIRiT coil maps cover only {fraction:.0%} of the object in slice "
                 f"{index} (calibration region {region}); more calibration lines are needed"
             )
-
-
-IMAGE_ONLY_FIELDS = ("level_weights", "similarity")
-"""Settings that mean nothing to an image-language bank."""
-
-
-def bank_kind(config: ReconConfig) -> BankKind | None:
-    """The kind (``image`` / ``language``) of the semantic prior's bank, read from its metadata; else ``None``.
-
-    A language bank used with image-only settings set explicitly gets a warning naming them. A bank that cannot
-    be read gives ``None`` here; building the prior reports the problem.
-    """
-    if config.prior != "semantic" or not config.bank:
-        return None
-    from semrecon_core.priors.bank import read_metadata
-
-    try:
-        kind = read_metadata(config.bank)["encoder"].get("kind")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if kind == "language":
-        ignored = [name for name in IMAGE_ONLY_FIELDS if getattr(config, name) is not None]
-        if ignored:
-            log.warning(
-                "semrecon: bank %s is an image-language bank; the image-only settings %s do not apply to it",
-                config.bank,
-                ", ".join(ignored),
-            )
-        return "language"
-    return "image"
 
 
 def prepare_problem(kspace: KSpace, maps: torch.Tensor, device: torch.device) -> ReconProblem:
@@ -184,16 +155,21 @@ class Reconstruction:
     def images(self, *, series_index: int = 1, comment: str | None = None, role: str = "Image") -> list[Any]:
         """One float magnitude ``ismrmrd.Image`` per slice, with geometry, indices and meta.
 
-        ``comment`` replaces the default ``GADGETRON_ImageComment`` (``semrecon <label>``, then the
-        iterations run and why the fit stopped, :func:`fit_summary`), e.g. for a labelled fallback; ``role`` is
-        the ``GADGETRON_DataRole``.
+        ``comment`` replaces the default ``GADGETRON_ImageComment`` (``semrecon <label>; λ <value> (<its
+        source>)`` unless λ has no use (zero-filled), then the iterations run and why the fit stopped,
+        :func:`fit_summary`), e.g. for a labelled fallback; ``role`` is the ``GADGETRON_DataRole``. The meta carry λ
+        and its source also as ``SEMRECON_Lambda`` and ``SEMRECON_LambdaSource``.
         """
+        from semrecon_core.data.images import ascii_text
+
         summary = fit_summary(self.result.info.get("fits", []))
+        lam = "" if unused("lam", self.config) else f"; {lam_note(self.config)}"  # zero-filled: no λ
+        default = f"semrecon {self.result.label}{lam}" + (f"; {summary}" if summary else "")
         images = build_images(
             self.result.image,
             self.kspace,
             config=self.config,
-            comment=comment or f"semrecon {self.result.label}" + (f"; {summary}" if summary else ""),
+            comment=comment or default,
             role=role,
             series_index=series_index,
             answers=self.answers,
@@ -201,6 +177,9 @@ class Reconstruction:
         for image in images:
             image.meta["SEMRECON_Seconds"] = f"{self.seconds:.3f}"
             image.meta["SEMRECON_FitSeconds"] = f"{self.fit_seconds:.3f}"
+            if lam:
+                image.meta["SEMRECON_Lambda"] = f"{self.config.lam:g}"
+                image.meta["SEMRECON_LambdaSource"] = ascii_text(self.config.source("lam"))
         return images
 
 
@@ -244,7 +223,7 @@ class Pipeline:
     """Reconstructs scans with one configuration; keeps the prior (encoder, bank) loaded between scans.
 
     Args:
-        config: the validated configuration (resolved here against its preset).
+        config: the validated configuration (resolved here: :func:`semrecon_core.settings.resolve`).
         coil_maps: the coil-map estimator (default :func:`espirit`).
         prior: an already built prior to use (e.g. kept loaded by ``semrecon serve``); built from
             ``config`` on first use when ``None`` (the prior factory caches encoders and banks per process).
@@ -253,7 +232,7 @@ class Pipeline:
     def __init__(
         self, config: ReconConfig, *, coil_maps: CoilMapEstimator = espirit, prior: Prior | None = None
     ) -> None:
-        self.config = config.resolved(bank_kind(config))
+        self.config = resolve(config)  # reads the bank's metadata once; the prior reuses them
         if self.config.checkpoint and not Path(self.config.checkpoint).is_file():
             raise ConfigError(
                 f"property 'checkpoint': {self.config.checkpoint} does not exist; make one from the site's own "

@@ -63,6 +63,8 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
     assert methods[:CLASSICAL] == ["zero-filled", "CG-SENSE", "CS-TV"]
     assert methods[CLASSICAL] == "unet + TV" and methods[CLASSICAL + 1].startswith("unet + semantic")
     assert summary["methods"][CLASSICAL + 1]["lam"] == STUDY_SEMANTIC_LAM["unet"]
+    assert summary["methods"][CLASSICAL + 1]["lam_source"] == "explicit"  # the knee study's λ, set by the demo
+    assert summary["methods"][CLASSICAL]["lam_source"] == "preset paper (TV)"
     assert "dipy" in summary["anatomy"] and "S0_10slices" in summary["bank_sources"]
     assert "warm start" in summary["deep_start"] and "start=preview" in summary["deep_start"]
     for row in summary["methods"][CLASSICAL:]:
@@ -82,6 +84,7 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
     cg_sense, deep_tv = (images[k].data.reshape(truth.shape) for k in (1, CLASSICAL))
     assert np.abs(deep_tv - cg_sense).max() > 1e-4 * np.abs(cg_sense).max()  # the fit moved from its start
     summary["comments"] = [image.meta["GADGETRON_ImageComment"] for image in images]
+    assert all("; lambda " in comment for comment in summary["comments"][1:])  # λ and its source (not zero-filled)
     return summary
 
 

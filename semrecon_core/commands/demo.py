@@ -227,11 +227,12 @@ def build_demo_bank(out: Path, config: ReconConfig, choice: EncoderChoice) -> Pa
     import numpy as np
     import torch
 
-    from semrecon_core.pipeline import bank_kind, resolve_device
+    from semrecon_core.pipeline import resolve_device
     from semrecon_core.priors.bank import bank_from_features, embed_images
     from semrecon_core.priors.bank_sources import Source, undersampled_versions
+    from semrecon_core.settings import resolve
 
-    resolved = config.resolved(bank_kind(config))
+    resolved = resolve(config)
     encoder = _load_encoder(choice, config, resolve_device(config.device))
     path = dipy_file(BANK_FILE)
     images = torch.from_numpy(np.stack(bank_positives())).to(torch.complex64)
@@ -403,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
                 "iterations": iterations,
                 "network": _describe_network(pipeline.config),
                 "lam": float(pipeline.config.lam),
+                "lam_source": pipeline.config.source("lam"),
             }
         )
 
@@ -443,7 +445,7 @@ def _metrics(truth: Any, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "tenengrad": round(metrics.tenengrad(recon.image), 5),
             "seconds": round(recon.seconds, 2),
         }
-        row.update({k: item[k] for k in ("iterations", "network", "lam") if k in item})
+        row.update({k: item[k] for k in ("iterations", "network", "lam", "lam_source") if k in item})
         rows.append(row)
     return rows
 

@@ -7,7 +7,9 @@ field through ``--set name=value``. OUT receives float32 magnitude images (``dat
 copied from the acquisitions; ``--npy``, ``--png`` and ``--trace`` write extra outputs. All outputs are
 staged and committed together (all of them or none, mode 0644 less the umask); the input is only read. A
 ``calib_width`` set on the command line that is wider than the data's calibration region is refused. When the
-input carries a ground truth, PSNR and SSIM are printed.
+input carries a ground truth, PSNR and SSIM are printed. ``--explain`` prints every resolved setting with its
+source (:func:`semrecon_core.settings.explain`) and then reconstructs when OUT is given, else stops there
+without reading IN.
 """
 
 from __future__ import annotations
@@ -30,8 +32,21 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``semrecon recon``."""
-    parser.add_argument("input", type=Path, help="raw k-space: ISMRMRD/fastMRI .h5, .npy or BART .cfl")
-    parser.add_argument("output", type=Path, help="ISMRMRD file to write the images to (.h5)")
+    parser.add_argument(
+        "input",
+        type=Path,
+        nargs="?",
+        help="raw k-space: ISMRMRD/fastMRI .h5, .npy or BART .cfl (--explain alone: unread)",
+    )
+    parser.add_argument(
+        "output", type=Path, nargs="?", help="ISMRMRD file to write the images to (.h5); --explain alone: none"
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every resolved setting and where it came from (option, bank, preset table, default); "
+        "with OUT, then reconstruct, else exit",
+    )
     parser.add_argument("--mask", type=Path, help="sampling mask .npy/.cfl for .npy or .cfl k-space")
     parser.add_argument("--backbone", choices=BACKBONES, help="reconstruction backbone (default sense)")
     parser.add_argument("--prior", choices=PRIORS, help="regulariser (default none)")
@@ -174,6 +189,14 @@ def run(args: argparse.Namespace) -> int:
     from semrecon_core.pipeline import Pipeline
 
     config = config_from_args(args)
+    if args.explain:
+        from semrecon_core.settings import explain
+
+        print(explain(config), flush=True)
+        if args.output is None:
+            return 0
+    if args.input is None or args.output is None:
+        raise ValueError("IN and OUT are required (only --explain runs without them)")
     _check_outputs(args)
     options = {"mask": args.mask} if args.mask is not None else {}
     try:

@@ -244,9 +244,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_bank(
-    path: str | os.PathLike, encoder: Any | None = None, *, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    encoder: Any | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    metadata: dict[str, Any] | None = None,
 ) -> EmbeddingBank:
     """Load a bank; with ``encoder``, refuse it unless it was built with the same encoder identity.
+
+    ``metadata``: the file's metadata already read (:func:`read_metadata`), so they are not read again.
 
     Raises:
         FileNotFoundError: no such file.
@@ -255,7 +261,7 @@ def load_bank(
     from safetensors import safe_open
 
     path = Path(path)
-    metadata = read_metadata(path)
+    metadata = read_metadata(path) if metadata is None else metadata
     if encoder is not None:
         check_compatible(metadata, encoder.identity, source=f"bank {path}")
     levels = int(metadata["levels"])

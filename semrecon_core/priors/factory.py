@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from semrecon_core.config import ConfigError, ReconConfig
+from semrecon_core.config import ConfigError, ReconConfig, ResolvedConfig
 
 if TYPE_CHECKING:
     from semrecon_core.encoders.protocol import SemanticEncoder
@@ -29,9 +29,12 @@ def build_prior(config: ReconConfig, device: torch.device | str) -> Prior | None
 
     λ is applied by the engine, so TV gets weight 1. A semantic prior needs ``config.bank``; the
     encoder is ``config.encoder`` loaded for the bank's kind (image-only Janus / generic HF vision /
-    image-language Janus) and refused if its identity differs from the bank's.
+    image-language Janus) and refused if its identity differs from the bank's. ``config`` is resolved by
+    :func:`semrecon_core.settings.resolve` unless it is already; the bank metadata read then are used here.
     """
-    config = config.resolved()
+    from semrecon_core.settings import resolve
+
+    config = resolve(config)
     if config.prior == "none":
         return None
     if config.prior == "tv":
@@ -48,7 +51,7 @@ def clear_cache() -> None:
         _PRIORS.clear()
 
 
-def _semantic_prior(config: ReconConfig, device: torch.device) -> Prior:
+def _semantic_prior(config: ResolvedConfig, device: torch.device) -> Prior:
     from semrecon_core.priors.bank import load_bank, read_metadata
     from semrecon_core.priors.semantic import SemanticPrior
 
@@ -78,7 +81,8 @@ def _semantic_prior(config: ReconConfig, device: torch.device) -> Prior:
     with _LOCK:
         if key in _PRIORS:
             return _PRIORS[key]
-    metadata = read_metadata(bank_path)
+    # read once, by the resolution (settings.resolve); again only if that could not read them
+    metadata = config.bank_metadata if config.bank_metadata is not None else read_metadata(bank_path)
     encoder = _encoder_for(config, metadata, device)
     similarity = metadata["similarity"]
     if metadata["encoder"].get("kind") == "image" and similarity != config.similarity:
@@ -86,7 +90,7 @@ def _semantic_prior(config: ReconConfig, device: torch.device) -> Prior:
             f"property 'similarity': the configuration asks for {config.similarity!r} but bank {bank_path} "
             f"was built for {similarity!r} (rebuild it with --similarity {config.similarity})"
         )
-    bank = load_bank(bank_path, encoder, device=device)
+    bank = load_bank(bank_path, encoder, device=device, metadata=metadata)
     prior = SemanticPrior(encoder, bank, weights=config.level_weights, tau=config.tau, variant=config.preset)
     with _LOCK:
         _PRIORS[key] = prior

@@ -246,10 +246,9 @@ class Grid:
 
     def default_lam(self, setting: Setting) -> float:
         """The λ a setting runs with when nothing is tuned: given on the command line, else the preset's."""
-        from semrecon_core.pipeline import bank_kind
+        from semrecon_core.settings import resolve
 
-        config = self.config(setting)
-        return float(config.resolved(bank_kind(config)).lam)
+        return float(resolve(self.config(setting)).lam)
 
 
 def inapplicable(backbone: str, prior: str) -> str | None:

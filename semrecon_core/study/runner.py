@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from semrecon_core.settings import resolve
 from semrecon_core.study.cases import Case, ScanOptions, check_case, discover, file_sha256
 from semrecon_core.study.grid import DEEP_BACKBONES, Grid, Setting, check_bank_similarity
 from semrecon_core.study.scoring import ScoringSpec, lpips_unavailable
@@ -411,6 +412,7 @@ class Study:
         self.reused = 0
         tuning = self.tune()
         items: list[tuple[Case, Item]] = []
+        defaults: dict[str, str] = {}  # where each untuned setting's λ comes from
         for case in self.cases:
             for setting in self.grid.settings():
                 lam = self.tuned.get(setting)
@@ -418,8 +420,11 @@ class Study:
                     source = self.lam_sources[setting.slug]
                 elif self.grid.given_lam(setting) is not None:
                     source = "--lam"
-                else:
-                    source = "preset default"
+                else:  # the preset table's, or a λ the bank recommends (settings.resolve)
+                    if setting.slug not in defaults:
+                        origin = resolve(self.grid.config(setting)).source("lam")
+                        defaults[setting.slug] = origin if origin.startswith("bank ") else "preset default"
+                    source = defaults[setting.slug]
                 self.lam_sources.setdefault(setting.slug, source)
                 items.append((case, self._item(case, setting, role="test", lam=lam, lam_source=source)))
         records, missing = self._stored("test", items)

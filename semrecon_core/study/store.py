@@ -40,10 +40,10 @@ def item_key(
     file_hashes: dict[str, str],
 ) -> str:
     """A stable hash of everything that determines the item's numbers (see the module docstring)."""
-    from semrecon_core.pipeline import bank_kind
+    from semrecon_core.settings import resolve
     from semrecon_core.study.cases import case_seed
 
-    properties = config.resolved(bank_kind(config)).to_properties()
+    properties = resolve(config).to_properties()
     if config.bank:
         properties["bank"] = "sha256:" + file_hashes[config.bank]
     content = {
