@@ -270,6 +270,8 @@ def main() -> int:
                 "prior": prior,
                 "psnr_db": round(metrics.psnr(truth, result_image), 2),
                 "ssim": round(metrics.ssim(truth, result_image), 4),
+                "haarpsi": round(metrics.haarpsi(truth, result_image), 4),
+                "vif": round(metrics.vif(truth, result_image), 4),
                 "tenengrad": round(metrics.tenengrad(result_image), 5),
                 "seconds": round(seconds, 2),
                 **extra,
@@ -440,7 +442,12 @@ def run_defaults(args: argparse.Namespace) -> int:
         _atomic_write(RESULTS / f"{stem}.md", _defaults_markdown(summary))
 
     def quality(image: torch.Tensor) -> dict[str, float]:
-        return {"psnr_db": round(metrics.psnr(truth, image), 2), "ssim": round(metrics.ssim(truth, image), 4)}
+        return {
+            "psnr_db": round(metrics.psnr(truth, image), 2),
+            "ssim": round(metrics.ssim(truth, image), 4),
+            "haarpsi": round(metrics.haarpsi(truth, image), 4),
+            "vif": round(metrics.vif(truth, image), 4),
+        }
 
     exact: dict[str, float] = {}
     images: dict[str, torch.Tensor] = {}
@@ -552,6 +559,11 @@ def run_defaults(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(row: dict[str, Any], name: str) -> str:
+    """A HaarPSI or VIF cell; '–' for rows measured before these metrics were reported."""
+    return "–" if row.get(name) is None else f"{row[name]:.4f}"
+
+
 def _defaults_markdown(summary: dict[str, Any]) -> str:
     case = summary["case"]
     criteria = summary["criteria"]
@@ -586,11 +598,12 @@ def _defaults_markdown(summary: dict[str, Any]) -> str:
             + "; the public-code INR's adaptor keeps the authors' 256 features."
         ),
         "",
-        "| reference | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | λ | iterations | time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| reference | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | HaarPSI | VIF | λ | iterations | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r['method']} | {r['psnr_db']:.2f} | {r.get('gain_over_zero_filled_db', 0.0):+.2f} | {r['ssim']:.4f} | "
+        f"{_score(r, 'haarpsi')} | {_score(r, 'vif')} | "
         f"{'' if r['lam'] is None else format(r['lam'], 'g')} | {r['iterations'] or ''} | {r['seconds']:.1f} |"
         for r in summary["references"]
     ]
@@ -598,10 +611,10 @@ def _defaults_markdown(summary: dict[str, Any]) -> str:
         "",
         (
             "| preset | backbone + TV | PSNR (dB) | gain vs zero-filled (dB) | gap to CS-TV (dB) | gain ≥ 3 | "
-            "gap ≤ 1.5 | SSIM | λ | lr | iterations | final DC | best PSNR during fit (phase, it.) | time (s) | "
-            "network |"
+            "gap ≤ 1.5 | SSIM | HaarPSI | VIF | λ | lr | iterations | final DC | best PSNR during fit (phase, it.) | "
+            "time (s) | network |"
         ),
-        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|---:|---|",
+        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in summary["rows"]:
         iterations = f"{r['iterations']}" + (f"+{r['iterations']}" if r["phases"] == 2 else "")
@@ -611,7 +624,8 @@ def _defaults_markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {r['preset']} | {r['method']} | {r['psnr_db']:.2f} | {r['gain_over_zero_filled_db']:+.2f} | "
             f"{r['gap_to_cs_tv_db']:+.2f} | {'pass' if r['pass_gain'] else 'FAIL'} | "
-            f"{'pass' if r['pass_gap'] else 'FAIL'} | {r['ssim']:.4f} | {r['lam']:g} | {r['lr']:g} | {iterations} | "
+            f"{'pass' if r['pass_gap'] else 'FAIL'} | {r['ssim']:.4f} | {_score(r, 'haarpsi')} | {_score(r, 'vif')} | "
+            f"{r['lam']:g} | {r['lr']:g} | {iterations} | "
             f"{r['final_dc']:g} | {r['best_fit_psnr_db']} ({best[0]}, {best[1]}) | {r['seconds']:.0f} | "
             f"{r['network']} |"
         )
@@ -657,14 +671,15 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"_{summary['note']}_",
         "",
         (
-            "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | Tenengrad | iterations | λ | lr | "
-            "time (s) | network |"
+            "| method | prior | PSNR (dB) | Δ vs zero-filled (dB) | SSIM | HaarPSI | VIF | Tenengrad | iterations | "
+            "λ | lr | time (s) | network |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['method']} | {r['prior']} | {r['psnr_db']:.2f} | {r['gain_over_zero_filled_db']:+.2f} | "
-        f"{r['ssim']:.4f} | {r['tenengrad']:.5f} | {r.get('iterations', '')} | {r.get('lam', '')} | "
+        f"{r['ssim']:.4f} | {_score(r, 'haarpsi')} | {_score(r, 'vif')} | {r['tenengrad']:.5f} | "
+        f"{r.get('iterations', '')} | {r.get('lam', '')} | "
         f"{r.get('lr', '')} | {r['seconds']:.1f} | {r.get('network', '')} |"
         for r in summary["rows"]
     ]

@@ -143,6 +143,8 @@ def _quality(case: Case, image: torch.Tensor) -> dict[str, float]:
     return {
         "psnr_db": round(metrics.psnr(case.reference, image), 3),
         "ssim": round(metrics.ssim(case.reference, image), 4),
+        "haarpsi": round(metrics.haarpsi(case.reference, image), 4),
+        "vif": round(metrics.vif(case.reference, image), 4),
     }
 
 
@@ -246,27 +248,29 @@ def markdown(record: dict) -> str:
         ),
         "",
         (
-            "| method | ours PSNR (dB) | BART PSNR (dB) | gap (dB) | ours SSIM | BART SSIM | ours (s) | BART (s) "
-            "| time ratio ours/BART |"
+            "| method | ours PSNR (dB) | BART PSNR (dB) | gap (dB) | ours SSIM | BART SSIM | ours HaarPSI | "
+            "BART HaarPSI | ours VIF | BART VIF | ours (s) | BART (s) | time ratio ours/BART |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in record["methods"].items():
         ours, bart = row["ours"], row.get("bart")
         if bart is None:
             lines.append(
-                f"| {name} | {ours['psnr_db']:.2f} | – | – | {ours['ssim']:.4f} | – | {ours['seconds']:.3f} | – | – |"
+                f"| {name} | {ours['psnr_db']:.2f} | – | – | {ours['ssim']:.4f} | – | {_score(ours, 'haarpsi')} | – | "
+                f"{_score(ours, 'vif')} | – | {ours['seconds']:.3f} | – | – |"
             )
             continue
         lines.append(
             f"| {name} (ours λ={ours['lam']:g}; BART `{bart['options']}`) | {ours['psnr_db']:.2f} | "
             f"{bart['psnr_db']:.2f} | {row['psnr_gap_db']:+.2f} | {ours['ssim']:.4f} | {bart['ssim']:.4f} | "
+            f"{_score(ours, 'haarpsi')} | {_score(bart, 'haarpsi')} | {_score(ours, 'vif')} | {_score(bart, 'vif')} | "
             f"{ours['seconds']:.3f} | {bart['seconds']:.3f} | {row['time_ratio_ours_over_bart']:.2f} |"
         )
     maps = record["coil_maps"]
     lines += [
         (
-            f"| ESPIRiT maps (sigpy vs `bart ecalib -m1`) | | | | | | {maps['espirit_sigpy_seconds']:.3f} | "
+            f"| ESPIRiT maps (sigpy vs `bart ecalib -m1`) | | | | | | | | | | {maps['espirit_sigpy_seconds']:.3f} | "
             f"{maps['bart_ecalib_seconds']:.3f} | {maps['time_ratio_ours_over_bart']:.2f} |"
         ),
         "",
@@ -305,7 +309,15 @@ def markdown(record: dict) -> str:
 
 
 def _psnr_ssim(name: str, quality: dict[str, float]) -> str:
-    return f"{name} {quality['psnr_db']:.2f} dB / SSIM {quality['ssim']:.4f}"
+    text = f"{name} {quality['psnr_db']:.2f} dB / SSIM {quality['ssim']:.4f}"
+    if "haarpsi" in quality and "vif" in quality:
+        text += f" / HaarPSI {quality['haarpsi']:.4f} / VIF {quality['vif']:.4f}"
+    return text
+
+
+def _score(quality: dict[str, float], name: str) -> str:
+    """A HaarPSI or VIF cell; '–' for results measured before these metrics were reported."""
+    return "–" if quality.get(name) is None else f"{quality[name]:.4f}"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -159,11 +159,15 @@ def chain_settings(overrides: dict[str, str]) -> Any:
     return settings_from_properties({**node.properties, **overrides}, source=str(CHAIN))
 
 
-def _per_slice(reference: np.ndarray, image: np.ndarray) -> tuple[list[float], list[float]]:
-    from semrecon_core.metrics import psnr, ssim
+def _per_slice(reference: np.ndarray, image: np.ndarray) -> dict[str, list[float]]:
+    """PSNR, SSIM, HaarPSI and VIF of each slice."""
+    from semrecon_core import metrics
 
     pairs = list(zip(reference, image, strict=True))
-    return [psnr(r[None], i[None]) for r, i in pairs], [ssim(r[None], i[None]) for r, i in pairs]
+    return {
+        name: [getattr(metrics, name)(r[None], i[None]) for r, i in pairs]
+        for name in ("psnr", "ssim", "haarpsi", "vif")
+    }
 
 
 class Curve:
@@ -220,8 +224,6 @@ def online_run(
     last_at = time.perf_counter() - started
     preview_image = preview.cropped().abs().numpy()
     image = recon.cropped().abs().numpy()
-    p_psnr, p_ssim = _per_slice(reference, preview_image)
-    s_psnr, s_ssim = _per_slice(reference, image)
     fits = recon.result.info.get("fits", [])
     return {
         "load_prior_s": load_seconds,
@@ -232,8 +234,8 @@ def online_run(
         "iterations": [f.get("iterations") for f in fits],
         "stopped": [f.get("stopped") for f in fits],
         "label": recon.label,
-        "preview": {"psnr": p_psnr, "ssim": p_ssim},
-        "semantic": {"psnr": s_psnr, "ssim": s_ssim},
+        "preview": _per_slice(reference, preview_image),
+        "semantic": _per_slice(reference, image),
         "curve": curve.points,
         "curve_callback_s": curve.seconds,
         "peak_cuda_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -470,13 +472,14 @@ def _markdown(result: dict[str, Any]) -> str:
         + (f", CUDA {online['peak_cuda_gib']:.2f} GiB" if online["peak_cuda_gib"] is not None else "")
         + " |",
         "",
-        "| image | PSNR (dB) per slice | mean PSNR | mean SSIM |",
-        "|---|---|---|---|",
+        "| image | PSNR (dB) per slice | mean PSNR | mean SSIM | mean HaarPSI | mean VIF |",
+        "|---|---|---|---|---|---|",
     ]
 
     def row(name: str, block: dict[str, list[float]]) -> str:
         values = ", ".join(f"{v:.2f}" for v in block["psnr"])
-        return f"| {name} | {values} | {np.mean(block['psnr']):.2f} | {np.mean(block['ssim']):.4f} |"
+        means = [f"{np.mean(block[m]):.4f}" if m in block else "–" for m in ("ssim", "haarpsi", "vif")]
+        return f"| {name} | {values} | {np.mean(block['psnr']):.2f} | {' | '.join(means)} |"
 
     lines.append(row("CG-SENSE preview", online["preview"]))
     lines.append(row(f"semantic, time-budget stop ({online['iterations']} it)", online["semantic"]))

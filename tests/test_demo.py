@@ -18,7 +18,7 @@ pytest.importorskip("dipy", reason="the demo's anatomy ships inside the dipy whe
 
 from semrecon_core.commands.demo import STUDY_SEMANTIC_LAM, demo_anatomy
 from semrecon_core.commands.main import main
-from semrecon_core.metrics import psnr, ssim
+from semrecon_core.metrics import haarpsi, psnr, ssim, vif
 
 # (PSNR dB, SSIM) each method of `semrecon demo --fast --iterations 150` must beat against the ground truth, in the
 # order of the table. Measured (dipy T1 brain at 64², 8 coils, R = 4, 12 ACS lines, seed 0, one thread): zero-filled
@@ -79,6 +79,8 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
         magnitude = image.data.reshape(truth.shape)
         assert psnr(truth, magnitude) == pytest.approx(row["psnr_db"], abs=0.01)
         assert ssim(truth, magnitude) == pytest.approx(row["ssim"], abs=1e-4)
+        assert haarpsi(truth, magnitude) == pytest.approx(row["haarpsi"], abs=1e-4)
+        assert vif(truth, magnitude) == pytest.approx(row["vif"], abs=1e-4)
         assert row["psnr_db"] > low_psnr and row["ssim"] > low_ssim and row["tenengrad"] > 0, row
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     cg_sense, deep_tv = (images[k].data.reshape(truth.shape) for k in (1, CLASSICAL))

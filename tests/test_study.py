@@ -117,9 +117,11 @@ def test_a_tiny_study_writes_tables_and_items(serial: Path) -> None:
         ("unet", "semantic"),
     }
     assert all(np.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 and r["tenengrad"] > 0 for r in rows)
+    assert all(0 < r["haarpsi"] <= 1 and r["vif"] > 0 for r in rows)
     assert len((serial / "results.csv").read_text().splitlines()) == 1 + 2 * SETTINGS
     table = (serial / "table.md").read_text()
     assert "## Table 1 — preset `paper`" in table and "| unet | semantic |" in table
+    assert "HaarPSI ↑ | VIF ↑" in table
     assert "RANDOM WEIGHTS" in table and "not independent of the semantic prior" in table
     assert all(r["perceptual"] is not None for r in rows)  # the bank's encoder gives the embedding distance
     document = json.loads((serial / "results.json").read_text())

@@ -442,6 +442,8 @@ def _metrics(truth: Any, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "label": recon.label,
             "psnr_db": round(metrics.psnr(truth, recon.image), 2),
             "ssim": round(metrics.ssim(truth, recon.image), 4),
+            "haarpsi": round(metrics.haarpsi(truth, recon.image), 4),
+            "vif": round(metrics.vif(truth, recon.image), 4),
             "tenengrad": round(metrics.tenengrad(recon.image), 5),
             "seconds": round(recon.seconds, 2),
         }
@@ -460,11 +462,12 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         ),
         f"Deep backbone start: {summary['deep_start']}.",
         "",
-        "| method | PSNR (dB) | SSIM | Tenengrad | λ | time (s) | label |",
-        "|---|---|---|---|---|---|---|",
+        "| method | PSNR (dB) | SSIM | HaarPSI | VIF | Tenengrad | λ | time (s) | label |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {row['method']} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['tenengrad']:.5f} | "
+        f"| {row['method']} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['haarpsi']:.4f} | {row['vif']:.4f} | "
+        f"{row['tenengrad']:.5f} | "
         f"{format(row['lam'], 'g') if 'lam' in row else ''} | {row['seconds']:.1f} | {row['label']} |"
         for row in rows
     ]
@@ -510,7 +513,7 @@ def _figure(
         (
             row["method"],
             item["recon"].image[0].abs().numpy(),
-            f"PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.3f}",
+            f"PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.3f}\nHaarPSI {row['haarpsi']:.3f}, VIF {row['vif']:.3f}",
         )
         for item, row in zip(results, rows, strict=True)
     ]

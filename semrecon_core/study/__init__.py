@@ -8,7 +8,7 @@ signed-rank test TV vs semantic) and figures. The modules:
 - :mod:`~semrecon_core.study.cases`: finding and loading cases (``.npy`` magnitude images with simulated coils,
   fastMRI ``.h5``, ISMRMRD raw; fully sampled data undersampled retrospectively) and their seeds.
 - :mod:`~semrecon_core.study.grid`: the settings of the grid and the configuration of each.
-- :mod:`~semrecon_core.study.scoring`: PSNR, SSIM, Tenengrad, LPIPS and a labelled embedding distance.
+- :mod:`~semrecon_core.study.scoring`: PSNR, SSIM, HaarPSI, VIF, Tenengrad, LPIPS and a labelled embedding distance.
 - :mod:`~semrecon_core.study.tasks`: one task = one case at one acceleration, run in this process or a worker.
 - :mod:`~semrecon_core.study.store`: finished (case, setting) results, one atomic file pair per item.
 - :mod:`~semrecon_core.study.parallel`: the same tasks on Ray actors (``--workers N``).

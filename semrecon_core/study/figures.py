@@ -56,6 +56,14 @@ def zoom_window(reference: np.ndarray) -> tuple[int, int, int]:
     return int(top), int(left), size
 
 
+def _caption(scores: dict[str, Any]) -> str:
+    """PSNR / SSIM, and HaarPSI / VIF on a second line when the record has them."""
+    text = f"PSNR {scores['psnr']:.2f} / SSIM {scores['ssim']:.3f}"
+    if scores.get("haarpsi") is not None and scores.get("vif") is not None:
+        text += f"\nHaarPSI {scores['haarpsi']:.3f} / VIF {scores['vif']:.3f}"
+    return text
+
+
 def case_panel(
     path: Path,
     reference: np.ndarray,
@@ -77,7 +85,7 @@ def case_panel(
         (
             f"{record['backbone']} + {record['prior']}",
             image[middle],
-            f"PSNR {record['scores']['psnr']:.2f} / SSIM {record['scores']['ssim']:.3f}",
+            _caption(record["scores"]),
         )
         for record, image in columns
     ]

@@ -1,7 +1,8 @@
 """Scores of one reconstruction against its reference, and embeddings in a bank's space.
 
 Metrics (all on magnitudes, the reconstruction cropped to the recon matrix, :mod:`semrecon_core.metrics`):
-PSNR and SSIM (reference max = 1), Tenengrad of the reconstruction, LPIPS (AlexNet) when its weights are
+PSNR, SSIM, HaarPSI and VIF-p (reference max = 1; no learned weights), Tenengrad of the reconstruction, LPIPS
+(AlexNet) when its weights are
 present — otherwise the value is ``None`` and the reason is recorded, never a stand-in number — and an
 embedding distance from a second network: ``1 − cos`` of the token-mean embeddings of reference and
 reconstruction at the network's last level, mean over slices. Its label says which network it is and, when it
@@ -32,9 +33,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS = ("psnr", "ssim", "lpips", "tenengrad", "perceptual")
+METRICS = ("psnr", "ssim", "haarpsi", "vif", "lpips", "tenengrad", "perceptual")
 """Score names, in table order."""
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "tenengrad": None, "perceptual": False}
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "haarpsi": True,
+    "vif": True,
+    "lpips": False,
+    "tenengrad": None,
+    "perceptual": False,
+}
 """Direction of each score (``None``: a property of the image, not a quality judgement: Tenengrad sharpness)."""
 
 _NETWORKS: dict[tuple, Any] = {}
@@ -64,6 +73,7 @@ class ScoringSpec:
     def key(self) -> dict[str, Any]:
         """What in this spec changes the scores (part of every result's key)."""
         return {
+            "metrics": list(METRICS),  # a stored item scored without a metric is computed again with it
             "lpips": "unavailable" if self.lpips_reason else f"alexnet {self.lpips_weights or 'hub'}",
             "perceptual": self.perceptual,
             "perceptual_encoder": None if self.semantic is None else self.semantic.encoder,
@@ -146,12 +156,14 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------- scores
     def score(self, reference: np.ndarray, image: np.ndarray) -> dict[str, float | None]:
-        """PSNR, SSIM, Tenengrad, LPIPS (``None`` when unavailable) and the embedding distance (or ``None``)."""
+        """PSNR, SSIM, HaarPSI, VIF, Tenengrad, LPIPS (``None``: unavailable), the embedding distance (or ``None``)."""
         from semrecon_core import metrics
 
         scores: dict[str, float | None] = {
             "psnr": metrics.psnr(reference, image),
             "ssim": metrics.ssim(reference, image),
+            "haarpsi": metrics.haarpsi(reference, image),
+            "vif": metrics.vif(reference, image),
             "tenengrad": metrics.tenengrad(image),
             "lpips": None,
             "perceptual": None,

@@ -5,7 +5,7 @@ Written into the study folder, each atomically:
 - ``results.csv``: one row per (case, setting) with λ and every score at full precision.
 - ``results.json``: the same rows, the summary, the Wilcoxon results and the study's description.
 - ``table.md``: the paper's Table-1 layout — rows backbone × prior, for each acceleration a group of columns
-  (PSNR, SSIM, LPIPS, Tenengrad, the embedding distance) holding mean ± sd over cases — then λ per setting
+  (PSNR, SSIM, HaarPSI, VIF, LPIPS, Tenengrad, the embedding distance) holding mean ± sd over cases — then λ per setting
   and the Wilcoxon signed-rank test of semantic vs TV per backbone and metric.
 
 Everything here depends only on the stored items and the study's arguments, never on timings, dates or how
@@ -52,11 +52,21 @@ ROW_FIELDS = (
 METRIC_TITLES = {
     "psnr": "PSNR (dB) ↑",
     "ssim": "SSIM ↑",
+    "haarpsi": "HaarPSI ↑",
+    "vif": "VIF ↑",
     "lpips": "LPIPS ↓",
     "tenengrad": "Tenengrad",
     "perceptual": "embedding distance ↓",
 }
-DIGITS = {"psnr": ".2f", "ssim": ".4f", "lpips": ".4f", "tenengrad": ".4g", "perceptual": ".4f"}
+DIGITS = {
+    "psnr": ".2f",
+    "ssim": ".4f",
+    "haarpsi": ".4f",
+    "vif": ".4f",
+    "lpips": ".4f",
+    "tenengrad": ".4g",
+    "perceptual": ".4f",
+}
 WILCOXON_CALL = "scipy.stats.wilcoxon(semantic, tv): two-sided, zero_method='wilcox' (zero differences dropped)"
 
 
@@ -339,7 +349,9 @@ def _score_notes(study: dict[str, Any]) -> list[str]:
     lpips = "computed." if not scoring["lpips_reason"] else f"unavailable — {scoring['lpips_reason']}"
     return [
         (
-            "PSNR and SSIM against the reference, both divided by the reference's maximum (data range 1); "
+            "PSNR, SSIM, HaarPSI (Reisenhofer et al. 2018) and VIF in the pixel domain (Sheikh & Bovik 2006) "
+            "against the reference, both divided by the reference's maximum (data range 1; HaarPSI and VIF clamp "
+            "the reconstruction into [0, 1]); "
             "Tenengrad: mean squared Sobel gradient of the reconstruction / its maximum (sharpness, higher is not "
             "necessarily better)."
         ),
