@@ -18,6 +18,7 @@ pytest.importorskip("dipy", reason="the demo's anatomy ships inside the dipy whe
 
 from semrecon_core.commands.demo import STUDY_SEMANTIC_LAM, demo_anatomy
 from semrecon_core.commands.main import main
+from semrecon_core.data.simulate import place_in_fov
 from semrecon_core.metrics import haarpsi, psnr, ssim, vif
 
 # (PSNR dB, SSIM) each method of `semrecon demo --fast --iterations 150` must beat against the ground truth, in the
@@ -73,8 +74,8 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     images = read_images(out / "images.h5")
     assert len(images) == CLASSICAL + 2
-    truth = demo_anatomy(64)
-    truth = truth / truth.max()  # the simulation's ground truth: the anatomy scaled to max 1
+    truth = place_in_fov(demo_anatomy(64)[None])[0]
+    truth = truth / truth.max()  # the simulation's ground truth: the anatomy inside its margins, max 1
     for image, row, (low_psnr, low_ssim) in zip(images, summary["methods"], thresholds, strict=True):
         magnitude = image.data.reshape(truth.shape)
         assert psnr(truth, magnitude) == pytest.approx(row["psnr_db"], abs=0.01)
