@@ -19,6 +19,10 @@ built before the clock starts (``semrecon serve`` keeps it across scans); its lo
   cost case (the Janus-Pro-1B vision tower with RANDOM WEIGHTS at its real size, 384 px, and the paper's U-Net
   64/5 with LoRA, one 320² 15-coil slice), with FLOPs (``torch.utils.flop_counter``) and aten op counts.
 
+* ``--chain-tv``: the same chain with TV instead of the semantic prior, from the chain's start and from
+  ``start=preview``, against CS-TV (``config/semrecon_tv.xml``'s image): PSNR, SSIM, HaarPSI and whether its fit kept
+  the time budget (:func:`chain_tv`).
+
 Writes ``benchmarks/results/online.json`` and ``online.md`` (CPU) or ``online_gpu.*`` (CUDA), or ``--name``.*.
 """
 
@@ -91,13 +95,20 @@ def _semrecon(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "semrecon_core.commands.main", *args], check=True, cwd=ROOT)
 
 
-def make_checkpoint(work: Path, size: int, width: int, depth: int, epochs: int) -> tuple[Path, float]:
-    """``semrecon pretrain`` on the pretraining PD slices at ``size``²; returns the checkpoint and its seconds."""
+def make_checkpoint(
+    work: Path, size: int, width: int, depth: int, epochs: int, *, reuse: bool = False
+) -> tuple[Path, float]:
+    """``semrecon pretrain`` on the pretraining PD slices at ``size``²; returns the checkpoint and its seconds.
+
+    With ``reuse`` a checkpoint already in ``work`` is returned as it is (0 s).
+    """
+    out = work / "unet.safetensors"
+    if reuse and out.is_file():
+        return out, 0.0
     images = work / "pretrain"
     images.mkdir(exist_ok=True)
     for name in PRETRAIN_SLICES:
         np.save(images / f"{name}.npy", _resize(np.load(DATA / "knee_fastmri_rss" / f"{name}.npy"), size))
-    out = work / "unet.safetensors"
     started = time.perf_counter()
     _semrecon(
         "pretrain", str(out), "--images", str(images), "--width", str(width), "--depth", str(depth),
@@ -240,6 +251,59 @@ def online_run(
         "curve_callback_s": curve.seconds,
         "peak_cuda_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "peak_rss_gib": _rss_gib(),
+    }
+
+
+def chain_tv(kspace: Any, settings: Any, reference: np.ndarray) -> dict[str, Any]:
+    """The shipped chain with TV instead of the semantic prior (its own start, and ``start=preview``) vs CS-TV.
+
+    CS-TV is ``config/semrecon_tv.xml``'s reconstruction (:func:`~semrecon_core.config.cs_tv_config`) with the
+    chain's maps, timed from the maps on. The chain runs as :func:`online_run` runs it (maps, preview, fit within
+    ``time_budget_s``); λ is TV's default (the chain leaves ``lam`` empty).
+    """
+    from semrecon_core.config import cs_tv_config
+    from semrecon_core.pipeline import Pipeline
+
+    config = settings.config
+    pipeline = Pipeline(config.replace(prior="tv"))
+    maps = pipeline.estimate_maps(kspace)
+    started = time.perf_counter()
+    cs_tv = Pipeline(cs_tv_config(config).replace(device=config.device)).run(kspace, maps=maps)
+    seconds = time.perf_counter() - started
+    out: dict[str, Any] = {
+        "cs_tv": {**_per_slice(reference, cs_tv.cropped().abs().numpy()), "seconds": seconds, "label": cs_tv.label},
+        "runs": {},
+    }
+    for start in dict.fromkeys((config.start, "preview")):
+        print(f"chain with TV, start={start}", flush=True)
+        run = online_run(kspace, settings, reference, overrides={"prior": "tv", "start": start})
+        run["start"] = start
+        out["runs"][start] = run
+    out["verdict"] = chain_tv_verdict(out, config.start, float(config.time_budget_s))
+    return out
+
+
+def chain_tv_verdict(block: dict[str, Any], start: str, budget: float) -> dict[str, Any]:
+    """The chain with TV from ``start`` against CS-TV: PSNR and HaarPSI differences, and whether it kept its budget.
+
+    The fit's time counts from the preview sent to the last image (the start image is computed inside the budget);
+    one iteration's overrun (5 % of the budget, at least 1 s) is allowed.
+    """
+    mine = block["runs"][start]
+    gap = float(np.mean(mine["semantic"]["psnr"]) - np.mean(block["cs_tv"]["psnr"]))
+    haar = (
+        float(np.mean(mine["semantic"]["haarpsi"]) - np.mean(block["cs_tv"]["haarpsi"]))
+        if "haarpsi" in mine["semantic"]
+        else None
+    )
+    fit_s = mine["time_to_last_semantic_s"] - mine["time_to_preview_s"]
+    within = fit_s <= budget + max(1.0, 0.05 * budget)
+    return {
+        "psnr_minus_cs_tv_db": gap,
+        "haarpsi_minus_cs_tv": haar,
+        "fit_s": fit_s,
+        "fit_within_budget": within,
+        "met": gap >= -0.5 and (haar is None or haar >= -0.01) and within,
     }
 
 
@@ -537,8 +601,61 @@ def _markdown(result: dict[str, Any]) -> str:
                     f"{r['seconds_for_needed_iterations']:.0f} | {r['seconds_for_1500']:.0f} |"
                 )
         lines += ["", p["timeline"], "", p["verdict"]]
+    if q.get("chain_tv"):
+        lines += _chain_tv_markdown(q["chain_tv"], q["config"]["time_budget_s"])
     lines += ["", "## Notes", "", *[f"- {note}" for note in result["notes"]], ""]
     return "\n".join(lines)
+
+
+def _chain_tv_markdown(block: dict[str, Any], budget: float) -> list[str]:
+    """The section of :func:`chain_tv`: CS-TV and the chain with TV from each start."""
+    lines = [
+        "",
+        "## The chain with TV instead of the semantic prior vs CS-TV (`--chain-tv`)",
+        "",
+        (
+            "| image | start | time (s) | fit: start image + Adam (s) / Adam (s) / iterations / stop "
+            "| PSNR per slice (dB) | mean PSNR | mean SSIM | mean HaarPSI |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def mean(values: dict[str, Any], name: str) -> str:
+        return f"{np.mean(values[name]):.4f}" if name in values else "–"
+
+    cs = block["cs_tv"]
+    lines.append(
+        f"| CS-TV (`semrecon_tv.xml`, maps given) | – | {cs['seconds']:.1f} | – | "
+        f"{', '.join(f'{v:.2f}' for v in cs['psnr'])} | {np.mean(cs['psnr']):.2f} | {mean(cs, 'ssim')} | "
+        f"{mean(cs, 'haarpsi')} |"
+    )
+    for start, run in block["runs"].items():
+        image = run["semantic"]
+        lines.append(
+            f"| chain, U-Net + TV | {start} | {run['time_to_last_semantic_s']:.1f} | "
+            f"{run['time_to_last_semantic_s'] - run['time_to_preview_s']:.1f} / {run['fit_s']:.1f} / "
+            f"{run['iterations']} / {run['stopped']} | {', '.join(f'{v:.2f}' for v in image['psnr'])} | "
+            f"{np.mean(image['psnr']):.2f} | {mean(image, 'ssim')} | {mean(image, 'haarpsi')} |"
+        )
+    first = next(iter(block["runs"].values()))
+    lines.append(
+        f"| CG-SENSE preview | – | {first['time_to_preview_s']:.1f} | – | "
+        f"{', '.join(f'{v:.2f}' for v in first['preview']['psnr'])} | {np.mean(first['preview']['psnr']):.2f} | "
+        f"{mean(first['preview'], 'ssim')} | {mean(first['preview'], 'haarpsi')} |"
+    )
+    v = block["verdict"]
+    haar = "" if v["haarpsi_minus_cs_tv"] is None else f", HaarPSI {v['haarpsi_minus_cs_tv']:+.4f}"
+    lines += [
+        "",
+        (
+            f"Chain with TV (its start) minus CS-TV: PSNR {v['psnr_minus_cs_tv_db']:+.2f} dB{haar}; fit within the "
+            f"{budget:.0f} s budget: {'yes' if v['fit_within_budget'] else 'no'}. Acceptance (≥ CS-TV − 0.5 dB and "
+            f"− 0.01 HaarPSI, within the budget): **{'met' if v['met'] else 'not met'}**. Time: from the clock "
+            "start (k-space in memory) to the last image; the fit's from the preview sent to the last image (its start "
+            "image is computed inside the budget); CS-TV's from the maps on."
+        ),
+    ]
+    return lines
 
 
 def anytime(preview: list[float], runs: dict[str, list[dict[str, Any]]], sent: list[float]) -> dict[str, Any]:
@@ -575,6 +692,12 @@ def main() -> int:
     parser.add_argument("--skip-cost", action="store_true", help="skip the real-size cost case")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, help="keep the checkpoint and bank here (default: a temporary dir)")
+    parser.add_argument(
+        "--chain-tv",
+        action="store_true",
+        help="also run the chain with TV instead of the semantic prior (its start and start=preview) against CS-TV",
+    )
+    parser.add_argument("--reuse", action="store_true", help="reuse a checkpoint and bank already in --work")
     parser.add_argument("--name", help="results file name without suffix (default online, or online_gpu on CUDA)")
     parser.add_argument("--render", type=Path, help="only rewrite the Markdown of an existing results JSON")
     args = parser.parse_args()
@@ -600,8 +723,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        checkpoint, pretrain_s = make_checkpoint(work, size, width, depth, args.pretrain_epochs)
-        bank, bank_s = make_bank(work, size)
+        checkpoint, pretrain_s = make_checkpoint(work, size, width, depth, args.pretrain_epochs, reuse=args.reuse)
+        bank, bank_s = make_bank(work, size, reuse=args.reuse)
         settings = chain_settings(
             {"bank": str(bank), "encoder": str(DINOV2), "checkpoint": str(checkpoint), "device": args.device,
              "layers": "1,7,12"}
@@ -647,6 +770,8 @@ def main() -> int:
             runs[f"no budget ({count} slice(s))"] = list(long["curve"])
             if count != slices:
                 notes.append(f"The no-budget fit ran on the first {count} slice(s) only (CPU time).")
+        if args.chain_tv:
+            quality["chain_tv"] = chain_tv(kspace, settings, reference)
         quality["anytime"] = anytime(
             online["preview"]["psnr"],
             runs,

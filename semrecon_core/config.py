@@ -176,9 +176,12 @@ class ReconConfig:
             network's image ``f`` (0: none; public-code: the authors' 0.5 for the U-Net, 0.05 for the INR).
         stages: unrolled network stages (4; image-language banks: the authors' 8).
         dc_init: initial data-consistency weight of each unrolled stage (0.01; image-language: 0.001).
-        start: where the U-Net's fit starts: ``network`` (its own output, the paper) or ``preview`` (its output
+        start: where the U-Net's fit starts: ``network`` (its own output, the paper), ``preview`` (its output
             plus a fixed offset that makes the first iterate the CG-SENSE preview, so a fit stopped early sends an
-            image near the preview instead of the network's untrained output; online chains).
+            image near the preview instead of the network's untrained output) or ``cs-tv`` (the same offset to the
+            CS-TV image of :func:`cs_tv_config`, computed inside the fit's time budget; online chains). The fitted
+            network moves its image almost only in smooth directions, which the fully sampled k-space centre pins,
+            so a fit started at the preview stays there (``benchmarks/results/online_chain_tv.md``).
         slice_batch: slices optimised together (0: as many as the device holds: all on the CPU; on CUDA sized from
             the memory of one measured fit step, U-Net and unrolled; the INR fits all).
         time_budget_s: wall-clock seconds the fit of one scan may take, shared evenly by its slice batches
@@ -214,7 +217,7 @@ class ReconConfig:
     final_dc: float | None = None
     stages: int | None = None
     dc_init: float | None = None
-    start: Literal["network", "preview"] = "network"
+    start: Literal["network", "preview", "cs-tv"] = "network"
     slice_batch: int = 0
     time_budget_s: float = 0.0
     calib_width: int = 24
@@ -231,9 +234,9 @@ class ReconConfig:
         _check_choice("similarity", self.similarity, ("pooled", "token-pca", "centred", None))
         _check_choice("autocast", self.autocast, ("bfloat16", "none"))
         _check_choice("espirit", self.espirit, ("sigpy", "torch"))
-        _check_choice("start", self.start, ("network", "preview"))
-        if self.start == "preview" and self.backbone != "unet":
-            raise ConfigError(f"property 'start': 'preview' needs backbone unet, found backbone '{self.backbone}'")
+        _check_choice("start", self.start, ("network", "preview", "cs-tv"))
+        if self.start != "network" and self.backbone != "unet":
+            raise ConfigError(f"property 'start': '{self.start}' needs backbone unet, found backbone '{self.backbone}'")
         for name in ("lam", "lr", "sigma", "final_dc", "dc_init"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -438,6 +441,14 @@ def preview_config(config: ReconConfig) -> ReconConfig:
     device.
     """
     return ReconConfig(backbone="sense", prior="none", device="cpu", seed=config.seed, calib_width=config.calib_width)
+
+
+def cs_tv_config(config: ReconConfig) -> ReconConfig:
+    """The CS-TV reconstruction the U-Net's ``start=cs-tv`` starts from: :func:`preview_config` with prior ``tv``.
+
+    The classical defaults (λ 0.003, 100 primal-dual iterations), i.e. ``config/semrecon_tv.xml``'s image.
+    """
+    return preview_config(config).replace(prior="tv")
 
 
 _RESOLVED = (

@@ -67,9 +67,9 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
     assert summary["methods"][CLASSICAL + 1]["lam_source"] == "explicit"  # the knee study's λ, set by the demo
     assert summary["methods"][CLASSICAL]["lam_source"] == "preset paper (TV)"
     assert "dipy" in summary["anatomy"] and "S0_10slices" in summary["bank_sources"]
-    assert "warm start" in summary["deep_start"] and "start=preview" in summary["deep_start"]
+    assert "warm start" in summary["deep_start"] and "start=cs-tv" in summary["deep_start"]
     for row in summary["methods"][CLASSICAL:]:
-        assert "warm start, LoRA rank 4" in row["label"] and "started at the preview" in row["label"], row
+        assert "warm start, LoRA rank 4" in row["label"] and "started at the CS-TV image" in row["label"], row
     assert (out / "unet.safetensors").is_file()
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     images = read_images(out / "images.h5")
@@ -85,7 +85,7 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
         assert row["psnr_db"] > low_psnr and row["ssim"] > low_ssim and row["tenengrad"] > 0, row
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     cg_sense, deep_tv = (images[k].data.reshape(truth.shape) for k in (1, CLASSICAL))
-    assert np.abs(deep_tv - cg_sense).max() > 1e-4 * np.abs(cg_sense).max()  # the fit moved from its start
+    assert np.abs(deep_tv - cg_sense).max() > 1e-4 * np.abs(cg_sense).max()  # the fit left the CG-SENSE preview
     summary["comments"] = [image.meta["GADGETRON_ImageComment"] for image in images]
     assert all("; lambda " in comment for comment in summary["comments"][1:])  # λ and its source (not zero-filled)
     return summary

