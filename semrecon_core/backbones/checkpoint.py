@@ -2,7 +2,10 @@
 
 ``OUT.safetensors`` holds the state dict, ``OUT.json`` the metadata: format tag, backbone, architecture,
 training data (paths and SHA-256 hashes), masks, epochs, losses. Both are written atomically.
-:func:`load_backbone` rebuilds the network from the metadata and refuses files of another backbone.
+:func:`load_backbone` rebuilds the network from the metadata and refuses files of another backbone, and checks
+the weights file's header against the network before reading it (:mod:`semrecon_core.weights`): a damaged
+file is a :class:`~semrecon_core.weights.DamagedWeightsError` naming it and the ``semrecon pretrain`` that
+writes it again.
 """
 
 from __future__ import annotations
@@ -101,17 +104,28 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def load_backbone(path: str | Path, backbone: str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the ``backbone`` network stored at ``path`` and load its weights.
 
-    Raises ValueError when the checkpoint was trained for another backbone or its tensors do not match.
+    Raises:
+        ValueError: the checkpoint was trained for another backbone.
+        DamagedWeightsError: the weights file is empty, truncated, zero-filled, not safetensors, or its tensors
+            do not match the architecture in its metadata (name, shape or dtype).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from semrecon_core.weights import DamagedWeightsError, check_tensors, read_header
 
     meta = read_metadata(path)
     if meta.get("backbone") != backbone:
         raise ValueError(f"checkpoint {path}: trained for backbone {meta.get('backbone')!r}, not {backbone!r}")
     model = build_backbone(backbone, meta["architecture"])
-    state = load_file(str(path))
+    what = f"{backbone} checkpoint"
+    remedy = f"train it again with `semrecon pretrain {path} --backbone {backbone} --images ...`"
+    header = read_header(path, what=what, remedy=remedy, dtypes=None)
+    found = {name: (Path(path), entry) for name, entry in header.tensors.items()}
+    check_tensors(found, model.state_dict(), path=path, what=what, remedy=remedy)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path}: weights do not match the architecture in its metadata ({exc})") from None
+        state = load_file(str(path))
+    except SafetensorError as exc:  # the header was fine: the data could not be read
+        raise DamagedWeightsError(path, f"safetensors: {exc}", what=what, remedy=remedy) from None
+    model.load_state_dict(state, strict=True)
     return model, meta

@@ -30,7 +30,13 @@ from semrecon_core.encoders.common import (
     preprocessing_identity,
     requested_precision,
 )
-from semrecon_core.encoders.loading import fingerprint, is_random_checkpoint, load_model, resolve_checkpoint
+from semrecon_core.encoders.loading import (
+    fingerprint,
+    is_random_checkpoint,
+    load_model,
+    read_config,
+    resolve_checkpoint,
+)
 from semrecon_core.encoders.preprocess import crop_or_pad, magnitude, to_pixels
 
 LABEL_KEY = "semrecon_label"
@@ -119,7 +125,7 @@ class HFVisionEncoder:
             mean = settings.get("image_mean", mean)
             std = settings.get("image_std", std)
             size = _processor_size(settings) or size
-        description = json.loads((directory / "config.json").read_text()).get(LABEL_KEY)
+        description = read_config(directory).get(LABEL_KEY)
         return cls(
             vision,
             name=name,

@@ -38,7 +38,8 @@ from semrecon_core.encoders.common import (
     requested_precision,
 )
 from semrecon_core.encoders.loading import (
-    EncoderUnavailable,
+    check_encoder_weights,
+    encoder_remedy,
     fingerprint,
     is_random_checkpoint,
     load_model,
@@ -73,26 +74,33 @@ def load_vision_tower(directory: Path, *, dtype: torch.dtype = torch.float32) ->
 
     ``JanusVisionModel.from_pretrained`` on a full checkpoint silently keeps random weights (prefix
     mismatch), and loading the whole model costs the LLM's memory; this reads the vision tensors from the
-    safetensors shards and loads them strictly (every parameter must be present).
+    safetensors shards and loads them strictly (every parameter must be present). Each shard's header is
+    checked first and the stored shapes compared with the config's
+    (:class:`~semrecon_core.weights.DamagedWeightsError` naming the file, the tensor, expected and found).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from transformers import JanusConfig, JanusVisionModel
 
+    from semrecon_core.weights import DamagedWeightsError, check_tensors
+
     config = JanusConfig.from_pretrained(directory, local_files_only=True)
+    stored = check_encoder_weights(directory)
     vision = JanusVisionModel._from_config(config.vision_config, dtype=dtype)
     prefix = "model.vision_model."
+    remedy = encoder_remedy(directory)
+    what = "Janus checkpoint (vision tower)"
+    check_tensors(stored, vision.state_dict(), path=directory, what=what, remedy=remedy, prefix=prefix)
     state: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                if key.startswith(prefix):
-                    state[key[len(prefix) :]] = handle.get_tensor(key).to(dtype)
+    file = directory
     try:
-        vision.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise EncoderUnavailable(
-            f"encoder '{directory}': vision-tower weights do not match the config: {exc}"
-        ) from None
+        for file in sorted({shard for name, (shard, _) in stored.items() if name.startswith(prefix)}):
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    if key.startswith(prefix):
+                        state[key[len(prefix) :]] = handle.get_tensor(key).to(dtype)
+    except SafetensorError as exc:  # the header was fine: the data could not be read
+        raise DamagedWeightsError(file, f"safetensors: {exc}", what="encoder weights file", remedy=remedy) from None
+    vision.load_state_dict(state, strict=True)
     return vision.requires_grad_(False).eval()
 
 

@@ -165,8 +165,9 @@ class SemreconGadget:
             yield from self.pipeline.run(kspace, maps=maps).images(series_index=series)
             return
         except Exception as exc:  # any failure of one buffer becomes a labelled fallback
-            reason = _describe(exc, name)
-            log.error("semrecon: %s: %s: %s", name, failed, reason, exc_info=log.isEnabledFor(logging.DEBUG))
+            reason = _describe(exc, name)  # shortened for the image comment; the log gets all of it
+            whole = f"{type(exc).__name__}: {exc}"
+            log.error("semrecon: %s: %s: %s", name, failed, whole, exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             _release_cuda_memory()
         comment = f"FALLBACK CG-SENSE ({failed}: {reason})"

@@ -253,13 +253,17 @@ class GadgetServer:
     def _gadget_for(self, connection: Any, name: str) -> Any:
         from semrecon_core.gadgetron.gadget import SemreconGadget
         from semrecon_core.gadgetron.properties import parse_properties, settings_from_properties
+        from semrecon_core.weights import DamagedWeightsError
 
         source = f"{name} CONFIG"
         scan = parse_properties(connection.raw_bytes.config, source=source)
         settings = settings_from_properties({**self.properties, **scan, **self.overrides}, source=source)
-        return SemreconGadget(
-            settings, connection.header, prior=self.prior_for(settings.config), device_lock=self._device_lock
-        )
+        try:
+            prior = self.prior_for(settings.config)
+        except DamagedWeightsError as exc:  # the scan still gets images: each buffer's labelled fallback
+            log.error("semrecon serve: %s: %s; its buffers get the labelled fallback", name, exc)
+            prior = None
+        return SemreconGadget(settings, connection.header, prior=prior, device_lock=self._device_lock)
 
     @staticmethod
     def _reason(exc: BaseException, session: _Session | None, timeout: float) -> str:

@@ -11,6 +11,11 @@ Banks written before the ``dtype`` and ``prompt`` fields existed are read as ``d
 image-only encoder's precision, and every encoder's on the CPU, where such banks were built for tests and
 smoke runs; a bank embedded under bf16 autocast on CUDA then needs rebuilding) and, for image-language
 banks, ``prompt`` = ``janus-pro`` (the only rendering there was).
+
+The file's safetensors header is checked before anything reads it (:func:`semrecon_core.weights.read_header`):
+an empty, truncated, zero-filled or non-safetensors file, tensors that are not floating point, or positives and
+negatives of different embedding shapes raise :class:`DamagedBankError` naming the file and ``semrecon bank
+build``, which writes it again.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from semrecon_core.priors.contrastive import (
     figure5_embedding,
     leave_one_out,
 )
+from semrecon_core.weights import DamagedWeightsError, SafetensorsHeader, read_header
 
 FORMAT = "semrecon-embedding-bank/1"
 _META_KEY = "semrecon_bank"
@@ -45,6 +51,23 @@ SEPARABILITY_TAU = 0.07
 
 class BankError(ValueError):
     """An embedding bank is unreadable, malformed, or does not match the encoder in use."""
+
+
+class DamagedBankError(BankError, DamagedWeightsError):
+    """A bank file that is damaged (cut short, empty, zero-filled, not safetensors, wrong dtype or shapes)."""
+
+
+def _remedy(path: Path) -> str:
+    return f"build it again with `semrecon bank build {path} --encoder ... --positives ...`"
+
+
+def _bank_header(path: Path) -> SafetensorsHeader:
+    """The checked safetensors header of the bank file ``path``."""
+    return read_header(path, what="embedding bank", remedy=_remedy(path), error=DamagedBankError)
+
+
+def _damaged(path: Path, problem: str) -> DamagedBankError:
+    return DamagedBankError(path, problem, what="embedding bank", remedy=_remedy(path))
 
 
 @dataclass
@@ -219,24 +242,24 @@ def check_compatible(metadata: dict[str, Any], identity: dict[str, Any], *, sour
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a bank file without loading its tensors."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: embedding bank not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(_META_KEY)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several unrelated types for bad files
-        raise BankError(f"{path}: not a readable embedding bank (safetensors: {exc})") from None
+    return _metadata_of(_bank_header(path))
+
+
+def _metadata_of(header: SafetensorsHeader) -> dict[str, Any]:
+    path = header.path
+    raw = header.metadata.get(_META_KEY)
     if raw is None:
         raise BankError(f"{path}: safetensors file has no '{_META_KEY}' metadata (not a semrecon embedding bank)")
     try:
         metadata = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise BankError(f"{path}: bank metadata is not valid JSON ({exc})") from None
-    if metadata.get("format") != FORMAT:
-        raise BankError(f"{path}: bank format {metadata.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else metadata
+        raise BankError(f"{path}: bank format {found!r}, expected {FORMAT!r}")
     for key in ("encoder", "similarity", "levels"):
         if key not in metadata:
             raise BankError(f"{path}: bank metadata lacks the field '{key}'")
@@ -261,24 +284,32 @@ def load_bank(
     from safetensors import safe_open
 
     path = Path(path)
-    metadata = read_metadata(path) if metadata is None else metadata
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: embedding bank not found")
+    header = _bank_header(path)  # checked again when the metadata were read before: the file may have changed
+    metadata = _metadata_of(header) if metadata is None else metadata
     if encoder is not None:
         check_compatible(metadata, encoder.identity, source=f"bank {path}")
     levels = int(metadata["levels"])
+    needed = [f"{role}/{level}" for role in ("positives", "negatives") for level in range(levels)]
+    if metadata["similarity"] == "token-pca":
+        needed += [f"{role}/{level}" for role in ("pca_mean", "pca_components") for level in range(levels)]
+    missing = [name for name in needed if name not in header.tensors]
+    if missing:
+        raise BankError(f"{path}: bank lacks tensors {', '.join(missing)}")
+    for level in range(levels):
+        pos_shape, neg_shape = header.tensors[f"positives/{level}"].shape, header.tensors[f"negatives/{level}"].shape
+        if len(pos_shape) < 2 or pos_shape[1:] != neg_shape[1:]:
+            raise _damaged(
+                path,
+                f"level {level}: positives {pos_shape} and negatives {neg_shape} differ in embedding shape "
+                "(expected (count, ...) with the same trailing dimensions)",
+            )
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            names = set(handle.keys())
-            needed = [f"{role}/{level}" for role in ("positives", "negatives") for level in range(levels)]
-            if metadata["similarity"] == "token-pca":
-                needed += [f"{role}/{level}" for role in ("pca_mean", "pca_components") for level in range(levels)]
-            missing = [name for name in needed if name not in names]
-            if missing:
-                raise BankError(f"{path}: bank lacks tensors {', '.join(missing)}")
             tensors = {name: handle.get_tensor(name) for name in needed}
-    except BankError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - truncated data surfaces as various safetensors errors
-        raise BankError(f"{path}: bank tensors are unreadable ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - the header was fine: the data could not be read
+        raise _damaged(path, f"bank tensors are unreadable ({exc})") from None
     pca = None
     if metadata["similarity"] == "token-pca":
         pca = [PCA(tensors[f"pca_mean/{k}"], tensors[f"pca_components/{k}"]) for k in range(levels)]
@@ -290,11 +321,6 @@ def load_bank(
         path=path,
     )
     for level, (p, n) in enumerate(zip(bank.positives, bank.negatives, strict=True)):
-        if p.ndim < 2 or p.shape[1:] != n.shape[1:]:
-            raise BankError(
-                f"{path}: level {level}: positives {tuple(p.shape)} and negatives {tuple(n.shape)} differ in "
-                "embedding shape (expected (count, ...) with the same trailing dimensions)"
-            )
         for role, tensor in (("positives", p), ("negatives", n)):
             bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
             if bad.any():
