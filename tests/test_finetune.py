@@ -55,7 +55,7 @@ def case():
     from skimage.transform import resize
 
     kspace = simulate_kspace(resize(shepp_logan_phantom(), (SIZE, SIZE)), coils=8, acceleration=4, acs_width=8, seed=0)
-    maps = torch.from_numpy(coil_maps(8, (SIZE, SIZE)))[None]
+    maps = torch.from_numpy(coil_maps(8, tuple(kspace.data.shape[-2:])))[None]
     problem = prepare_problem(kspace, maps, torch.device("cpu"))
     zero_filled = reconstruct(kspace, ReconConfig(backbone="zero-filled"), maps=maps).image
     return kspace, maps, problem, metrics.psnr(kspace.ground_truth, zero_filled)
@@ -121,7 +121,7 @@ def test_entry_point_dispatches_paper_unet_and_slice_batches(case) -> None:
     )
     config = ReconConfig(backbone="unet", prior="none", iterations=2, slice_batch=1, final_dc=1e-3)
     done = reconstruct(two, config, maps=maps.repeat(2, 1, 1, 1))
-    assert done.image.shape == (2, SIZE, SIZE)
+    assert done.image.shape == (2, *kspace.data.shape[-2:])
     assert done.label.startswith("U-Net (random init") and done.label.endswith("no prior")
     assert done.result.info["total_parameters"] > 30_000_000  # the paper's 64–1024 U-Net
     assert sorted({tuple(r["slices"]) for r in done.result.trace}) == [(0, 1), (1, 2)]
