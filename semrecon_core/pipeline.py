@@ -29,7 +29,7 @@ from semrecon_core.data.kspace import KSpace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.priors.base import AnsweringPrior, Prior
-from semrecon_core.settings import lam_note, resolve, unused
+from semrecon_core.settings import MachineError, check_machine, device_problem, lam_note, unused
 
 if TYPE_CHECKING:
     from semrecon_core.solvers.status import Callback
@@ -44,13 +44,17 @@ MIN_MAP_COVERAGE = 0.3
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; other names are checked for availability."""
+    """``auto`` → CUDA when available, else CPU; other names are checked for availability.
+
+    A device this machine does not have is a :class:`~semrecon_core.settings.MachineError` with the message
+    :func:`~semrecon_core.settings.check_machine` gives on every path.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"property 'device': '{name}' requested but CUDA is not available on this machine")
-    return device
+    problem = device_problem(name)
+    if problem is not None:
+        raise MachineError(problem)
+    return torch.device(name)
 
 
 def espirit(kspace: KSpace, config: ReconConfig) -> torch.Tensor:
@@ -223,7 +227,8 @@ class Pipeline:
     """Reconstructs scans with one configuration; keeps the prior (encoder, bank) loaded between scans.
 
     Args:
-        config: the validated configuration (resolved here: :func:`semrecon_core.settings.resolve`).
+        config: the validated configuration (resolved and checked against this machine here:
+            :func:`semrecon_core.settings.check_machine`, which raises ``MachineError``).
         coil_maps: the coil-map estimator (default :func:`espirit`).
         prior: an already built prior to use (e.g. kept loaded by ``semrecon serve``); built from
             ``config`` on first use when ``None`` (the prior factory caches encoders and banks per process).
@@ -232,7 +237,9 @@ class Pipeline:
     def __init__(
         self, config: ReconConfig, *, coil_maps: CoilMapEstimator = espirit, prior: Prior | None = None
     ) -> None:
-        self.config = resolve(config)  # reads the bank's metadata once; the prior reuses them
+        self.config = check_machine(
+            config
+        )  # resolves (bank metadata read once, reused by the prior), checks the device
         if self.config.checkpoint and not Path(self.config.checkpoint).is_file():
             raise ConfigError(
                 f"property 'checkpoint': {self.config.checkpoint} does not exist; make one from the site's own "

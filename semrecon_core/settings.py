@@ -4,6 +4,8 @@
 hands it to :meth:`~semrecon_core.config.ReconConfig.resolved`, which records where every value came from;
 the resolved configuration carries the metadata on to the prior factory, which does not read them again.
 :func:`explain` prints every resolved value with its source (``semrecon recon --explain``).
+:func:`check_machine` checks, once before any work, the settings that depend on the machine (a CUDA device that is
+not there); every path (``recon``, ``replay``, the gadget, ``serve``) refuses them with its message.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from semrecon_core.config import ReconConfig, ResolvedConfig
+from semrecon_core.config import ConfigError, ReconConfig, ResolvedConfig
 
 log = logging.getLogger(__name__)
+
+
+class MachineError(ConfigError):
+    """A setting this machine cannot satisfy (e.g. ``device=cuda`` without CUDA), named by :func:`check_machine`."""
+
 
 IMAGE_ONLY_FIELDS = ("level_weights", "similarity")
 """Settings that mean nothing to an image-language bank."""
@@ -58,6 +65,62 @@ def resolve(config: ReconConfig) -> ResolvedConfig:
                 ", ".join(ignored),
             )
     return resolved
+
+
+def device_problem(name: str) -> str | None:
+    """Why device ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) cannot run on this machine; ``None``: it can."""
+    if name in ("auto", "cpu"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"property 'device': '{name}' requested but CUDA is not available on this machine"
+    index = torch.device(name).index
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        devices = f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+        return f"property 'device': '{name}' requested but this machine has {devices}"
+    return None
+
+
+def check_machine(config: ReconConfig) -> ResolvedConfig:
+    """``config`` resolved (:func:`resolve`) after checking the settings that depend on this machine.
+
+    Raises :class:`MachineError` naming the setting (a ``device`` that is not there) before any work starts; every
+    path calls it once: ``recon`` and ``replay`` exit 2 with its message, the gadget and ``semrecon serve`` log it as
+    an ERROR and send the labelled CG-SENSE fallback for every buffer. Settings the machine can run only more slowly
+    get a warning (once per process): ``espirit=sigpy`` on CUDA without CuPy computes the coil maps on the CPU
+    (``espirit=torch`` runs them on the GPU). The other machine-dependent settings adapt on their own: ``autocast``
+    applies on CUDA only, ``slice_batch`` 0 sizes the batches from the device's memory.
+    """
+    resolved = resolve(config)
+    problem = device_problem(resolved.device)
+    if problem is not None:
+        raise MachineError(problem)
+    slow = resolved.espirit == "sigpy" and _uses_cuda(resolved.device)
+    if slow and resolved.device not in _WARNED_CUPY and not _has_cupy():
+        _WARNED_CUPY.add(resolved.device)
+        log.warning(
+            "semrecon: espirit=sigpy on %s: CuPy is not installed, so ESPIRiT runs on the CPU (espirit=torch runs it "
+            "on the GPU)",
+            resolved.device,
+        )
+    return resolved
+
+
+_WARNED_CUPY: set[str] = set()
+
+
+def _uses_cuda(name: str) -> bool:
+    import torch
+
+    return name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+
+
+def _has_cupy() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cupy") is not None
 
 
 def unused(name: str, config: ResolvedConfig) -> bool:

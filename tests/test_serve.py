@@ -1,5 +1,6 @@
 """``semrecon serve``: scans one after another over ``<connect>`` with the model loaded once, a client
-that dies or stays silent ends only its own scan, bad properties are reported, SIGTERM stops the server."""
+that dies or stays silent ends only its own scan, bad properties are reported, SIGTERM stops the server
+gracefully (the scan in progress finishes, new ones get an ERROR), a second signal at once."""
 
 from __future__ import annotations
 
@@ -171,12 +172,14 @@ def test_cli_serve_names_a_bad_property(capsys) -> None:
 
 
 @contextlib.contextmanager
-def _cli_serve(cwd: Path) -> Iterator[tuple[subprocess.Popen, int]]:
-    """``semrecon serve --port 0 --set backbone=zero-filled`` run in ``cwd``: ``(process, port)`` once it listens
-    on loopback (checked); killed afterwards if still running."""
+def _cli_serve(
+    cwd: Path, options: tuple[str, ...] = ("--set", "backbone=zero-filled")
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``semrecon serve --port 0 OPTIONS`` (default ``--set backbone=zero-filled``) run in ``cwd``: ``(process,
+    port)`` once it listens on loopback (checked); killed afterwards if still running."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--port", "0", "--set", "backbone=zero-filled"],
+        [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--port", "0", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
@@ -344,3 +347,103 @@ def test_cli_serve_stops_within_5_s_of_sigterm_with_a_silent_client(tmp_path: Pa
             assert time.monotonic() - start < 5, f"semrecon serve took {time.monotonic() - start:.1f} s to stop"
         assert status == 0
         assert "stopped after 1 scan(s)" in process.stdout.read().decode()
+
+
+# ------------------------------------------------------------------------------ graceful stop
+
+# A U-Net + TV scan whose fit runs until its time budget ({budget} s), with a CG-SENSE preview first.
+_TV_SCAN = (
+    "<configuration><property name='backbone' value='unet'/><property name='prior' value='tv'/>"
+    "<property name='width' value='4'/><property name='depth' value='2'/><property name='iterations' value='1000000'/>"
+    "<property name='time_budget_s' value='{budget}'/><property name='preview' value='true'/><property name='device' "
+    "value='cpu'/></configuration>"
+)
+
+
+def _scan_in_thread(header: str, buffers: list, port: int, budget: float) -> tuple[threading.Thread, dict]:
+    """Run one TV scan against ``port`` in a thread: ``(thread, result)`` with ``run`` (or ``error``) and ``end``."""
+    result: dict = {}
+
+    def client() -> None:
+        try:
+            result["run"] = emulator.run_connect(
+                _TV_SCAN.format(budget=budget), header, buffers[:1], port=port, timeout=60
+            )
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            result["error"] = exc
+        result["end"] = time.monotonic()
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_sigterm_lets_the_running_scan_finish_refuses_new_ones_and_exits_within_the_grace_period(
+    scan, tmp_path: Path
+) -> None:
+    header, buffers = scan
+    grace = 15.0  # ample on a loaded machine: the scan takes about 3 s alone
+    with _cli_serve(tmp_path, ("--grace-s", f"{grace:g}")) as (process, port):
+        thread, result = _scan_in_thread(header, buffers, port, budget=1.0)
+        time.sleep(0.5)
+        process.terminate()
+        signalled = time.monotonic()
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as late:  # a scan after the signal
+            late.sendall(_session_start(header))
+            items, errors = read_replies(late, timeout=10)
+        assert items == [] and len(errors) == 1 and "the server is stopping" in errors[0], errors
+        thread.join(60)
+        status = process.wait(timeout=30)
+        exited = time.monotonic()
+        rest = process.stdout.read().decode()
+    assert "error" not in result, result.get("error")
+    run = result["run"]
+    assert result["end"] > signalled + 0.3, "the scan ended before the signal: it did not test a running scan"
+    assert run.errors == [] and [image.image_series_index for image in run.images] == [2, 1], run.errors
+    fitted = run.images[1]
+    assert fitted.meta["GADGETRON_DataRole"] == "Image"
+    assert fitted.meta["GADGETRON_ImageComment"].endswith("(time budget)")
+    assert fitted.data.shape[-2:] == (32, 32) and np.isfinite(fitted.data).all() and fitted.data.max() > 0
+    assert status == 0 and exited - signalled < grace, f"exited {exited - signalled:.1f} s after SIGTERM"
+    assert exited - result["end"] < 5, "the server did not exit once its last scan had finished"
+    assert "stopped after 1 scan(s)" in rest
+
+
+def test_a_scan_still_running_after_the_grace_period_is_closed_with_an_error(scan) -> None:
+    header, buffers = scan
+    server = serve.GadgetServer(properties={"backbone": "zero-filled"})
+    stop = threading.Event()
+    done = threading.Thread(target=server.serve_forever, args=(stop,), kwargs={"grace_s": 0.5}, daemon=True)
+    done.start()
+    try:
+        thread, result = _scan_in_thread(header, buffers, server.address[1], budget=4.0)
+        deadline = time.monotonic() + 10
+        while server.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        stop.set()
+        start = time.monotonic()
+        done.join(10)
+        assert not done.is_alive() and time.monotonic() - start < 0.5 + 2.5
+        thread.join(30)
+    finally:
+        server.close()
+    run = result["run"]
+    assert len(run.errors) == 1 and "the server is stopping" in run.errors[0] and "cut off" in run.errors[0]
+    assert all(image.image_series_index == 2 for image in run.images)  # at most the preview went out
+
+
+def test_a_second_signal_stops_the_server_at_once(scan, tmp_path: Path) -> None:
+    header, buffers = scan
+    with _cli_serve(tmp_path, ("--grace-s", "30")) as (process, port):
+        thread, _ = _scan_in_thread(header, buffers, port, budget=20.0)
+        time.sleep(1.0)
+        process.terminate()
+        time.sleep(0.3)
+        process.terminate()
+        start = time.monotonic()
+        status = process.wait(timeout=30)
+        assert time.monotonic() - start < 3, f"took {time.monotonic() - start:.1f} s after the second signal"
+        thread.join(30)
+    assert status == 130

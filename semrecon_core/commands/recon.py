@@ -199,10 +199,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("IN and OUT are required (only --explain runs without them)")
     _check_outputs(args)
     options = {"mask": args.mask} if args.mask is not None else {}
-    try:
-        pipeline = Pipeline(config)
-    except RuntimeError as exc:  # a device that is not there: a bad option, reported as such
-        raise ValueError(str(exc)) from None
+    pipeline = Pipeline(config)  # settings this machine cannot satisfy: MachineError (exit 2) before IN is read
     kspace = load_kspace(args.input, **options)
     if any(item.partition("=")[0].strip().replace("-", "_") == "calib_width" for item in args.properties):
         kspace.check_calib_width(config.calib_width)

@@ -2,9 +2,12 @@
 
 Runs a :class:`~semrecon_core.gadgetron.serve.GadgetServer` on 127.0.0.1 (by default) until SIGINT /
 SIGTERM or ``--max-scans``. Each connection is served in its own thread (at most ``--max-connections``
-at once), reconstructions one at a time. A signal stops the server within 5 s: it stops accepting,
-closes the open connections (a scan in the middle of a reconstruction is cut off; Gadgetron sees the
-connection close) and exits with status 0; a second signal aborts at once. The base properties come from
+at once), reconstructions one at a time. A signal stops the server gracefully: new scans are refused with an
+ERROR, connections whose CONFIG and HEADER have not arrived are closed with an ERROR, and the scans in progress
+get ``--grace-s`` seconds (default 8, inside Docker's 10 s stop timeout) to finish and send their images; scans
+still running then are closed with an ERROR, and the server exits with status 0. A second signal stops it at once
+(status 130). Base settings this machine cannot satisfy (``--set device=cuda`` without CUDA) exit 2 before
+listening. The base properties come from
 the ``<external>`` node of ``--config CHAIN.xml`` (whose ``<connect port>`` is also the default port);
 ``--set name=value`` wins over every scan's CONFIG.
 """
@@ -18,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from semrecon_core.gadgetron.serve import LOOPBACK
+from semrecon_core.gadgetron.serve import DEFAULT_GRACE_S, LOOPBACK
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scans served at once; one more is refused with an ERROR (default 8; reconstructions run one at a time)",
     )
     parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        metavar="S",
+        help=f"after SIGINT/SIGTERM, seconds the scans in progress get to finish and send their images (default "
+        f"{DEFAULT_GRACE_S:g}, inside Docker's 10 s stop timeout); a second signal stops at once",
+    )
+    parser.add_argument(
         "--max-scans",
         type=int,
         default=0,
@@ -89,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port: expected 0..65535, found {port}")
     if args.idle_timeout <= 0:
         raise ValueError(f"--idle-timeout: expected a positive number of seconds, found {args.idle_timeout}")
+    if not args.grace_s >= 0:
+        raise ValueError(f"--grace-s: expected seconds >= 0, found {args.grace_s}")
     if args.max_connections < 1:
         raise ValueError(f"--max-connections: expected at least 1, found {args.max_connections}")
     if args.host not in (LOOPBACK, "localhost", "::1"):
@@ -107,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
         if stop.is_set():
             raise KeyboardInterrupt
         log.warning(
-            "semrecon serve: %s received; closing the open connections and stopping (send it again to abort)",
+            "semrecon serve: %s received; refusing new scans, letting the scans in progress finish within %g s "
+            "(send it again to stop at once)",
             signal.Signals(signum).name,
+            args.grace_s,
         )
         stop.set()
 
@@ -117,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         server.preload()
         host, bound = server.address
         print(f"semrecon serve: listening on {host}:{bound}", flush=True)
-        served = server.serve_forever(stop, max_scans=args.max_scans)
+        served = server.serve_forever(stop, max_scans=args.max_scans, grace_s=args.grace_s)
     finally:
         server.close()
         for sig, handler in previous.items():

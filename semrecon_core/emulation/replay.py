@@ -28,6 +28,7 @@ from semrecon_core.emulation.chain import (
     run_chain,
 )
 from semrecon_core.gadgetron.properties import settings_from_configuration
+from semrecon_core.settings import check_machine
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ def replay(
     """Run ``chain`` (a file, XML text, or the default recon chain) on the raw file ``path``.
 
     ``overrides`` set properties of the ``<external>`` node; ``protocol`` runs the gadget through
-    the Gadgetron-side emulator (a child process and the real wire format) instead of in-process.
+    the Gadgetron-side emulator (a child process and the real wire format) instead of in-process. Properties that
+    do not validate, or that this machine cannot satisfy (:func:`~semrecon_core.settings.check_machine`), raise
+    a ``ConfigError`` naming them before the file is read.
     """
     parsed = parse_chain(DEFAULT_CHAIN if chain is None else chain)
     if overrides and parsed.external is None:
@@ -175,6 +178,8 @@ def replay(
             source=f"{parsed.source}: <external> configuration",
         )
         check_display(parsed, settings.display)
+        if not (protocol and node.port is not None):  # a <connect> server checks its own machine
+            check_machine(settings.config)  # a device this machine lacks: MachineError, before any data are read
     header_xml, acquisitions, count = read_raw(path, group)
     external = _protocol_stage(header_xml) if protocol else None
     start = time.perf_counter()

@@ -23,7 +23,10 @@ buffer's preview goes out again in the main series or, without one, the buffer i
 CG-SENSE pipeline on the CPU (so that it also survives GPU out-of-memory errors), labelled ``FALLBACK CG-SENSE
 (...)``; if that fails too, or no ``KSpace`` can be built from the buffer, a zero-filled root-sum-of-squares
 image labelled ``FALLBACK zero-filled RSS (...)`` goes out. Fallback images carry
-``GADGETRON_DataRole=Fallback``. (Gadgetron ends the whole stream when an external node sends ERROR, so
+``GADGETRON_DataRole=Fallback``. Settings this machine cannot satisfy (``device=cuda`` without CUDA:
+:func:`~semrecon_core.settings.check_machine`, checked once when the gadget is made) are logged as an ERROR and
+every buffer of the scan gets the CPU CG-SENSE fallback, labelled ``FALLBACK CG-SENSE (<backbone>+<prior> failed:
+MachineError: <the message>)``; no preview. (Gadgetron ends the whole stream when an external node sends ERROR, so
 per-buffer failures are reported through the log, which lands in Gadgetron's log, and in the image comment.)
 
 What ends the scan is reported to Gadgetron as an ERROR naming the cause before the connection closes:
@@ -55,6 +58,7 @@ from semrecon_core.data.kspace import KSpace
 from semrecon_core.gadgetron import compat
 from semrecon_core.gadgetron.properties import GadgetSettings, settings_from_configuration
 from semrecon_core.pipeline import Pipeline, build_images
+from semrecon_core.settings import MachineError
 
 if TYPE_CHECKING:
     import threading
@@ -90,9 +94,17 @@ class SemreconGadget:
         self.settings = settings
         self.header = header
         self.device_lock = device_lock
-        self.pipeline = Pipeline(settings.config, prior=prior)
         self.fallback = Pipeline(preview_config(settings.config))
-        self.preview = Pipeline(preview_config(settings.config).replace(device=settings.config.device))
+        self.refused: MachineError | None = None
+        self.pipeline: Pipeline | None = None
+        self.preview: Pipeline | None = None
+        try:
+            self.pipeline = Pipeline(settings.config, prior=prior)
+        except MachineError as exc:  # settings this machine cannot satisfy: every buffer gets the fallback
+            log.error("semrecon: %s; every buffer of this scan gets the labelled CG-SENSE fallback", exc)
+            self.refused = exc
+        else:
+            self.preview = Pipeline(preview_config(settings.config).replace(device=settings.config.device))
         self._indices: defaultdict[int, Iterator[int]] = defaultdict(lambda: itertools.count(1))
         self._buffers = itertools.count(1)
 
@@ -142,7 +154,7 @@ class SemreconGadget:
     def _images_of(self, bit: Any, name: str) -> Iterator[Any]:
         from semrecon_core.data.readers import from_recon_buffer
 
-        config = self.pipeline.config
+        config = self.settings.config
         failed = f"{config.backbone}+{config.prior} failed"
         series = self.settings.series_index
         try:
@@ -153,16 +165,22 @@ class SemreconGadget:
             yield from self._rss_images(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
             return
         maps = preview = None
+        pipeline, previewer = self.pipeline, self.preview
+        if pipeline is None or previewer is None:  # refused on this machine (check_machine)
+            reason = _describe(self.refused or MachineError("no pipeline"))
+            log.error("semrecon: %s: %s: %s", name, failed, reason)
+            yield from self._fallback_images(kspace, None, f"{failed}: {reason}", name)
+            return
         try:
-            maps = self.pipeline.estimate_maps(kspace)
+            maps = pipeline.estimate_maps(kspace)
             if self.settings.sends_preview:
                 started = time.perf_counter()
-                preview = self.preview.run(kspace, maps=maps)
+                preview = previewer.run(kspace, maps=maps)
                 log.info("semrecon: %s preview in %.1f s", name, time.perf_counter() - started)
                 yield from preview.images(
                     series_index=self.settings.preview_series, comment=f"semrecon preview {preview.label}"
                 )
-            yield from self.pipeline.run(kspace, maps=maps).images(series_index=series)
+            yield from pipeline.run(kspace, maps=maps).images(series_index=series)
             return
         except Exception as exc:  # any failure of one buffer becomes a labelled fallback
             reason = _describe(exc, name)  # shortened for the image comment; the log gets all of it
@@ -170,18 +188,23 @@ class SemreconGadget:
             log.error("semrecon: %s: %s: %s", name, failed, whole, exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             _release_cuda_memory()
-        comment = f"FALLBACK CG-SENSE ({failed}: {reason})"
         if preview is not None:  # the preview is the CG-SENSE image the fallback would compute
+            comment = f"FALLBACK CG-SENSE ({failed}: {reason})"
             yield from preview.images(series_index=series, comment=comment, role="Fallback")
             return
+        yield from self._fallback_images(kspace, maps, f"{failed}: {reason}", name)
+
+    def _fallback_images(self, kspace: KSpace, maps: torch.Tensor | None, why: str, name: str) -> Iterator[Any]:
+        """The CPU CG-SENSE images of ``kspace`` labelled ``FALLBACK CG-SENSE (<why>)``; else labelled RSS images."""
         try:
             fallback = self.fallback.run(kspace, maps=maps)
         except Exception as exc:  # noqa: BLE001 - the last resort below is labelled as well
             second = _describe(exc, name)
             log.error("semrecon: CG-SENSE fallback for %s failed too: %s", name, second)
-            yield from self._rss_images(kspace, f"FALLBACK zero-filled RSS ({failed}: {reason}; CG-SENSE: {second})")
+            yield from self._rss_images(kspace, f"FALLBACK zero-filled RSS ({why}; CG-SENSE: {second})")
             return
-        yield from fallback.images(series_index=series, comment=comment, role="Fallback")
+        comment = f"FALLBACK CG-SENSE ({why})"
+        yield from fallback.images(series_index=self.settings.series_index, comment=comment, role="Fallback")
 
     def _rss_images(self, kspace: KSpace, comment: str) -> list[Any]:
         """Zero-filled root-sum-of-squares images of ``kspace`` (no coil maps), labelled as a fallback."""

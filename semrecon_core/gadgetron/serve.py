@@ -19,9 +19,16 @@ parallel.
 Properties of a scan are, in increasing priority: the server's base properties (``--config``), the
 CONFIG Gadgetron sends for the scan, and the overrides (``--set``). A scan whose properties do not
 validate, or that sends a message the server refuses, gets an ERROR naming the cause; a Gadgetron that
-goes away or stays silent too long ends that scan only. :meth:`GadgetServer.serve_forever` returns
-within ``shutdown_timeout`` seconds of its stop event: connections still open are closed (a scan in
-the middle of a reconstruction is cut off). The command line lives in :mod:`semrecon_core.commands.serve`.
+goes away or stays silent too long ends that scan only. Settings this machine cannot satisfy
+(:func:`~semrecon_core.settings.check_machine`: ``device=cuda`` without CUDA) stop the server before it listens
+when they are its own (``--config``, ``--set``); when a scan's CONFIG asks for them, the scan's every buffer gets
+the labelled CG-SENSE fallback and an ERROR is logged, as in the gadget.
+
+Graceful stop: once its stop event is set, :meth:`GadgetServer.serve_forever` refuses new connections with an
+ERROR, closes the connections whose CONFIG and HEADER have not arrived (with an ERROR), and lets the scans in
+progress finish and send their images for up to ``grace_s`` seconds (default :data:`DEFAULT_GRACE_S`, inside
+Docker's 10 s and Kubernetes' 30 s stop timeouts); scans still running then are closed with an ERROR, and it
+returns within ``shutdown_timeout`` seconds more. The command line lives in :mod:`semrecon_core.commands.serve`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 _POLL_SECONDS = 0.25
+DEFAULT_GRACE_S = 8.0
+"""Seconds the scans in progress get to finish after a stop (SIGTERM): inside Docker's default 10 s stop timeout."""
+_CLOSE_LINGER_S = 1.0  # how long a closing ERROR waits for Gadgetron to read it (shutdown)
 
 
 @dataclass
@@ -53,6 +63,8 @@ class _Session:
     sock: socket.socket
     thread: threading.Thread = field(init=False)
     stopped: bool = False  # closed by the server's shutdown
+    running: bool = False  # CONFIG and HEADER read: a scan in progress, which a graceful stop lets finish
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while sending on ``sock``; guards the flags
 
 
 class GadgetServer:
@@ -67,7 +79,8 @@ class GadgetServer:
             ``idle_timeout``).
         max_connections: sessions served at once; one more is refused with an ERROR.
 
-    The base settings are validated here, so a bad ``--config`` / ``--set`` fails before listening.
+    The base settings are validated and checked against this machine here, so a bad ``--config`` / ``--set``
+    fails before listening (``ConfigError``; ``MachineError`` for a device this machine lacks).
     """
 
     def __init__(
@@ -83,6 +96,7 @@ class GadgetServer:
     ) -> None:
         from semrecon_core.gadgetron import compat
         from semrecon_core.gadgetron.properties import settings_from_properties
+        from semrecon_core.settings import check_machine
 
         if max_connections < 1:
             raise ValueError(f"max_connections: expected at least 1, found {max_connections}")
@@ -95,6 +109,8 @@ class GadgetServer:
         self.settings = settings_from_properties(
             {**self.properties, **self.overrides}, source="semrecon serve configuration"
         )
+        check_machine(self.settings.config)
+        self._closers: list[threading.Thread] = []
         self.scans = 0
         self._priors: dict[ReconConfig, Prior | None] = {}
         self._prior_lock = threading.Lock()
@@ -131,20 +147,33 @@ class GadgetServer:
         with self._prior_lock:
             if config not in self._priors:
                 from semrecon_core.pipeline import Pipeline
+                from semrecon_core.settings import MachineError
 
                 start = time.perf_counter()
-                prior = Pipeline(config).prior
+                try:
+                    prior = Pipeline(config).prior
+                except MachineError:  # the scan's gadget logs it and sends the labelled fallback for every buffer
+                    return None
                 if prior is not None:
                     log.warning("semrecon serve: loaded prior %s in %.1f s", prior.label, time.perf_counter() - start)
                 self._priors[config] = prior
             return self._priors[config]
 
-    def serve_forever(self, stop: threading.Event, *, max_scans: int = 0, shutdown_timeout: float = 3.0) -> int:
+    def serve_forever(
+        self,
+        stop: threading.Event,
+        *,
+        max_scans: int = 0,
+        grace_s: float = DEFAULT_GRACE_S,
+        shutdown_timeout: float = 1.0,
+    ) -> int:
         """Serve connections until ``stop`` is set (or ``max_scans`` > 0 scans are done); the number accepted.
 
         With ``max_scans`` reached the server stops accepting and waits for the open sessions to end
-        (each bounded by its timeouts). Once ``stop`` is set it returns within ``shutdown_timeout``
-        seconds: open connections are closed and their threads given that long to finish.
+        (each bounded by its timeouts). Once ``stop`` is set the server stops gracefully: new connections get an
+        ERROR, connections without a complete CONFIG and HEADER are closed with an ERROR, and the scans in progress
+        have ``grace_s`` seconds to finish and send their images; those still running then are closed with an
+        ERROR and the call returns within ``shutdown_timeout`` seconds more.
         """
         self.listener.settimeout(_POLL_SECONDS)
         while not stop.is_set() and not (max_scans and self.scans >= max_scans):
@@ -157,8 +186,58 @@ class GadgetServer:
             self._start(sock, peer)
         while not stop.is_set() and self.active:
             stop.wait(_POLL_SECONDS)
+        if stop.is_set():
+            self._drain(grace_s)
         self._shut_down(shutdown_timeout)
         return self.scans
+
+    def _drain(self, grace_s: float) -> None:
+        """Refuse new connections and close the unstarted ones, while the scans in progress finish (``grace_s``)."""
+        deadline = time.monotonic() + grace_s
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        running = [session.name for session in sessions if self._lets_finish(session)]
+        if running:
+            log.warning(
+                "semrecon serve: stopping: %s may finish within %g s; new scans are refused",
+                ", ".join(running),
+                grace_s,
+            )
+        listening = True
+        while self.active and (left := deadline - time.monotonic()) > 0:
+            if not listening:
+                time.sleep(min(_POLL_SECONDS, left))
+                continue
+            self.listener.settimeout(min(_POLL_SECONDS, left))
+            try:
+                sock, peer = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # the listener was closed
+                listening = False
+                continue
+            log.error("semrecon serve: refused a connection from %s:%d: the server is stopping", *peer[:2])
+            self._close_later(sock, f"semrecon serve: {_STOPPING}; this scan was not started, send it again")
+
+    def _lets_finish(self, session: _Session) -> bool:
+        """Whether ``session``'s scan is in progress and may finish (else it is closed with an ERROR)."""
+        with session.lock:
+            if session.running or session.stopped:
+                return session.running and not session.stopped
+            session.stopped = True
+        log.warning("semrecon serve: %s closed by the server shutdown before its CONFIG and HEADER", session.name)
+        self._close_later(session.sock, f"semrecon serve: {session.name}: {_STOPPING} before the scan started")
+        return False
+
+    def _close_later(self, sock: socket.socket, text: str) -> None:
+        """Send ERROR ``text`` and close ``sock`` in a thread of its own (joined by :meth:`_shut_down`)."""
+        from semrecon_core.gadgetron import compat
+
+        closer = threading.Thread(
+            target=compat.send_error, args=(sock, text), kwargs={"linger": _CLOSE_LINGER_S}, daemon=True
+        )
+        closer.start()
+        self._closers.append(closer)
 
     def _start(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         with self._sessions_lock:
@@ -193,20 +272,30 @@ class GadgetServer:
                 self._sessions.pop(id(session), None)
 
     def _shut_down(self, timeout: float) -> None:
-        """Close every open connection and wait up to ``timeout`` s for their threads."""
+        """Close every open connection with an ERROR; wait up to ``timeout`` s for the ERRORs to go out."""
+        deadline = time.monotonic() + timeout
         with self._sessions_lock:
             sessions = list(self._sessions.values())
         for session in sessions:
-            session.stopped = True
-            log.warning("semrecon serve: %s closed by the server shutdown", session.name)
-            with contextlib.suppress(OSError):
-                session.sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        for session in sessions:
-            session.thread.join(max(0.0, deadline - time.monotonic()))
+            locked = session.lock.acquire(timeout=min(1.0, timeout))  # not in the middle of sending an image
+            try:
+                if session.stopped:
+                    continue
+                session.stopped = True
+            finally:
+                if locked:
+                    session.lock.release()
+            log.error("semrecon serve: %s closed by the server shutdown before it finished", session.name)
+            if locked:
+                self._close_later(session.sock, f"semrecon serve: {session.name}: {_STOPPING}; the scan was cut off")
+            else:  # a send is stuck (a client that does not read): no ERROR can go out in order
+                with contextlib.suppress(OSError):
+                    session.sock.shutdown(socket.SHUT_RDWR)
+        for closer in self._closers:  # the ERRORs go out; a scan cut off mid-reconstruction is not waited for
+            closer.join(max(0.0, deadline - time.monotonic()))
         left = [session.name for session in sessions if session.thread.is_alive()]
         if left:
-            log.warning("semrecon serve: left %s running at shutdown", ", ".join(left))
+            log.warning("semrecon serve: left %s reconstructing at shutdown (its images go nowhere)", ", ".join(left))
 
     def serve_scan(self, sock: socket.socket, *, name: str = "scan", session: _Session | None = None) -> None:
         """One session on an accepted socket; never raises for a failing scan (it is logged and reported)."""
@@ -228,26 +317,36 @@ class GadgetServer:
             sock.close()
             return
         _set_kernel_timeouts(sock, self.idle_timeout)
-        with connection:
+        session = session or _Session(name, sock)
+        with session.lock:
+            if session.stopped:  # the server stopped during the handshake and closes the socket
+                return
+            session.running = True
+        connection.send = _guarded(connection.send, session)
+        try:
             try:
                 gadget = self._gadget_for(connection, name)
             except Exception as exc:  # noqa: BLE001 - the scan is rejected with the cause; the server goes on
                 log.error("semrecon serve: %s rejected: %s", name, exc)
-                compat.send_error(sock, f"semrecon serve: {exc}")
+                _report(session, f"semrecon serve: {exc}")
                 return
             try:
                 gadget.handle(connection)
             except compat.BadMessage as exc:
                 log.error("semrecon serve: %s refused: %s", name, exc)
-                compat.send_error(sock, f"semrecon serve: {name}: {exc}")
+                _report(session, f"semrecon serve: {name}: {exc}")
                 return
             except OSError as exc:
                 log.error("semrecon serve: %s ended early: %s", name, self._reason(exc, session, self.idle_timeout))
                 return
             except Exception as exc:  # reported to Gadgetron; the next scan is served
                 log.exception("semrecon serve: %s failed", name)
-                compat.send_error(sock, f"semrecon serve: {name} failed: {type(exc).__name__}: {exc}")
+                _report(session, f"semrecon serve: {name} failed: {type(exc).__name__}: {exc}")
                 return
+        finally:
+            with session.lock:
+                if not session.stopped:  # else the shutdown (or an ERROR) has closed the session
+                    connection.socket.close()  # CLOSE, then close (compat's SocketWrapper.close)
         log.warning("semrecon serve: %s done in %.1f s", name, time.perf_counter() - start)
 
     def _gadget_for(self, connection: Any, name: str) -> Any:
@@ -276,6 +375,32 @@ class GadgetServer:
     def close(self) -> None:
         """Stop listening."""
         self.listener.close()
+
+
+_STOPPING = "the server is stopping (SIGTERM/SIGINT)"
+
+
+def _guarded(send: Any, session: _Session) -> Any:
+    """``send`` under the session's lock, refused once the server's shutdown has closed the session."""
+
+    def guarded(item: Any) -> Any:
+        with session.lock:
+            if session.stopped:
+                raise ConnectionAbortedError(f"{session.name} was closed by the server shutdown")
+            return send(item)
+
+    return guarded
+
+
+def _report(session: _Session, text: str) -> None:
+    """ERROR ``text`` on the session's socket (then closed), unless the shutdown has closed it already."""
+    from semrecon_core.gadgetron import compat
+
+    with session.lock:
+        if session.stopped:
+            return
+        session.stopped = True  # nothing more goes out on this socket
+    compat.send_error(session.sock, text)
 
 
 def _refuse(sock: socket.socket, text: str) -> None:
