@@ -381,13 +381,15 @@ def run(args: argparse.Namespace) -> int:
     ]
     semantic_pipeline = Pipeline(semantic)
     tv_pipeline = Pipeline(deep.replace(prior="tv"))
-    seconds = sum(
-        Pipeline(p.config.replace(iterations=1), prior=p.prior).run(kspace, maps=maps).seconds
+    seconds = sum(  # one iteration without the start image, which each fit computes once (CS-TV's time)
+        Pipeline(p.config.replace(iterations=1, start="network"), prior=p.prior).run(kspace, maps=maps).seconds
         for p in (tv_pipeline, semantic_pipeline)
     )
+    start_s = sum(r["recon"].seconds for r in results if r["method"] == "CS-TV") if deep.start == "cs-tv" else 0.0
     _say(
         f"deep backbone: {_describe_network(semantic)}, fitted twice (TV, semantic) with {iterations} iterations "
-        f"each on {device}: expect about {seconds * iterations:.0f} s ({seconds:.2f} s per iteration pair measured)"
+        f"each on {device}: expect about {seconds * iterations + 2 * start_s:.0f} s ({seconds:.2f} s per iteration "
+        f"pair measured{', + the CS-TV start of each fit' if start_s else ''})"
     )
     random = " (RANDOM WEIGHTS)" if choice.random_weights else ""
     for name, pipeline in (
