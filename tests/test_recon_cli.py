@@ -166,7 +166,13 @@ def test_failed_coil_maps_are_an_error_not_a_wrong_image(tmp_path: Path, capsys)
 
     # a tiny noise-free scan with a 10-line calibration block: ESPIRiT finds (almost) no sensitivities
     kspace = simulate_kspace(
-        builtin_anatomy((24, 32)), coils=4, acceleration=2, acs_width=9, noise_std=0, mask_kind="equispaced"
+        builtin_anatomy((24, 32)),
+        coils=4,
+        acceleration=2,
+        acs_width=9,
+        noise_std=0,
+        mask_kind="equispaced",
+        fov_margin=0.0,
     )
     np.save(tmp_path / "tiny.npy", kspace.data[0].numpy())
     _fails(
