@@ -127,9 +127,9 @@ class Reconstruction:
         config: the resolved configuration.
         answers: the model's quality answer per slice (image-language banks), else ``None``.
         seconds: wall time of coil maps and reconstruction.
-        fit_seconds: wall time of the deep engines' optimisation loops (what ``time_budget_s`` bounds), or of
-            the classical solver; the rest of ``seconds`` is fixed cost (coil maps, loading the prior and the
-            checkpoint, the final data-consistency step, the quality answer).
+        fit_seconds: wall time of the deep engines' optimisation loops and their start images (what
+            ``time_budget_s`` bounds), or of the classical solver; the rest of ``seconds`` is fixed cost (coil
+            maps, loading the prior and the checkpoint, the final data-consistency step, the quality answer).
     """
 
     kspace: KSpace

@@ -173,7 +173,8 @@ def fit_network(
     """Fit a copy of ``base`` to each slice batch (sized by :func:`~semrecon_core.engines.batching.plan_slice_batch`).
 
     Returns the batches' images, the joint trace and one record per batch (:func:`fit_batch`'s, with the batch
-    size's reason under ``slice_batch``).
+    size's reason under ``slice_batch``; its ``seconds`` include the batch's setup, ``setup_seconds``, where a
+    start image is computed within the time budget).
     """
     images: list[torch.Tensor] = []
     fits: list[dict[str, Any]] = []
@@ -184,7 +185,9 @@ def fit_network(
     budget = time_budget(config, len(parts), started=started)
     for part in parts:
         net = copy.deepcopy(base).train()
-        fit = batch(net, problem.select(part))
+        setup_started = time.perf_counter()
+        fit = batch(net, problem.select(part))  # includes a start image (start=preview / cs-tv), inside the budget
+        setup_seconds = time.perf_counter() - setup_started
         record = fit_batch(
             fit.closure,
             list(net.parameters()),
@@ -197,7 +200,14 @@ def fit_network(
             extra={"slices": [part.start, part.stop]},
             budget=budget,
         )
-        fits.append({**record, "slice_batch": plan.reason})
+        fits.append(
+            {
+                **record,
+                "seconds": record["seconds"] + setup_seconds,
+                "setup_seconds": setup_seconds,
+                "slice_batch": plan.reason,
+            }
+        )
         with torch.no_grad(), autocast(problem.device, config):
             images.append(fit.final().detach())
     return images, trace.records, fits
