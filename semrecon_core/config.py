@@ -302,6 +302,9 @@ class ReconConfig:
             elif f.name in recommended:
                 updates[f.name] = _parse_value(f.name, _as_text(recommended[f.name]), hints[f.name])
                 sources[f.name] = f"bank {self.bank}"
+                record = bank_calibration(metadata, self.preset, self.backbone) if f.name == "lam" else None
+                if record is not None and _same_number(record.get("lam"), updates[f.name]):
+                    sources[f.name] = calibrated_source(int(record.get("images") or 0), self.bank)
             elif f.name in classical:
                 updates[f.name] = classical[f.name]
                 sources[f.name] = f"classical default ({'CS-TV' if self.prior == 'tv' else 'CG-SENSE'})"
@@ -494,6 +497,39 @@ def bank_recommendations(
         else:
             out[name] = value
     return out
+
+
+CALIBRATED = "calibrated on "
+"""How the source of a λ that ``semrecon bank calibrate`` chose begins: ``calibrated on N held-out images (bank P)``."""
+
+
+def calibrated_source(images: int, bank: str | None) -> str:
+    """The source of a calibrated λ: ``calibrated on N held-out images (bank PATH)``."""
+    return f"{CALIBRATED}{images} held-out image{'' if images == 1 else 's'} (bank {bank})"
+
+
+def bank_calibration(metadata: dict[str, Any] | None, preset: str, backbone: str) -> dict[str, Any] | None:
+    """The record ``semrecon bank calibrate`` left in a bank for (``preset``, ``backbone``), or ``None``.
+
+    ``metadata["calibration"]`` maps selectors (``"paper/unet"``, ``"unet"``, ``"paper"``, ``"*"``, as
+    :func:`bank_recommendations`; the most specific wins) to records with the chosen ``lam`` and the number of held-out
+    ``images`` (:mod:`semrecon_core.priors.calibrate`).
+    """
+    table = (metadata or {}).get("calibration")
+    if not isinstance(table, dict):
+        return None
+    for selector in (f"{preset}/{backbone}", backbone, preset, "*"):
+        record = table.get(selector)
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def _same_number(a: object, b: object) -> bool:
+    try:
+        return float(a) == float(b)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_text(value: object) -> str:

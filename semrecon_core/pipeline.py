@@ -29,7 +29,15 @@ from semrecon_core.data.kspace import KSpace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconProblem, ReconResult
 from semrecon_core.priors.base import AnsweringPrior, Prior
-from semrecon_core.settings import MachineError, check_machine, device_problem, lam_note, unused
+from semrecon_core.settings import (
+    MachineError,
+    check_machine,
+    device_problem,
+    lam_note,
+    prior_off_label,
+    semantic_prior_off,
+    unused,
+)
 
 if TYPE_CHECKING:
     from semrecon_core.solvers.status import Callback
@@ -210,10 +218,13 @@ def build_images(
     """``ismrmrd.Image`` s of a complex or magnitude ``(slices, y, x)`` image with semrecon's meta."""
     from semrecon_core.data.images import quality_meta, to_ismrmrd_images
 
+    prior: str = config.prior
+    if isinstance(config, ResolvedConfig) and semantic_prior_off(config):
+        prior = "semantic-off"  # λ 0: the series says the prior is off
     meta = {
         "GADGETRON_DataRole": role,
         "GADGETRON_ImageComment": comment,
-        "GADGETRON_SeqDescription": f"_semrecon_{config.backbone}_{config.prior}",
+        "GADGETRON_SeqDescription": f"_semrecon_{config.backbone}_{prior}",
         "GADGETRON_ImageProcessingHistory": "SEMRECON",
     }
     images = to_ismrmrd_images(image.abs(), kspace, series_index=series_index, meta=meta)
@@ -249,10 +260,19 @@ class Pipeline:
         self.device = resolve_device(self.config.device)
         self.estimate_maps_with = coil_maps
         self._prior = prior
+        if semantic_prior_off(self.config):
+            log.warning("semrecon: %s: the encoder is not loaded and the fit has no prior term", self.prior_off)
+
+    @property
+    def prior_off(self) -> str | None:
+        """``semantic prior off (...)`` when the semantic prior has λ 0 (then neither built nor run); else ``None``."""
+        return prior_off_label(self.config) if semantic_prior_off(self.config) else None
 
     @property
     def prior(self) -> Prior | None:
-        """The prior ``config.prior`` asks for (``None`` for ``none``), built once."""
+        """The prior ``config.prior`` asks for (``None`` for ``none`` and for the semantic prior at λ 0), built once."""
+        if semantic_prior_off(self.config):
+            return None
         if self._prior is None and self.config.prior != "none":
             from semrecon_core.priors.factory import build_prior
 
@@ -285,6 +305,9 @@ class Pipeline:
         prior = self.prior
         fit_started = time.perf_counter()
         result = engine(problem, config, prior=prior, callback=callback)
+        if prior is None and self.prior_off is not None:  # the engines say "no prior": say why
+            result.label = result.label.replace("+ no prior", f"+ {self.prior_off}")
+            result.info["prior_off"] = self.prior_off
         fits = result.info.get("fits")  # the deep engines' optimisation loops; else the whole engine call
         fit_seconds = sum(fit["seconds"] for fit in fits) if fits else time.perf_counter() - fit_started
         image = (result.image * problem.scale).detach()

@@ -165,6 +165,25 @@ def explain(config: ReconConfig) -> str:
     return "\n".join(lines)
 
 
+def semantic_prior_off(config: ResolvedConfig) -> bool:
+    """Whether ``config`` asks for the semantic prior at λ 0: then the prior is not built nor evaluated (no encoder)."""
+    return config.prior == "semantic" and config.lam == 0
+
+
+def prior_off_label(config: ResolvedConfig) -> str:
+    """``semantic prior off (calibrated λ 0 on 3 held-out images (bank P))`` or ``semantic prior off (λ 0, explicit)``.
+
+    What a reconstruction with the semantic prior at λ 0 (:func:`semantic_prior_off`) says in place of the prior's
+    label, so that a prior a site's calibration switched off is never silent.
+    """
+    from semrecon_core.config import CALIBRATED
+
+    source = config.source("lam")
+    if source.startswith(CALIBRATED):
+        return f"semantic prior off (calibrated λ 0 on {source[len(CALIBRATED) :]})"
+    return f"semantic prior off (λ 0, {source})"
+
+
 def lam_note(config: ResolvedConfig) -> str:
     """``λ 0.0016 (preset paper (U-Net + semantic))``: λ and its source, for image comments."""
     return f"λ {config.lam:g} ({config.source('lam')})"

@@ -291,9 +291,11 @@ def test_bank_cli_builds_from_images_and_kspace_and_refuses_undersampled_positiv
     ]
     assert main(argv) == 0
     bank = load_bank(out)
-    assert bank.positives[0].shape == bank.negatives[0].shape == (3, 144, 4)
+    assert bank.positives[0].shape == (3, 144, 4)
+    assert bank.negatives[0].shape == (12, 144, 4)  # four simulated negatives per positive slice by default
     records = bank.metadata["sources"]
     assert [r["slices"] for r in records] == [2, 1] and all(len(r["sha256"]) == 64 for r in records)
+    assert [len(r["simulated_negatives_R"]) for r in records] == [8, 4]
     assert all(3 <= R <= 8 for r in records for R in r["simulated_negatives_R"])
     assert "separability (leave-one-out" in capsys.readouterr().out  # build reports it
     assert main(["bank", "info", str(out)]) == 0

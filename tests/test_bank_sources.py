@@ -151,7 +151,7 @@ def test_bank_build_from_a_folder_of_mixed_images(
     )
     assert code == 0, capsys.readouterr().err
     bank = load_bank(out)
-    assert bank.positives[0].shape[0] == 2 and bank.negatives[0].shape[0] == 2  # one simulated negative per slice
+    assert bank.positives[0].shape[0] == 2 and bank.negatives[0].shape[0] == 8  # four simulated negatives per slice
     sources = [s for s in bank.metadata["sources"] if s["role"] == "positive"]
     assert sorted(Path(s["path"]).name for s in sources) == ["IM0001", "a.png"]
-    assert all(len(s["sha256"]) == 64 and len(s["simulated_negatives_R"]) == 1 for s in sources)
+    assert all(len(s["sha256"]) == 64 and len(s["simulated_negatives_R"]) == 4 for s in sources)

@@ -175,7 +175,41 @@ class EmbeddingBank:
             for source in sources
         )
         lines.append(describe_separability(meta.get("separability") or separability))
+        if meta.get("recommended"):
+            lines.append(f"recommended: {json.dumps(meta['recommended'], sort_keys=True)}")
+        lines.extend(describe_calibration(meta.get("calibration")))
         return "\n".join(lines)
+
+
+def describe_calibration(calibration: dict[str, Any] | None) -> list[str]:
+    """Lines for ``semrecon bank info``: per calibrated preset/backbone the λ, the grid's scores, a verdict."""
+    lines: list[str] = []
+    for key, record in sorted((calibration or {}).items()):
+        if not isinstance(record, dict):
+            continue
+        lam = float(record.get("lam", float("nan")))
+        held_out = ", ".join(str(case.get("name")) for case in record.get("cases", []))
+        lines.append(f"calibration {key}: λ {lam:g} on {record.get('images')} held-out images ({held_out})")
+        if lam == 0:
+            lines.append("  the prior does not help on these images: λ 0 (the semantic prior is off for this site)")
+        for row in record.get("summary", []):
+            names = [name for name in ("haarpsi", "psnr", "vif") if name in row]
+            cells = "  ".join(f"{name} {row[name]['mean']:.4g} ± {row[name]['sd']:.2g}" for name in names)
+            lines.append(f"  λ {row['lam']:<8g} {cells}" + ("  ← chosen" if row["lam"] == lam else ""))
+        used = record.get("settings") or {}
+        simulation = used.get("simulation") or {}
+        shown = ", ".join(f"{k} {used[k]}" for k in ("backbone", "iterations", "checkpoint", "start") if k in used)
+        if simulation:
+            shown += f"; scans R {simulation.get('acceleration')}, {simulation.get('coils')} coils, size "
+            shown += f"{simulation.get('size') or 'own'}, maps {simulation.get('maps')}"
+        lines.append(f"  settings: {shown}")
+        lines.extend(
+            f"  image {case.get('name')}: {case.get('path')}  sha256 {str(case.get('sha256'))[:16]}"
+            for case in record.get("cases", [])
+        )
+        if record.get("command"):
+            lines.append(f"  made by: {record['command']}")
+    return lines
 
 
 def describe_separability(result: dict[str, Any] | None) -> str:
