@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -118,7 +120,11 @@ def run(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, _frame: Any) -> None:
         if stop.is_set():
-            raise KeyboardInterrupt
+            # At once: no interpreter shutdown, which would wait on (or abort inside) a running reconstruction.
+            sys.stderr.write(f"semrecon serve: second {signal.Signals(signum).name}: stopping at once\n")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         log.warning(
             "semrecon serve: %s received; refusing new scans, letting the scans in progress finish within %g s "
             "(send it again to stop at once)",
