@@ -28,20 +28,13 @@ from semrecon_core.config import ReconConfig
 from semrecon_core.data.simulate import builtin_anatomy, place_in_fov, simulate_kspace
 from semrecon_core.priors.calibrate import CalibrationSettings, run_calibration, write_calibrated_bank
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 64
 GRID = SIZE + 2 * (SIZE // 16)  # the simulator's field-of-view margin
 LAMS = (0.0, 1e-3, 1e-2, 1e-1)
 FIT = {"iterations": 10, "width": 8, "depth": 2, "start": "preview", "device": "cpu"}
 SIMULATION = CalibrationSettings(lams=LAMS, coils=4, acs_width=12)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads make these tiny fits 100 × slower (spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from semrecon_core.commands.main import main
 from semrecon_core.data.simulate import place_in_fov
 from semrecon_core.metrics import haarpsi, psnr, ssim, vif
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # (PSNR dB, SSIM) each method of `semrecon demo --fast --iterations 150` must beat against the ground truth, in the
 # order of the table. Measured (dipy T1 brain at 64², 8 coils, R = 4, 12 ACS lines, seed 0, one thread): zero-filled
 # 28.5 dB / 0.94, CG-SENSE 31.3 / 0.97, CS-TV 28.9 / 0.45 (at 64² its magnitude keeps a smooth offset of ~3 % of the
@@ -29,17 +31,6 @@ from semrecon_core.metrics import haarpsi, psnr, ssim, vif
 # scores 9.3 dB / 0.61 (the skull-stripped background is empty), the best constant one 10.3 dB / 0.01.
 THRESHOLDS = [(26.0, 0.9), (29.0, 0.95), (26.0, 0.4), (30.5, 0.96), (19.0, 0.8)]
 CLASSICAL = 3  # zero-filled, CG-SENSE, CS-TV; then the deep backbone with TV and with the semantic prior
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The small demo runs fastest on one thread, also on a busy CI machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from semrecon_core.priors.base import Prior
 from semrecon_core.priors.factory import build_prior
 from semrecon_core.solvers.status import Callback, SolverStatus
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 48
 
 
@@ -37,15 +39,6 @@ def fit(problem, config: ReconConfig, *, prior: Prior | None = None, callback: C
     engine = get_engine(config.backbone)
     result: ReconResult = engine(problem, config, prior=prior, callback=callback, **network)
     return result
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small problems run fastest (and reproducibly) on one thread, also on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
