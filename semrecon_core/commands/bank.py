@@ -105,23 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(semrecon_core/priors/probe.py).",
     )
     probe.add_argument("bank", type=Path, help="the bank (.safetensors)")
-    probe.add_argument(
-        "--images",
-        nargs="+",
-        required=True,
-        metavar="SRC",
-        help="held-out fully sampled sources, as bank build --positives reads them (never the bank's own)",
-    )
+    _add_held_out_arguments(probe)
     probe.add_argument("--encoder", help="encoder path or id (default: the one the bank was built with)")
-    probe.add_argument("--acceleration", type=float, default=4.0, help="R of the Gaussian 1-D mask (default 4)")
-    probe.add_argument("--coils", type=int, default=15, help="simulated coils (default 15)")
-    probe.add_argument("--acs", type=int, help="fully sampled centre lines (default: the simulator's 24)")
-    probe.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (antialiased)")
     probe.add_argument(
         "--step", type=float, default=0.002, help="one-step length as a fraction of the image norm (default 0.002)"
     )
     probe.add_argument("--tv-lam", type=float, help="λ of the CS-TV reconstruction (default: the classical 0.003)")
-    probe.add_argument("--seed", type=int, default=0, help="image i is simulated with seed SEED + i")
     probe.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     probe.add_argument("--out", type=Path, help="write OUT.md and OUT.json (OUT's suffix is replaced)")
     calibrate = sub.add_parser(
@@ -134,13 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(semrecon_core/priors/calibrate.py). λ 0 wins unless a λ > 0 beats it: the prior is then off.",
     )
     calibrate.add_argument("bank", type=Path, help="the bank (.safetensors); never modified")
-    calibrate.add_argument(
-        "--images",
-        nargs="+",
-        required=True,
-        metavar="SRC",
-        help="held-out fully sampled sources, as bank build --positives reads them (never the bank's own)",
-    )
+    _add_held_out_arguments(calibrate)
     calibrate.add_argument("--out", type=Path, required=True, help="the calibrated bank to write (.safetensors)")
     calibrate.add_argument("--backbone", choices=("unet", "unrolled", "inr"), default="unet", help="default unet")
     calibrate.add_argument("--checkpoint", help="warm-start checkpoint of the backbone (as recon --checkpoint)")
@@ -155,11 +138,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibrate.add_argument(
         "--lams", default=",".join(f"{v:g}" for v in DEFAULT_LAMS), help="λ grid, comma-separated (0 is always in it)"
     )
-    calibrate.add_argument("--acceleration", type=float, default=4.0, help="R of the Gaussian 1-D mask (default 4)")
-    calibrate.add_argument("--coils", type=int, default=15, help="simulated coils (default 15)")
-    calibrate.add_argument("--acs", type=int, help="fully sampled centre lines (default: the simulator's 24)")
-    calibrate.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (antialiased)")
-    calibrate.add_argument("--seed", type=int, default=0, help="image i is simulated with seed SEED + i")
+
+
+def _add_held_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """The held-out images of ``bank probe`` / ``bank calibrate`` and how their scans are simulated."""
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        metavar="SRC",
+        help="held-out fully sampled sources, as bank build --positives reads them (never the bank's own)",
+    )
+    parser.add_argument("--acceleration", type=float, default=4.0, help="R of the Gaussian 1-D mask (default 4)")
+    parser.add_argument("--coils", type=int, default=15, help="simulated coils (default 15)")
+    parser.add_argument("--acs", type=int, help="fully sampled centre lines (default: the simulator's 24)")
+    parser.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (antialiased)")
+    parser.add_argument("--seed", type=int, default=0, help="image i is simulated with seed SEED + i")
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
