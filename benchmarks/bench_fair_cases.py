@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from bench_classical_vs_bart import _write_atomic, bart_ecalib, bart_pics  # the script's directory is on the path
+from bench_online import _resize
 from tqdm import tqdm
 
 from semrecon_core import metrics
@@ -49,12 +50,6 @@ COMMAND = "python benchmarks/bench_fair_cases.py"
 
 # BART's λ for pics -l2 and -R T on these cases (its own scaling; the values bench_classical_vs_bart tuned).
 BART_LAM_CG, BART_LAM_TV = 0.01, 0.005
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
-
-    return np.asarray(resize(image, (size, size), anti_aliasing=True), dtype=np.float32)
 
 
 def cases(slices: list[str], size: int) -> list[dict[str, Any]]:

@@ -154,15 +154,11 @@ def held_out_images(sources: Sequence[str | Path], metadata: dict[str, Any], siz
 
 
 def _simulate(image: HeldOut, settings: CalibrationSettings, seed: int) -> Any:
-    from semrecon_core.data.simulate import simulate_kspace
-
-    options: dict[str, Any] = {"coils": settings.coils, "mask_kind": "gaussian", "seed": seed}
-    if settings.acs_width is not None:
-        options["acs_width"] = settings.acs_width
     import dataclasses
 
-    kspace = simulate_kspace(image.magnitude, acceleration=settings.acceleration, **options)
-    return dataclasses.replace(kspace, source=image.name)
+    from semrecon_core.priors.probe import simulate_held_out
+
+    return dataclasses.replace(simulate_held_out(image.magnitude, settings, seed), source=image.name)
 
 
 def _scores(reference: np.ndarray, image: np.ndarray) -> dict[str, float]:

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -156,9 +156,7 @@ def _image_quality(reference: torch.Tensor, image: torch.Tensor) -> dict[str, fl
     from semrecon_core import metrics
 
     scores = {"psnr": metrics.psnr(reference, image)}
-    haarpsi = getattr(metrics, "haarpsi", None)
-    if haarpsi is not None:
-        scores["haarpsi"] = float(haarpsi(reference, image))
+    scores["haarpsi"] = metrics.haarpsi(reference, image)
     return scores
 
 
@@ -250,17 +248,39 @@ def _default_acs() -> int:
     return int(inspect.signature(simulate_kspace).parameters["acs_width"].default)
 
 
-def simulate_case(name: str, magnitude: np.ndarray, settings: ProbeSettings, seed: int) -> ProbeCase:
-    """Simulate the scan of ``magnitude``; attach the true maps and the complex truth, checked against the data."""
-    from semrecon_core.data.simulate import coil_maps, simulate_kspace
-    from semrecon_core.physics.fft import ifft2c
-    from semrecon_core.physics.sense import SenseOp
+class ScanSettings(Protocol):
+    """How a held-out image's scan is simulated (:class:`ProbeSettings`, the calibration's settings)."""
+
+    @property
+    def acceleration(self) -> float: ...  # noqa: D102
+    @property
+    def coils(self) -> int: ...  # noqa: D102
+    @property
+    def acs_width(self) -> int | None: ...  # noqa: D102
+
+
+def simulate_held_out(magnitude: np.ndarray, settings: ScanSettings, seed: int, **overrides: float) -> KSpace:
+    """The scan of a held-out image as the probe and the calibration simulate it.
+
+    A 1-D Gaussian mask with ``settings``' acceleration, coils and ACS width; ``overrides`` replace
+    ``acceleration`` or ``noise_std``.
+    """
+    from semrecon_core.data.simulate import simulate_kspace
 
     options: dict[str, Any] = {"coils": settings.coils, "mask_kind": "gaussian", "seed": seed}
     if settings.acs_width is not None:
         options["acs_width"] = settings.acs_width
-    kspace = simulate_kspace(magnitude, acceleration=settings.acceleration, **options)
-    full = simulate_kspace(magnitude, acceleration=1, **{**options, "noise_std": 0.0})
+    return simulate_kspace(magnitude, **({"acceleration": settings.acceleration} | options | overrides))
+
+
+def simulate_case(name: str, magnitude: np.ndarray, settings: ProbeSettings, seed: int) -> ProbeCase:
+    """Simulate the scan of ``magnitude``; attach the true maps and the complex truth, checked against the data."""
+    from semrecon_core.data.simulate import coil_maps
+    from semrecon_core.physics.fft import ifft2c
+    from semrecon_core.physics.sense import SenseOp
+
+    kspace = simulate_held_out(magnitude, settings, seed)
+    full = simulate_held_out(magnitude, settings, seed, acceleration=1, noise_std=0.0)
     ny, nx = (int(n) for n in kspace.data.shape[-2:])
     maps = torch.from_numpy(coil_maps(settings.coils, (ny, nx)))[None]
     if maps.shape[-2:] != full.data.shape[-2:]:
