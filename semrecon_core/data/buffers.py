@@ -542,7 +542,7 @@ def bucket_to_buffer(
     s_dimension: str = "",
     split_slices: bool = True,
 ) -> Any:
-    """BucketToBufferGadget: one ``ReconBit`` per acquisition key.
+    """BucketToBufferGadget: one ``ReconBit`` per acquisition key, in key order.
 
     The key is (average, slice, contrast, phase, repetition, set, segment), minus the dimensions mapped to N
     and S, and minus slice unless ``split_slices``.
@@ -563,7 +563,9 @@ def bucket_to_buffer(
     for acq in drop_discarded_samples(bucket.ref):
         ref_groups.setdefault(_key(acq, **options), []).append(acq)
     bits = []
-    for key, acqs in data_groups.items():
+    # in key order (average, slice, contrast, ...), as Gadgetron's std::map of buffers: interleaved slices
+    # acquired 0, 2, 1 leave in slice order
+    for key, acqs in sorted(data_groups.items()):
         ref = ref_groups.get(key)
         if ref is None and ref_groups and not split_slices:
             ref = next(iter(ref_groups.values()))
