@@ -58,3 +58,31 @@ def test_default_replay_numbers_interleaved_slices_in_slice_order(interleaved: P
     out = tmp_path / "replayed.h5"
     assert main(["replay", str(interleaved), str(out)]) == 0
     _check_slice_order(read_images(out, "image_1"))
+
+
+def _headerless_kspace(folder: Path) -> tuple[Path, Path]:
+    """The same 2-slice scan as ``.npy`` ``(slices, coils, ky, kx)`` and as BART ``.cfl`` (no geometry in either)."""
+    from semrecon_core.data.simulate import builtin_anatomy, simulate_kspace
+
+    scan = simulate_kspace(builtin_anatomy((28, 28), 2), coils=4, acceleration=2, acs_width=12)
+    data = scan.data.numpy()
+    np.save(folder / "k.npy", data)
+    bart = np.transpose(data, (3, 2, 1, 0)).reshape(data.shape[3], data.shape[2], 1, data.shape[1], *(1,) * 9, 2)
+    (folder / "k.hdr").write_text("# Dimensions\n" + " ".join(str(n) for n in bart.shape) + "\n")
+    bart.ravel(order="F").tofile(folder / "k.cfl")
+    return folder / "k.npy", folder / "k.cfl"
+
+
+def test_headerless_input_gets_the_identity_orientation_and_says_so(tmp_path: Path, caplog) -> None:
+    for source in _headerless_kspace(tmp_path):
+        out = tmp_path / f"{source.suffix[1:]}.h5"
+        assert main(["recon", str(source), str(out), "--backbone", "zero-filled"]) == 0
+        images = read_images(out)
+        assert len(images) == 2
+        for number, image in enumerate(images):
+            assert tuple(image.read_dir) == (1.0, 0.0, 0.0)
+            assert tuple(image.phase_dir) == (0.0, 1.0, 0.0)
+            assert tuple(image.slice_dir) == (0.0, 0.0, 1.0)
+            assert "identity" in image.meta["SEMRECON_Orientation"]
+            assert float(image.position[2]) == pytest.approx(number - 0.5)  # slices 1 mm apart, centred
+        assert "no orientation" in caplog.text

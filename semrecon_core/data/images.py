@@ -2,12 +2,17 @@
 
 Images are float32 magnitudes cropped to the recon matrix; position, orientation, patient table
 position, slice/repetition/average/... counters and time stamps are copied from the acquisition
-header kept for each KSpace slice, the field of view from the recon space.
+header kept for each KSpace slice, the field of view from the recon space. Input without an orientation
+(``.npy``, BART ``.cfl``, fastMRI, or headers whose direction vectors are zero) gets the identity orientation
+(read (1, 0, 0), phase (0, 1, 0), slice (0, 0, 1)), said in a warning and in the meta ``SEMRECON_Orientation``;
+without any header the slices are placed one slice thickness apart along the slice direction, centred on
+the origin.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -22,6 +27,11 @@ import torch
 
 if TYPE_CHECKING:
     from semrecon_core.data.kspace import KSpace
+
+log = logging.getLogger(__name__)
+
+#: meta ``SEMRECON_Orientation`` of images whose input carries no orientation
+IDENTITY_ORIENTATION = "identity (the input carries no orientation): read (1,0,0), phase (0,1,0), slice (0,0,1)"
 
 
 def file_mode() -> int:
@@ -203,9 +213,23 @@ def to_ismrmrd_images(
         values.update(
             {key: value if isinstance(value, list) else ascii_text(str(value)) for key, value in (meta or {}).items()}
         )
+        if not has_orientation(img):
+            img.read_dir, img.phase_dir, img.slice_dir = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+            if header is None:  # no geometry at all: slices one thickness apart, centred on the origin
+                img.position = (0.0, 0.0, (index - (len(magnitude) - 1) / 2) * fov[2])
+            values["SEMRECON_Orientation"] = IDENTITY_ORIENTATION
         img.meta = values
         images.append(img)
+    if any("SEMRECON_Orientation" in img.meta for img in images):
+        log.warning("%s: no orientation in the input; the images get the identity orientation", kspace.source or "scan")
     return images
+
+
+def has_orientation(image: Any) -> bool:
+    """Whether ``image``'s read, phase and slice directions are all non-zero vectors."""
+    return all(
+        math.hypot(*(float(v) for v in vector)) > 1e-6 for vector in (image.read_dir, image.phase_dir, image.slice_dir)
+    )
 
 
 # -- display windows -------------------------------------------------------------------------------
