@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -29,10 +32,14 @@ def interleaved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = folder / "interleaved.h5"
     writer = ismrmrd.Dataset(str(target), "dataset", mode="w")
     writer.write_xml_header(xml)
-    for slice_index in (0, 2, 1):
-        for acq in acquisitions:
-            if acq.idx.slice == slice_index:
-                writer.append_acquisition(acq)
+    ordered = [acq for slice_index in (0, 2, 1) for acq in acquisitions if acq.idx.slice == slice_index]
+    for acq in ordered:  # the last line acquired ends the repetition and the measurement
+        for flag in (ismrmrd.ACQ_LAST_IN_REPETITION, ismrmrd.ACQ_LAST_IN_MEASUREMENT):
+            if acq is ordered[-1]:
+                acq.setFlag(flag)
+            else:
+                acq.clearFlag(flag)
+        writer.append_acquisition(acq)
     writer.close()
     return target
 
@@ -86,3 +93,19 @@ def test_headerless_input_gets_the_identity_orientation_and_says_so(tmp_path: Pa
             assert "identity" in image.meta["SEMRECON_Orientation"]
             assert float(image.position[2]) == pytest.approx(number - 0.5)  # slices 1 mm apart, centred
         assert "no orientation" in caplog.text
+
+
+def test_recon_into_a_closed_pipe_writes_its_outputs_and_exits_like_a_killed_pipe_writer(
+    interleaved: Path, tmp_path: Path
+) -> None:
+    """``semrecon recon IN OUT | head``: the reader is gone when the summary is printed (status 141, no message)."""
+    out = tmp_path / "piped.h5"
+    command = [sys.executable, "-m", "semrecon_core.commands.main", "recon", str(interleaved), str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # like head after its lines: nobody reads the summary
+    errors = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 141, errors
+    assert "Traceback" not in errors and "Broken pipe" not in errors and "error" not in errors
+    assert [img.slice for img in read_images(out)] == [0, 1, 2]

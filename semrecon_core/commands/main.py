@@ -4,7 +4,10 @@ Every subcommand is a module in :mod:`semrecon_core.commands` providing ``add_ar
 ``run(args) -> int``; this file only knows their names and one-line help and imports a subcommand's
 module when it runs, so ``semrecon --help`` imports nothing heavy. Errors that name a problem (bad input
 file, bad property) are printed as ``semrecon <command>: error: ...`` with exit status 2; ``--debug``
-shows tracebacks.
+shows tracebacks. A command whose standard output is a pipe that its reader closed (``semrecon recon IN OUT
+| head``) ends quietly with status 141, as a command-line tool killed by SIGPIPE does (128 + 13), after the
+outputs it had committed; SIGPIPE itself stays ignored, so a closed socket (``semrecon serve``) is an error
+the server handles, not the end of the process.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
 import sys
 
 # name -> (module providing add_arguments/run, one-line help)
@@ -66,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(module.run(args) or 0)
+        try:
+            return int(module.run(args) or 0)
+        except BrokenPipeError:
+            if options.debug or not _stdout_reader_gone():
+                raise  # another pipe (a child process, a socket): an error like any other
+            _discard_stdout()
+            return SIGPIPE_STATUS
     except KeyboardInterrupt:
         print("semrecon: interrupted", file=sys.stderr)
         return 130
@@ -75,6 +86,29 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"semrecon {options.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+#: the status of a command whose standard output lost its reader: 128 + SIGPIPE, as shells report it
+SIGPIPE_STATUS = 141
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or no file descriptor behind stdout
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point standard output at the null device, so the interpreter's last flush does not fail again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
 
 
 if __name__ == "__main__":
