@@ -4,7 +4,8 @@ IN is any supported k-space file (ISMRMRD raw ``.h5``, fastMRI ``.h5``, ``.npy``
 goes through :class:`~semrecon_core.pipeline.Pipeline` (ESPIRiT coil maps, engine, images) like every other
 path; the method is chosen by ``--backbone``/``--prior`` and any :class:`~semrecon_core.config.ReconConfig`
 field through ``--set name=value``. OUT receives float32 magnitude images (``dataset/images``) with headers
-copied from the acquisitions; ``--npy``, ``--png`` and ``--trace`` write extra outputs. All outputs are
+copied from the acquisitions; ``--npy``, ``--png``, ``--trace`` and ``--dicom`` (one DICOM MR series,
+:func:`semrecon_core.data.dicom.write_dicom_series`) write extra outputs. All outputs are
 staged and committed together (all of them or none, mode 0644 less the umask); the input is only read. A
 ``calib_width`` set on the command line that is wider than the data's calibration region is refused. When the
 input carries a ground truth, PSNR and SSIM are printed. ``--explain`` prints every resolved setting with its
@@ -70,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--npy", type=Path, metavar="OUT.npy", help="also save the complex image (slices, y, x)")
     parser.add_argument("--png", type=Path, metavar="OUT.png", help="also save the magnitude images side by side")
     parser.add_argument("--trace", type=Path, metavar="TRACE.json", help="save the per-iteration records")
+    parser.add_argument(
+        "--dicom",
+        type=Path,
+        metavar="DIR",
+        help="also write the images as a DICOM MR series into DIR (new or replaced)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -139,6 +146,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{option} {path}: directory {path.parent} does not exist")
         if path.is_dir():
             raise IsADirectoryError(f"{option} {path}: is a directory, expected a file to write")
+    if args.dicom is not None:
+        from semrecon_core.data.dicom import check_dicom_directory
+
+        if args.dicom.resolve() == source:
+            raise ValueError(f"--dicom {args.dicom}: would overwrite the input file")
+        check_dicom_directory(args.dicom)
 
 
 def _scaled_to(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -229,6 +242,11 @@ def run(args: argparse.Namespace) -> int:
         if args.trace is not None:
             payload = {"label": done.label, "config": config.to_properties(), "iterations": records}
             staged.path(args.trace).write_text(json.dumps(json_safe(payload), indent=1))
+        if args.dicom is not None:
+            from semrecon_core.data.dicom import write_dicom_series
+
+            identity = [] if kspace.xml_header else [str(args.input.resolve())]
+            write_dicom_series(args.dicom, images, xml_header=kspace.xml_header, identity=identity, staged=staged)
     print(f"{args.output}: {image.shape[0]} image(s) {image.shape[-2]}×{image.shape[-1]} — {done.label}")
     if kspace.ground_truth is not None:
         from semrecon_core.metrics import psnr, ssim

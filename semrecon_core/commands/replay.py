@@ -3,7 +3,8 @@
 The chain runs as :func:`semrecon_core.emulation.replay.replay` runs it (the gadget in this process, or
 with ``--protocol`` in a child process over the wire protocol). The images that leave the chain are
 written to ``OUT.h5`` (one group ``image_<series>`` per series, atomically, with the scan's header), and
-with ``--png`` as one PNG per image; the images file and the PNGs are committed together or not at all, mode
+with ``--png`` as one PNG per image, with ``--dicom`` as one DICOM MR series per image series
+(:func:`semrecon_core.data.dicom.write_dicom_series`); all of them are committed together or not at all, mode
 0644 less the umask. ``IN.h5`` is opened read-only, and an output that names it is refused before anything runs.
 """
 
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--png", metavar="DIR", help="also write one PNG per image into DIR")
     parser.add_argument(
+        "--dicom", metavar="DIR", help="also write one DICOM MR series per image series into DIR (new or replaced)"
+    )
+    parser.add_argument(
         "--protocol",
         action="store_true",
         help="run the gadget in a child process over the Gadgetron wire protocol (emulator)",
@@ -53,25 +57,36 @@ def run(args: argparse.Namespace) -> int:
     result = replay(args.input, chain=args.config, overrides=overrides, protocol=args.protocol, group=args.group)
     if not result.images:
         raise ValueError(f"{args.input}: the chain produced no images")
-    # the images file and the PNGs are staged and committed together: a failure leaves none of them
+    series: dict[int, list[Path]] = {}
+    # the images file, the PNGs and the DICOM files are staged and committed together: a failure leaves none
     with StagedOutputs() as staged:
         counts = write_image_groups(
             args.output, result.images, group=args.group, xml_header=result.xml_header, staged=staged
         )
         paths = write_pngs(args.png, result.images, staged=staged) if args.png else []
+        if args.dicom:
+            from semrecon_core.data.dicom import write_dicom_series
+
+            series = write_dicom_series(args.dicom, result.images, xml_header=result.xml_header, staged=staged)
     groups = ", ".join(f"{args.group}/{name} ({n})" for name, n in counts.items())
     print(f"{len(result.images)} image(s) in {result.seconds:.1f} s → {args.output}: {groups}")
     if args.png:
         print(f"{len(paths)} PNG(s) → {args.png}")
+    if args.dicom:
+        print(f"{sum(map(len, series.values()))} DICOM file(s) in {len(series)} series → {args.dicom}")
     return 0
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse an output (``OUT``, ``--png``) that is the input file (a path to it, a link or a hard link)."""
     source = Path(args.input)
-    for option, path in (("OUT", args.output), ("--png", args.png)):
+    for option, path in (("OUT", args.output), ("--png", args.png), ("--dicom", args.dicom)):
         if path is not None and _same_file(Path(path), source):
             raise ValueError(f"{option} {path}: would overwrite the input file {args.input}")
+    if args.dicom:
+        from semrecon_core.data.dicom import check_dicom_directory
+
+        check_dicom_directory(args.dicom)
 
 
 def _same_file(path: Path, source: Path) -> bool:

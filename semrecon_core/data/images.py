@@ -71,11 +71,12 @@ class StagedOutputs:
     """Outputs written under temporary names and committed together, or not at all.
 
     ``path(target)`` gives the temporary file to write for ``target`` (its directory is created when
-    ``mkdir`` is set). Leaving the ``with`` block without an error commits: every temporary file gets
-    :func:`file_mode` and replaces its target; if one replacement fails, the targets already replaced get
-    their previous content back (or are removed when they did not exist) and the error propagates. Leaving it
-    with an error removes the temporary files (and directories this object created), so a failed command
-    leaves no output behind.
+    ``mkdir`` is set), ``directory(target)`` a temporary directory to fill that replaces the directory
+    ``target`` as a whole (e.g. a DICOM series). Leaving the ``with`` block without an error commits: every
+    temporary file gets :func:`file_mode` and replaces its target; if one replacement fails, the targets
+    already replaced get their previous content back (or are removed when they did not exist) and the error
+    propagates. Leaving it with an error removes the temporary files and directories (and directories this
+    object created), so a failed command leaves no output behind.
     """
 
     def __init__(self) -> None:
@@ -109,17 +110,50 @@ class StagedOutputs:
         self._pending.append((temp, target))
         return temp
 
+    def directory(self, target: str | Path) -> Path:
+        """A new temporary directory beside ``target`` to fill; the commit puts it in place of ``target``.
+
+        ``target`` need not exist; an existing directory is replaced as a whole (its owner decides beforehand
+        whether it may be), anything else at ``target`` is refused.
+        """
+        target = Path(target)
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"{target}: output directory {target.parent} does not exist")
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target}: exists and is not a directory")
+        temp = _temporary(target)
+        temp.mkdir()
+        self._pending.append((temp, target))
+        return temp
+
     def commit(self) -> None:
         """Give every staged file its mode and move it over its target (all, or none on failure)."""
         mode = file_mode()
         done: list[tuple[Path, Path | None]] = []  # (target, backup of its previous content)
         try:
             for temp, target in self._pending:
+                if temp.is_dir():
+                    for item in temp.rglob("*"):
+                        if item.is_file():
+                            item.chmod(mode)
+                    continue
                 if not temp.is_file():
                     raise FileNotFoundError(f"{target}: nothing was written")
                 temp.chmod(mode)
             for temp, target in self._pending:
                 backup = None
+                if temp.is_dir():
+                    if target.exists():
+                        backup = _temporary(target)
+                        target.rename(backup)
+                    try:
+                        temp.rename(target)
+                    except BaseException:
+                        if backup is not None:
+                            backup.rename(target)
+                        raise
+                    done.append((target, backup))
+                    continue
                 if target.is_file():
                     backup = _temporary(target)
                     try:
@@ -135,14 +169,20 @@ class StagedOutputs:
                 done.append((target, backup))
         except BaseException:
             for target, backup in reversed(done):
-                if backup is not None:
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                    if backup is not None:
+                        backup.rename(target)
+                elif backup is not None:
                     backup.replace(target)
                 else:
                     target.unlink(missing_ok=True)
             self.discard()
             raise
         for _, backup in done:
-            if backup is not None:
+            if backup is not None and backup.is_dir():
+                shutil.rmtree(backup, ignore_errors=True)
+            elif backup is not None:
                 backup.unlink(missing_ok=True)
         self._pending.clear()
         self._created.clear()
@@ -150,7 +190,10 @@ class StagedOutputs:
     def discard(self) -> None:
         """Remove the temporary files, and the directories created for them when they are left empty."""
         for temp, _ in self._pending:
-            temp.unlink(missing_ok=True)
+            if temp.is_dir():
+                shutil.rmtree(temp, ignore_errors=True)
+            else:
+                temp.unlink(missing_ok=True)
         self._pending.clear()
         for directory in self._created:  # innermost first
             with contextlib.suppress(OSError):
