@@ -163,6 +163,12 @@ class ReconConfig:
         similarity: ``centred`` cosine of Figure-5 embeddings centred on the bank (paper preset), ``pooled``
             cosine of token means (the paper's text) or ``token-pca`` per-token cosine after PCA (public code).
         tau: InfoNCE temperature.
+        hinge: ``none`` (Eq. 3, the paper) or ``bank``: the semantic loss of a slice counts only above the bank's
+            positives' own leave-one-out level, so the fit cannot drive the encoder's score past real fully
+            sampled images (a departure from the paper; ``benchmarks/results/prior_variants.md``).
+        views: encoder views per evaluation of the semantic loss: 1 (the paper) or the image plus random
+            shifted / flipped / rescaled copies, averaged, so that the gradient keeps what survives small
+            geometric changes instead of the encoder's pixel-grid patterns (a departure from the paper).
         sigma: std of the Gaussian perturbation of text embeddings (image-language banks).
         encoder: HuggingFace id or local directory of the Janus checkpoint.
         bank: path of an embedding bank (``.safetensors``) for the semantic prior.
@@ -206,6 +212,8 @@ class ReconConfig:
     layers: tuple[int, ...] = (1, 13, 24)
     similarity: Literal["pooled", "token-pca", "centred"] | None = None
     tau: float = 0.07
+    hinge: Literal["none", "bank"] = "none"
+    views: int = 1
     sigma: float | None = None
     encoder: str = "deepseek-community/Janus-Pro-1B"
     bank: str | None = None
@@ -235,6 +243,9 @@ class ReconConfig:
         _check_choice("autocast", self.autocast, ("bfloat16", "none"))
         _check_choice("espirit", self.espirit, ("sigpy", "torch"))
         _check_choice("start", self.start, ("network", "preview", "cs-tv"))
+        _check_choice("hinge", self.hinge, ("none", "bank"))
+        if self.views < 1:
+            raise ConfigError(f"property 'views': expected a positive integer, found {self.views!r}")
         if self.start != "network" and self.backbone != "unet":
             raise ConfigError(f"property 'start': '{self.start}' needs backbone unet, found backbone '{self.backbone}'")
         for name in ("lam", "lr", "sigma", "final_dc", "dc_init"):

@@ -25,7 +25,9 @@ class MachineError(ConfigError):
 IMAGE_ONLY_FIELDS = ("level_weights", "similarity")
 """Settings that mean nothing to an image-language bank."""
 
-_SEMANTIC_ONLY = frozenset(("level_weights", "layers", "similarity", "tau", "sigma", "encoder", "bank"))
+_SEMANTIC_ONLY = frozenset(
+    ("level_weights", "layers", "similarity", "tau", "hinge", "views", "sigma", "encoder", "bank")
+)
 _SEMANTIC_ONLY |= {"allow_download", "encoder_checkpointing"}
 _NETWORK_ONLY = frozenset(
     ("lr", "checkpoint", "width", "depth", "lora_rank", "final_dc", "start", "slice_batch", "time_budget_s")

@@ -12,7 +12,8 @@ positives are the embeddings of the held-out images themselves as a perfect reco
 simulator's margin), its negatives those of four zero-filled undersampled versions of each. The contrastive loss
 is then lowest where every token points as the truth's token does, so its minimum is near the truth and its
 gradient points toward it: it is the prior a site would wish for. The **swapped** bank (positives and negatives
-exchanged) pulls toward the aliased images: the calibration must switch it off.
+exchanged) pulls toward the aliased images, and the **random** bank (the aliased images' embeddings, P and N drawn
+by a coin) toward nothing in particular: the calibration must switch both off.
 """
 
 from __future__ import annotations
@@ -66,7 +67,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ]
     good, bad = embed_images(encoder, truths), embed_images(encoder, aliased)
     paths = {"encoder": work / "vit", "images": work / "held_out.npy"}
-    for name, (positives, negatives) in {"informative": (good, bad), "swapped": (bad, good)}.items():
+    # random: the aliased reconstructions' embeddings, assigned to P and N by a coin (nothing in it knows the truth)
+    coin = torch.randperm(bad[0].shape[0], generator=torch.Generator().manual_seed(1))
+    half = bad[0].shape[0] // 2
+    random = ([level[coin[:half]] for level in bad], [level[coin[half:]] for level in bad])
+    banks = {"informative": (good, bad), "swapped": (bad, good), "random": random}
+    for name, (positives, negatives) in banks.items():
         bank = bank_from_features(
             positives, negatives, identity=encoder.identity, similarity="token-pca", weights=(1.0,), pca_dims=(16,)
         )
@@ -126,6 +132,12 @@ def test_a_swapped_prior_is_switched_off_and_says_so(
     assert "semantic prior off (calibrated lambda 0 on 2 held-out images" in image.meta["GADGETRON_ImageComment"]
     assert image.meta["GADGETRON_SeqDescription"] == "_semrecon_unet_semantic-off"
     assert image.meta["SEMRECON_Lambda"] == "0"
+
+
+def test_a_random_prior_is_switched_off(setup: dict[str, Path]) -> None:
+    record = _calibrate(setup, "random")
+    haarpsi = {row["lam"]: row["haarpsi"]["mean"] for row in record["summary"]}
+    assert record["lam"] == 0.0, haarpsi
 
 
 def test_calibrate_info_and_recon_explain_on_the_command_line(setup: dict[str, Path], tmp_path: Path, capsys) -> None:

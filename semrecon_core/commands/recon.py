@@ -99,12 +99,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value is not None:
             properties[name] = str(value)
-    for item in args.properties:
+    properties.update(parse_sets(args.properties))
+    return ReconConfig.from_properties(properties)
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``--set NAME=VALUE`` items as a mapping, later items winning (checked by the configuration they go into)."""
+    properties = {}
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"--set {item!r}: expected NAME=VALUE")
         properties[name.strip()] = value
-    return ReconConfig.from_properties(properties)
+    return properties
 
 
 def json_safe(value: Any) -> Any:

@@ -16,7 +16,7 @@ k-space for this); :data:`SIMULATED_NEGATIVES` of them per positive slice by def
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,8 @@ class BankImages:
     positives: list[torch.Tensor]
     negatives: list[torch.Tensor]
     records: list[dict[str, Any]]
+    negative_parents: list[int] = field(default_factory=list)
+    """Per negative, the index of the positive slice it was simulated from (−1: a given negative)."""
 
 
 def gather_images(
@@ -281,14 +283,17 @@ def gather_images(
         if not negative_files:
             accelerations = []
             for _ in range(simulated):
-                for image, acceleration in undersampled_versions(source, rng):
+                first = len(gathered.positives) - len(source.images)
+                for offset, (image, acceleration) in enumerate(undersampled_versions(source, rng)):
                     gathered.negatives.append(image)
+                    gathered.negative_parents.append(first + offset)
                     accelerations.append(round(acceleration, 3))
             record["simulated_negatives_R"] = accelerations
         gathered.records.append(record)
     for path in tqdm(negative_files, desc="reading negatives", unit="file", disable=None):
         source = read_source(path, "negatives")
         gathered.negatives.extend(source.images.split(1))
+        gathered.negative_parents.extend([-1] * len(source.images))
         gathered.records.append(
             {"role": "negative", "path": str(path), "sha256": source.sha256, "slices": len(source.images)}
         )

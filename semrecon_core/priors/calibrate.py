@@ -54,6 +54,8 @@ RECORDED_SETTINGS = (
     "level_weights",
     "similarity",
     "tau",
+    "hinge",
+    "views",
     "calib_width",
     "espirit",
     "device",

@@ -226,6 +226,17 @@ class ContrastiveLoss:
             values.append(loss.mean() if self.reduction == "mean" else loss.sum())
         return torch.stack(values)
 
+    def per_slice(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Weighted sum over levels of each query slice's loss ``(S,)`` (before the reduction over slices)."""
+        if len(features) != len(self.weights):
+            raise ValueError(f"contrastive loss: expected {len(self.weights)} feature levels, found {len(features)}")
+        total = None
+        for (positive, negative), weight in zip(self.similarities(features), self.weights, strict=True):
+            loss = weight * info_nce(positive, negative, tau=self.tau, tau_negative=self.tau_negative)
+            total = loss if total is None else total + loss
+        assert total is not None, "a bank has at least one level"
+        return total
+
     def __call__(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Weighted sum over levels of the reduced per-slice losses (a scalar)."""
         levels = self.per_level(features)
@@ -299,6 +310,7 @@ def leave_one_out(
     tau: float = 0.07,
     tau_negative: float | None = None,
     group: int = 1,
+    negative_parents: Sequence[int] | None = None,
     full_counts: bool = True,
     block: int = 256,
 ) -> Separability:
@@ -322,6 +334,10 @@ def leave_one_out(
         tau: temperature (of the positives when ``tau_negative`` is set).
         tau_negative: separate temperature of the negatives.
         group: consecutive embeddings that come from one image and are held out together.
+        negative_parents: per negative image (``group`` embeddings each), the index of the positive image it was
+            simulated from (−1: none); a positive is then held out together with its own negatives, so that it
+            is scored as an image the bank has never seen is (its undersampled copies, near twins of it, would
+            otherwise sit in N).
         full_counts: correct the held-out role's count (see above); ``False``: the literal rest.
         block: rows scored at a time (memory).
 
@@ -340,12 +356,26 @@ def leave_one_out(
             f"{groups_p} / {groups_n} (group size {group})"
         )
     is_positive = torch.cat([torch.ones(count_p, dtype=torch.bool), torch.zeros(count_n, dtype=torch.bool)])
-    ids = torch.cat([torch.arange(count_p) // group, groups_p + torch.arange(count_n) // group])
+    negative_ids = groups_p + torch.arange(count_n) // group
+    if negative_parents is not None:
+        parents = torch.as_tensor(list(negative_parents), dtype=torch.long)
+        if parents.shape != (groups_n,) or int(parents.max()) >= groups_p:
+            raise ValueError(f"negative_parents: expected {groups_n} image indices below {groups_p} (or −1)")
+        parents = parents[torch.arange(count_n) // group]
+        negative_ids = torch.where(parents >= 0, parents, negative_ids)
+    ids = torch.cat([torch.arange(count_p) // group, negative_ids])
     scale = torch.where(is_positive, 1.0 / tau, 1.0 / (tau if tau_negative is None else tau_negative)).double()
-    # log(M / (M − held)) on the held-out role's columns: the rest's sums stand for the full bank's
-    held = torch.bincount(ids)[ids].double()
-    count = torch.where(is_positive, count_p, count_n).double()
-    offset = torch.log(count / (count - held)) if full_counts else torch.zeros_like(count)
+    # log(M / (M − held)) on each role's columns, held = that role's embeddings held out with the row: the
+    # rest's sums stand for the full bank's
+    groups = int(ids.max()) + 1
+    held_p = torch.bincount(ids[is_positive], minlength=groups)[ids].double()
+    held_n = torch.bincount(ids[~is_positive], minlength=groups)[ids].double()
+    if bool((held_p >= count_p).any() or (held_n >= count_n).any()):
+        raise ValueError("leave-one-out: a held-out group holds every positive or every negative of the bank")
+    if full_counts:
+        offset_p, offset_n = torch.log(count_p / (count_p - held_p)), torch.log(count_n / (count_n - held_n))
+    else:
+        offset_p = offset_n = torch.zeros(count_p + count_n, dtype=torch.float64)
     total = torch.zeros(count_p + count_n, dtype=torch.float64)
     level_auc = []
     for p, n, weight in zip(positives, negatives, weights, strict=True):
@@ -355,8 +385,8 @@ def leave_one_out(
         for start in range(0, rows.shape[0], block):
             index = torch.arange(start, min(start + block, rows.shape[0]))
             logits = similarities(index) * scale
-            same_role = is_positive[index][:, None] == is_positive[None, :]
-            logits = logits + offset[index][:, None] * same_role
+            offset = torch.where(is_positive[None, :], offset_p[index][:, None], offset_n[index][:, None])
+            logits = logits + offset
             logits = logits.masked_fill(ids[index][:, None] == ids[None, :], float("-inf"))
             every = torch.logsumexp(logits, dim=-1)
             pos = torch.logsumexp(logits.masked_fill(~is_positive[None, :], float("-inf")), dim=-1)

@@ -74,6 +74,9 @@ def _semantic_prior(config: ResolvedConfig, device: torch.device) -> Prior:
         config.similarity,
         config.level_weights,
         config.tau,
+        config.hinge,
+        config.views,
+        config.seed,
         config.preset,
         config.layers,
         config.encoder_checkpointing,
@@ -91,7 +94,16 @@ def _semantic_prior(config: ResolvedConfig, device: torch.device) -> Prior:
             f"was built for {similarity!r} (rebuild it with --similarity {config.similarity})"
         )
     bank = load_bank(bank_path, encoder, device=device, metadata=metadata)
-    prior = SemanticPrior(encoder, bank, weights=config.level_weights, tau=config.tau, variant=config.preset)
+    prior = SemanticPrior(
+        encoder,
+        bank,
+        weights=config.level_weights,
+        tau=config.tau,
+        variant=config.preset,
+        hinge=config.hinge,
+        views=config.views,
+        seed=config.seed,
+    )
     with _LOCK:
         _PRIORS[key] = prior
     return prior
@@ -118,9 +130,9 @@ def _encoder_for(config: ReconConfig, metadata: dict[str, Any], device: torch.de
             return _ENCODERS[key]
     encoder: SemanticEncoder
     if family == "hf-vision":
-        from semrecon_core.encoders.hf_vision import HFVisionEncoder
+        from semrecon_core.encoders.adapter import load_hf_vision
 
-        encoder = HFVisionEncoder.from_pretrained(
+        encoder = load_hf_vision(
             config.encoder,
             layers=config.layers,
             device=device,

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -302,31 +302,38 @@ def simulate_case(name: str, magnitude: np.ndarray, settings: ProbeSettings, see
 # --- the probe ---------------------------------------------------------------------------------------------
 
 
-def semantic_prior_for(bank: str | Path, *, encoder: str | None, device: torch.device) -> Prior:
-    """The semantic prior ``semrecon recon`` would build from ``bank``: its encoder, layers, weights, preset."""
-    from semrecon_core.config import Preset, ReconConfig
+def semantic_prior_for(
+    bank: str | Path,
+    *,
+    encoder: str | None,
+    device: torch.device,
+    properties: Mapping[str, str] | None = None,
+) -> Prior:
+    """The semantic prior ``semrecon recon`` would build from ``bank``: its encoder, layers, weights, preset.
+
+    ``properties`` (``--set`` of ``bank probe``) override these like ``recon --set`` does, e.g. ``hinge`` or
+    ``views`` to probe a variant of the prior.
+    """
+    from semrecon_core.config import ReconConfig
     from semrecon_core.priors.bank import read_metadata
     from semrecon_core.priors.factory import build_prior
 
     metadata = read_metadata(bank)
     identity = metadata["encoder"]
-    options: dict[str, Any] = {}
+    values = {
+        "backbone": "unet",
+        "prior": "semantic",
+        "preset": "public-code" if metadata.get("preset") == "public-code" else "paper",
+        "bank": str(bank),
+        "encoder": encoder or str(identity.get("model")),
+        "device": str(device),
+    }
     if identity.get("kind") == "image":
-        options["layers"] = tuple(int(layer) for layer in identity.get("layers") or ())
-        options["similarity"] = metadata["similarity"]
+        values["layers"] = ",".join(str(int(layer)) for layer in identity.get("layers") or ())
+        values["similarity"] = str(metadata["similarity"])
         if metadata.get("weights"):
-            options["level_weights"] = tuple(float(w) for w in metadata["weights"])
-    preset: Preset = "public-code" if metadata.get("preset") == "public-code" else "paper"
-    config = ReconConfig(
-        backbone="unet",
-        prior="semantic",
-        preset=preset,
-        bank=str(bank),
-        encoder=encoder or str(identity.get("model")),
-        device=str(device),
-        **options,
-    )
-    prior = build_prior(config, device)
+            values["level_weights"] = ",".join(repr(float(w)) for w in metadata["weights"])
+    prior = build_prior(ReconConfig.from_properties({**values, **(properties or {})}), device)
     if prior is None:  # pragma: no cover - prior "semantic" always gives one
         raise ValueError(f"{bank}: no semantic prior")
     return prior
@@ -387,8 +394,12 @@ def run_probe(
     settings: ProbeSettings | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    properties: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Probe the prior of ``bank`` on the held-out images ``sources``; the report :func:`markdown` renders."""
+    """Probe the prior of ``bank`` on the held-out images ``sources``; the report :func:`markdown` renders.
+
+    ``properties`` override the prior's settings as ``recon --set`` does (:func:`semantic_prior_for`).
+    """
     from semrecon_core.priors.bank import describe_separability, read_metadata
 
     settings = settings or ProbeSettings()
@@ -399,7 +410,7 @@ def run_probe(
     images = read_images(sources, settings.size)
     if not images:
         raise ValueError("--images: no images to probe")
-    prior = semantic_prior_for(bank, encoder=encoder, device=device)
+    prior = semantic_prior_for(bank, encoder=encoder, device=device, properties=properties)
     indexed = list(enumerate(images))
     iterator = progress(indexed) if progress is not None else indexed
     cases = []
@@ -422,6 +433,7 @@ def run_probe(
             "tv_lam": settings.tv_lam if settings.tv_lam is not None else "classical default",
             "seed": settings.seed,
             "device": str(device),
+            "prior_settings": dict(properties or {}),
         },
         "method": {
             "maps": "the simulator's true birdcage maps (unit RSS); complex truth = coil combination of a noise-free "

@@ -15,7 +15,8 @@ import torch
 
 from semrecon_core.encoders.common import precision_context
 from semrecon_core.priors.bank import EmbeddingBank, check_compatible
-from semrecon_core.priors.contrastive import ContrastiveLoss
+from semrecon_core.priors.contrastive import ContrastiveLoss, leave_one_out
+from semrecon_core.priors.views import random_views
 
 # Public code's image-language temperatures (REFERENCE.md §1).
 PUBLIC_CODE_TAU_POSITIVE = 0.1
@@ -33,6 +34,15 @@ class SemanticPrior:
         variant: ``paper`` (Eq. 3) or ``public-code`` (image-language banks: τ_pos 0.1, τ_neg 0.7; image-only
             banks: Eq. 3 as in the paper). Always a mean over slices, so λ means the same for any slice batch;
             the authors' sum over the unrolled network's stage queries is added up by the engine.
+        hinge: ``none`` (Eq. 3 as in the paper) or ``bank``: each slice's loss counts only above the level of
+            the bank's own positives (their mean leave-one-out loss under this prior's τ and level weights, each
+            positive held out with the negatives simulated from it when the bank records them:
+            :attr:`margin`), so the fit stops pulling once an image scores as real positives do instead of
+            driving the encoder's score past them (a departure from the paper).
+        views: encoder views averaged per loss evaluation: 1 (the paper) or more, the image and ``views − 1``
+            random shifted / flipped / rescaled copies (:func:`~semrecon_core.priors.views.random_views`,
+            drawn anew at every call from a generator seeded with ``seed``; a departure from the paper).
+        seed: seed of the views' generator.
 
     Attributes:
         last_embedding: detached ``(slices, D)`` embedding of the last :meth:`loss` call (for trajectories
@@ -51,6 +61,9 @@ class SemanticPrior:
         weights: Sequence[float] | None = None,
         tau: float = 0.07,
         variant: str = "paper",
+        hinge: str = "none",
+        views: int = 1,
+        seed: int = 0,
     ) -> None:
         if variant not in ("paper", "public-code"):
             raise ValueError(f"semantic prior variant: expected paper or public-code, found {variant!r}")
@@ -75,6 +88,25 @@ class SemanticPrior:
             pca=bank.pca,
             **options,
         ).to(encoder.device)
+        if hinge not in ("none", "bank"):
+            raise ValueError(f"semantic prior hinge: expected none or bank, found {hinge!r}")
+        if views < 1:
+            raise ValueError(f"semantic prior views: expected at least 1, found {views}")
+        self.hinge, self.views = hinge, int(views)
+        self.margin: float | None = None
+        if hinge == "bank":
+            language = bank.kind == "language"
+            self.margin = leave_one_out(
+                bank.positives,
+                bank.negatives,
+                similarity=bank.similarity,
+                weights=self.contrastive.weights,
+                tau=self.contrastive.tau,
+                tau_negative=self.contrastive.tau_negative,
+                group=int(bank.metadata.get("perturbations") or 1) if language else 1,
+                negative_parents=bank.metadata.get("negative_parents"),
+            ).positive_loss
+        self.generator = torch.Generator().manual_seed(seed)
         self.last_embedding: torch.Tensor | None = None
         self.trace_answers = False
 
@@ -83,6 +115,10 @@ class SemanticPrior:
         """Names the prior and its encoder; random-weight encoders say "RANDOM WEIGHTS"."""
         kind = "image-language" if self.bank.kind == "language" else "image-only"
         text = f"semantic {kind} prior ({self.bank.similarity}, {self.variant}) with {self.encoder.label}"
+        departures = [f"hinge at the bank's positives, {self.margin:.3f}"] if self.margin is not None else []
+        departures += [f"{self.views} views"] if self.views > 1 else []
+        if departures:
+            text += f" [{'; '.join(departures)}]"
         if self.encoder.is_random and "RANDOM WEIGHTS" not in text:
             text += " RANDOM WEIGHTS"
         return text
@@ -93,9 +129,18 @@ class SemanticPrior:
 
     def loss(self, image: torch.Tensor) -> torch.Tensor:
         """Differentiable scalar loss of a complex ``(slices, y, x)`` image (max |zero-filled| ≈ 1)."""
-        features = self.encoder.encode(image)
-        self.last_embedding = self._summary(features)
-        return self._contrastive(features)
+        slices = image.shape[0]
+        batch = random_views(image, self.views, self.generator) if self.views > 1 else image
+        features = self.encoder.encode(batch)
+        self.last_embedding = self._summary([f[:slices] for f in features])
+        if self.margin is None and self.views == 1:
+            return self._contrastive(features)
+        with precision_context(features[0].device, torch.float32):
+            per_slice = self.contrastive.per_slice([f.float() for f in features])
+        per_slice = per_slice.view(self.views, slices).mean(0)
+        if self.margin is not None:
+            per_slice = torch.relu(per_slice - self.margin)
+        return per_slice.mean()
 
     def _contrastive(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         with precision_context(features[0].device, torch.float32):
