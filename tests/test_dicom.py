@@ -234,6 +234,8 @@ def test_dicom_output_is_all_or_nothing(scan: Path, tmp_path: Path, capsys) -> N
     status = main(["recon", str(scan), str(tmp_path / "o.h5"), "--dicom", str(previous)])
     assert status == 2 and "notes.txt" in capsys.readouterr().err
     assert _tree(previous) == before and not (tmp_path / "o.h5").exists()
+    assert main(["recon", str(scan), str(tmp_path / "same"), "--dicom", str(tmp_path / "same")]) == 2
+    assert "is also OUT" in capsys.readouterr().err and not (tmp_path / "same").exists()
     (tmp_path / "file").write_text("x")
     assert main(["recon", str(scan), str(tmp_path / "o.h5"), "--dicom", str(tmp_path / "file")]) == 2
     assert "not a directory" in capsys.readouterr().err

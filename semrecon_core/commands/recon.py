@@ -158,7 +158,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
         if args.dicom.resolve() == source:
             raise ValueError(f"--dicom {args.dicom}: would overwrite the input file")
-        check_dicom_directory(args.dicom)
+        check_dicom_directory(
+            args.dicom, others={"OUT": args.output, "--npy": args.npy, "--png": args.png, "--trace": args.trace}
+        )
 
 
 def _scaled_to(reference: np.ndarray, image: np.ndarray) -> np.ndarray:

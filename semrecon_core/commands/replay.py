@@ -86,7 +86,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.dicom:
         from semrecon_core.data.dicom import check_dicom_directory
 
-        check_dicom_directory(args.dicom)
+        check_dicom_directory(args.dicom, others={"OUT": args.output, "--png": args.png})
 
 
 def _same_file(path: Path, source: Path) -> bool:

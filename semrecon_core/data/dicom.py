@@ -51,20 +51,24 @@ _LO = 64
 _PATIENT_POSITIONS = {"HFP", "HFS", "HFDR", "HFDL", "FFP", "FFS", "FFDR", "FFDL"}
 
 
-def check_dicom_directory(directory: str | Path) -> Path:
+def check_dicom_directory(directory: str | Path, *, others: Mapping[str, str | Path | None] | None = None) -> Path:
     """Refuse a ``--dicom`` directory that cannot be written or replaced, before anything is computed.
 
-    It may not exist yet (its parent must), or be a directory that is empty or holds only ``.dcm`` files.
+    It may not exist yet (its parent must), or be a directory that is empty or holds only ``.dcm`` files, and
+    may not be one of the command's ``others`` outputs (``{option: path}``).
     """
     directory = Path(directory)
+    for option, path in (others or {}).items():
+        if path is not None and Path(path).resolve() == directory.resolve():
+            raise ValueError(f"--dicom {directory}: is also {option}; name another directory")
     if not directory.parent.resolve().is_dir():
         raise FileNotFoundError(f"--dicom {directory}: directory {directory.parent} does not exist")
     if directory.exists() or directory.is_symlink():
         if not directory.is_dir() or directory.is_symlink():
             raise NotADirectoryError(f"--dicom {directory}: exists and is not a directory")
-        others = [entry.name for entry in directory.iterdir() if not (entry.is_file() and entry.suffix == ".dcm")]
-        if others:
-            shown = ", ".join(sorted(others)[:3]) + (" ..." if len(others) > 3 else "")
+        foreign = [entry.name for entry in directory.iterdir() if not (entry.is_file() and entry.suffix == ".dcm")]
+        if foreign:
+            shown = ", ".join(sorted(foreign)[:3]) + (" ..." if len(foreign) > 3 else "")
             raise ValueError(
                 f"--dicom {directory}: holds entries other than .dcm files ({shown}); "
                 "name a new or empty directory, or one written by semrecon"
