@@ -17,14 +17,14 @@ or builds images on its own, so the same file and configuration give the same pi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from semrecon_core.config import ConfigError, ReconConfig, ResolvedConfig
+from semrecon_core.config import ConfigError, ReconConfig, ResolvedConfig, preview_config
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.engines import get_engine
 from semrecon_core.engines.base import ReconProblem, ReconResult
@@ -105,8 +105,13 @@ def check_coverage(kspace: KSpace, maps: torch.Tensor) -> None:
             )
 
 
-def prepare_problem(kspace: KSpace, maps: torch.Tensor, device: torch.device) -> ReconProblem:
-    """Move data to ``device`` and scale k-space so that the zero-filled image has max magnitude 1."""
+def prepare_problem(
+    kspace: KSpace, maps: torch.Tensor, device: torch.device, *, start: torch.Tensor | None = None
+) -> ReconProblem:
+    """Move data to ``device`` and scale k-space so that the zero-filled image has max magnitude 1.
+
+    ``start``: the preview image (units of the k-space) handed to the engine, scaled alike.
+    """
     from semrecon_core.physics.sense import SenseOp
 
     data = kspace.data.to(device, torch.complex64)
@@ -120,7 +125,8 @@ def prepare_problem(kspace: KSpace, maps: torch.Tensor, device: torch.device) ->
     scale = float(zero_filled.abs().max())
     if scale == 0.0:
         raise ValueError(f"{kspace.source or 'k-space'}: all sampled values are zero")
-    return ReconProblem(kspace=data / scale, mask=mask, maps=maps, scale=scale, device=device)
+    scaled_start = None if start is None else start.to(device, torch.complex64) / scale
+    return ReconProblem(kspace=data / scale, mask=mask, maps=maps, scale=scale, device=device, start=scaled_start)
 
 
 @dataclass
@@ -260,6 +266,7 @@ class Pipeline:
         self.device = resolve_device(self.config.device)
         self.estimate_maps_with = coil_maps
         self._prior = prior
+        self._previewer: Pipeline | None = None
         if semantic_prior_off(self.config):
             log.warning("semrecon: %s: the encoder is not loaded and the fit has no prior term", self.prior_off)
 
@@ -284,16 +291,25 @@ class Pipeline:
         return self.estimate_maps_with(kspace, self.config).to("cpu", torch.complex64)
 
     def run(
-        self, kspace: KSpace, *, maps: torch.Tensor | None = None, callback: Callback | None = None
+        self,
+        kspace: KSpace,
+        *,
+        maps: torch.Tensor | None = None,
+        callback: Callback | None = None,
+        start: torch.Tensor | None = None,
     ) -> Reconstruction:
-        """Reconstruct ``kspace`` (with precomputed ``maps`` when given); ``callback`` sees every iteration."""
+        """Reconstruct ``kspace`` (with precomputed ``maps`` when given); ``callback`` sees every iteration.
+
+        ``start``: the CG-SENSE preview of ``kspace`` already computed with these maps (complex ``(slices, y,
+        x)``), which an engine with ``start=preview`` starts from instead of computing it again.
+        """
         import time
 
         started = time.perf_counter()
         config = self.config
         maps = self.estimate_maps(kspace) if maps is None else maps
         torch.manual_seed(config.seed)
-        problem = prepare_problem(kspace, maps, self.device)
+        problem = prepare_problem(kspace, maps, self.device, start=start)
         engine = get_engine(config.backbone)
         log.info(
             "reconstructing %s with backbone=%s prior=%s on %s",
@@ -329,6 +345,151 @@ class Pipeline:
             seconds=time.perf_counter() - started,
             fit_seconds=fit_seconds,
         )
+
+    @property
+    def previewer(self) -> Pipeline:
+        """The CG-SENSE pipeline of the preview (:func:`~semrecon_core.config.preview_config` on this device)."""
+        if self._previewer is None:
+            self._previewer = Pipeline(preview_config(self.config).replace(device=self.config.device))
+        return self._previewer
+
+    def stream(
+        self,
+        kspace: KSpace,
+        *,
+        preview: bool = True,
+        maps: torch.Tensor | None = None,
+        callback: Callback | None = None,
+        name: str | None = None,
+    ) -> Iterator[Step]:
+        """The online recipe: the preview, then the final images, or a labelled fallback; never raises.
+
+        Coil maps are estimated once (or ``maps`` used). With ``preview`` and a backbone that is fitted (not
+        zero-filled, CG-SENSE or CS-TV) the CG-SENSE preview with those maps comes first (a :class:`Step` of
+        kind ``preview``); the fit (time budget ``time_budget_s``) receives it as its start image when it
+        starts there (``start=preview``). Then the final reconstruction (kind ``final``). When anything fails,
+        the error is logged and a step of kind ``fallback`` follows: the preview, relabelled, when there is
+        one, else the CPU CG-SENSE image (:func:`fallback_stream`), else the zero-filled root-sum-of-squares
+        image; its comment says ``FALLBACK ... (<backbone>+<prior> failed: <the error>)``. Every step carries
+        the seconds since the call (:attr:`Step.elapsed_s`). The gadget, ``semrecon serve`` (both protocols),
+        replay and ``benchmarks/bench_online.py`` all reconstruct through this generator.
+        """
+        import time
+
+        started = time.perf_counter()
+        name = name or kspace.source or "k-space"
+        failed = f"{self.config.backbone}+{self.config.prior} failed"
+        first: Reconstruction | None = None
+        try:
+            maps = self.estimate_maps(kspace) if maps is None else maps
+            if preview and not self.config.is_classical:
+                first = self.previewer.run(kspace, maps=maps)
+                log.info("semrecon: %s preview in %.1f s", name, time.perf_counter() - started)
+                yield Step("preview", kspace, first, f"semrecon preview {first.label}", time.perf_counter() - started)
+            start = first.result.image if first is not None and self.config.start == "preview" else None
+            final = self.run(kspace, maps=maps, callback=callback, start=start)
+            yield Step("final", kspace, final, None, time.perf_counter() - started)
+            return
+        except Exception as exc:  # any failure of one scan becomes a labelled fallback
+            reason = describe_error(exc, name)  # shortened for the image comment; the log gets all of it
+            whole = f"{type(exc).__name__}: {exc}"
+            log.error("semrecon: %s: %s: %s", name, failed, whole, exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            release_cuda_memory()
+        if first is not None:  # the preview is the CG-SENSE image the fallback would compute
+            comment = f"FALLBACK CG-SENSE ({failed}: {reason})"
+            yield Step("fallback", kspace, first, comment, time.perf_counter() - started, error=reason)
+            return
+        for step in fallback_stream(kspace, self.config, f"{failed}: {reason}", maps=maps, name=name):
+            yield replace(step, elapsed_s=time.perf_counter() - started)
+
+
+# Longest error text put into an image comment (scanner displays truncate long comments anyway).
+MAX_REASON = 160
+
+
+@dataclass
+class Step:
+    """One result of :meth:`Pipeline.stream`: a preview, the final reconstruction, or a labelled fallback.
+
+    Attributes:
+        kind: ``preview``, ``final`` or ``fallback``.
+        kspace: the scan.
+        reconstruction: what the images are made of (``None`` for the zero-filled RSS last resort).
+        comment: the ``GADGETRON_ImageComment`` (``None``: the reconstruction's own).
+        elapsed_s: seconds from the start of :meth:`Pipeline.stream` until this step was ready.
+        rss: the zero-filled root-sum-of-squares image of the last resort, else ``None``.
+        error: why the fit failed (fallbacks), else ``None``.
+    """
+
+    kind: str
+    kspace: KSpace
+    reconstruction: Reconstruction | None
+    comment: str | None
+    elapsed_s: float = 0.0
+    rss: torch.Tensor | None = None
+    error: str | None = None
+
+    @property
+    def role(self) -> str:
+        """The ``GADGETRON_DataRole``: ``Fallback`` for fallbacks, else ``Image``."""
+        return "Fallback" if self.kind == "fallback" else "Image"
+
+    def images(self, *, series_index: int) -> list[Any]:
+        """The step's ``ismrmrd.Image`` s in series ``series_index`` (image indices 1, 2, ... by slice)."""
+        if self.reconstruction is not None:
+            return self.reconstruction.images(series_index=series_index, comment=self.comment, role=self.role)
+        assert self.rss is not None
+        return build_images(
+            self.rss,
+            self.kspace,
+            config=ReconConfig(backbone="zero-filled", device="cpu"),
+            comment=self.comment or "FALLBACK zero-filled RSS",
+            role="Fallback",
+            series_index=series_index,
+        )
+
+
+def fallback_stream(
+    kspace: KSpace, config: ReconConfig, why: str, *, maps: torch.Tensor | None = None, name: str = ""
+) -> Iterator[Step]:
+    """The labelled fallback of a scan whose reconstruction failed (``why``): one :class:`Step`.
+
+    The CG-SENSE image on the CPU (so that it also survives GPU out-of-memory errors), labelled ``FALLBACK
+    CG-SENSE (<why>)``; when that fails too, the zero-filled root-sum-of-squares image labelled ``FALLBACK
+    zero-filled RSS (<why>; CG-SENSE: <its error>)``. Never zeros, never raises for the data.
+    """
+    try:
+        fallback = Pipeline(preview_config(config)).run(kspace, maps=maps)
+    except Exception as exc:  # noqa: BLE001 - the last resort below is labelled as well
+        second = describe_error(exc, name)
+        log.error("semrecon: CG-SENSE fallback for %s failed too: %s", name or kspace.source, second)
+        yield rss_fallback(kspace, f"FALLBACK zero-filled RSS ({why}; CG-SENSE: {second})", error=why)
+        return
+    yield Step("fallback", kspace, fallback, f"FALLBACK CG-SENSE ({why})", error=why)
+
+
+def rss_fallback(kspace: KSpace, comment: str, *, error: str | None = None) -> Step:
+    """The zero-filled root-sum-of-squares image of ``kspace`` (no coil maps) as a fallback step."""
+    from semrecon_core.physics.coils import rss
+    from semrecon_core.physics.fft import ifft2c
+
+    return Step("fallback", kspace, None, comment, rss=rss(ifft2c(kspace.data)), error=error)
+
+
+def describe_error(exc: BaseException, name: str = "") -> str:
+    """``Type: message`` on one line, without a leading ``name: `` the caller states already; shortened."""
+    message = str(exc)
+    if name and message.startswith(f"{name}: "):
+        message = message[len(name) + 2 :]
+    text = f"{type(exc).__name__}: {message}".replace("\n", " ")
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def release_cuda_memory() -> None:
+    """Return cached GPU memory after a scan (when CUDA is in use)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reconstruct(

@@ -28,6 +28,7 @@ from semrecon_core.gadgetron.properties import (  # noqa: E402
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 STREAM = [
     "NoiseAdjustGadget",
+    "AsymmetricEchoAdjustROGadget",
     "RemoveROOversamplingGadget",
     "AcquisitionAccumulateTriggerGadget",
     "BucketToBufferGadget",
@@ -57,9 +58,9 @@ def _chain(stream: str) -> str:
 def test_shipped_chains_parse_and_validate(name: str) -> None:
     chain = parse_chain(CONFIG / name)
     assert [node.classname for node in chain.nodes] == STREAM
-    trigger = chain.nodes[2].properties
+    trigger = chain.nodes[3].properties
     assert trigger["trigger_dimension"] == "repetition"
-    assert chain.nodes[3].properties["split_slices"] == "false"  # the volume in one buffer, like semrecon recon
+    assert chain.nodes[4].properties["split_slices"] == "false"  # the volume in one buffer, like semrecon recon
     settings = settings_from_configuration(chain.external.configuration)
     config = settings.config
     if name in ("semrecon_semantic.xml", "semrecon_connect.xml"):

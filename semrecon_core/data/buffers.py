@@ -10,6 +10,8 @@ The offline readers and the emulator use the same steps as a Gadgetron chain
   every later acquisition is prewhitened with the inverse Cholesky factor, scaled per acquisition by
   the dwell-time / receiver-bandwidth factor of Gadgetron's NoiseAdjustGadget (1 when either dwell
   time is 0). Noise scans are dropped.
+- :func:`asymmetric_echo_adjust`: partial-echo readouts are zero-padded in front to the encoded readout
+  length, their centre sample at its middle (AsymmetricEchoAdjustROGadget).
 - :func:`remove_ro_oversampling`: when the encoded readout FOV exceeds the recon FOV, FFT along the
   readout, keep the centre, inverse FFT (RemoveROOversamplingGadget).
 - :func:`accumulate_trigger`: collect acquisitions into buckets until a trigger dimension changes
@@ -19,7 +21,10 @@ The offline readers and the emulator use the same steps as a Gadgetron chain
   ``SamplingDescription``), ``ref`` holding the PARALLEL_CALIBRATION(_AND_IMAGING) lines and ``data``
   everything but pure calibration lines (BucketToBufferGadget).
 
-:func:`recon_data_from_acquisitions` runs the whole chain.
+:func:`recon_data_from_acquisitions` runs the whole chain; each step also exists for one acquisition at a time
+(:class:`NoiseAdjuster`, :func:`adjust_asymmetric_echo`, :func:`remove_oversampling`,
+:class:`TriggerAccumulator`), which :class:`~semrecon_core.data.readers.ScanAssembler` strings together for
+files and for the MRD server's streams alike.
 """
 
 from __future__ import annotations
@@ -165,30 +170,46 @@ def _without_discarded(acq: Any) -> Any:
     return ismrmrd.Acquisition(head, data, traj)
 
 
-def check_readout_lengths(heads: Iterable[Any], source: str) -> None:
-    """Refuse acquisitions whose readouts keep different numbers of samples, counted as the file stores them.
+class ReadoutLengths:
+    """Refuses acquisitions whose readouts keep different numbers of samples, counted as the file stores them.
 
-    ``heads`` are the acquisition headers in file order. Noise scans and the lines Gadgetron skips
-    (navigators, phase correction, ...) may differ; every other line must keep the same number of samples
-    once its ``discard_pre``/``discard_post`` are dropped. Checked before readout oversampling is removed, so
-    the message quotes the file's own numbers.
+    Noise scans and the lines Gadgetron skips (navigators, phase correction, ...) may differ; every other line
+    must keep the same number of samples once its ``discard_pre``/``discard_post`` are dropped, where a
+    readout shorter than the encoded one (``full``, a partial echo that :func:`adjust_asymmetric_echo`
+    zero-pads) counts as full: full-echo calibration lines go with partial-echo imaging lines. Checked before
+    readout oversampling is removed, so the message quotes the file's own numbers. Call :meth:`check` with
+    each header in stream order.
     """
-    first: tuple[int, int, int] | None = None  # (acquisition number, kept samples, stored samples)
-    for number, head in enumerate(heads):
+
+    def __init__(self, source: str, full: int = 0) -> None:
+        self.source = source
+        self.full = full
+        self.first: tuple[int, int, int] | None = None  # (acquisition number, kept samples, stored samples)
+
+    def check(self, number: int, head: Any) -> None:
+        """Check acquisition ``number``'s header ``head``; raises ``ValueError`` naming both acquisitions."""
         flags = int(head.flags)
         if flags & (1 << (FLAG_NOISE - 1)) or any(flags & (1 << (flag - 1)) for flag in _SKIPPED_FLAGS):
-            continue
+            return
         stored = int(head.number_of_samples)
         kept = stored - int(head.discard_pre) - int(head.discard_post)
-        if first is None:
-            first = (number, kept, stored)
-        elif kept != first[1]:
+        if self.first is None:
+            self.first = (number, kept, stored)
+        elif max(kept, self.full) != max(self.first[1], self.full):
             idx = head.idx
+            first = self.first
             raise ValueError(
-                f"{source}: inconsistent readout lengths: acquisition #{number} (line {idx.kspace_encode_step_1}, "
-                f"slice {idx.slice}, repetition {idx.repetition}) {_samples(kept, stored)}, "
-                f"acquisition #{first[0]} {_samples(first[1], first[2])}"
+                f"{self.source}: inconsistent readout lengths: acquisition #{number} (line "
+                f"{idx.kspace_encode_step_1}, slice {idx.slice}, repetition {idx.repetition}) "
+                f"{_samples(kept, stored)}, acquisition #{first[0]} {_samples(first[1], first[2])}"
             )
+
+
+def check_readout_lengths(heads: Iterable[Any], source: str, full: int = 0) -> None:
+    """:class:`ReadoutLengths` over ``heads`` (acquisition headers in file order)."""
+    lengths = ReadoutLengths(source, full)
+    for number, head in enumerate(heads):
+        lengths.check(number, head)
 
 
 def _samples(kept: int, stored: int) -> str:
@@ -278,54 +299,114 @@ def noise_prewhitener(
     return (scale * _inverse_noise_factor(noise)).astype(np.complex64)
 
 
+class NoiseAdjuster:
+    """NoiseAdjustGadget one acquisition at a time: :meth:`push` returns the prewhitened acquisition or ``None``.
+
+    Noise scans (``ACQ_IS_NOISE_MEASUREMENT``) are collected and consumed (``None``); every later acquisition
+    is prewhitened with their covariance, scaled by its own dwell time (:func:`noise_bandwidth_scale`, with the
+    header's ``relativeReceiverNoiseBandwidth``). Without noise scans acquisitions pass unchanged. Discard
+    samples are dropped first. Inputs are never modified.
+    """
+
+    def __init__(self, header: Any) -> None:
+        header = parse_header(header)
+        system = header.acquisitionSystemInformation
+        bandwidth = getattr(system, "relativeReceiverNoiseBandwidth", None) if system is not None else None
+        self.bandwidth = float(bandwidth) if bandwidth else DEFAULT_RECEIVER_NOISE_BANDWIDTH
+        self.noise: list[Any] = []
+        self.inverse: np.ndarray | None = None
+        self.noise_dwell = 0.0
+        self.whiteners: dict[float, np.ndarray] = {}
+
+    @property
+    def noise_scans(self) -> int:
+        """Noise acquisitions consumed so far."""
+        return len(self.noise)
+
+    def push(self, acq: Any) -> Any | None:
+        """The prewhitened ``acq``; ``None`` for a noise scan (kept for the covariance)."""
+        acq = _without_discarded(acq)
+        if _is(acq, FLAG_NOISE):
+            if self.inverse is not None:
+                raise ValueError(f"noise scan after imaging data ({_describe(acq)}); expected noise scans first")
+            self.noise.append(acq)
+            return None
+        if self.noise and self.inverse is None:
+            self.inverse = _inverse_noise_factor(self.noise)
+            self.noise_dwell = noise_dwell_time_us(self.noise)
+        if self.inverse is None:
+            return acq
+        if acq.active_channels != self.inverse.shape[0]:
+            raise ValueError(
+                f"inconsistent channel counts: {_describe(acq)} has {acq.active_channels} channels, "
+                f"the noise scan {self.inverse.shape[0]}"
+            )
+        dwell = _dwell_time_us(acq)
+        whitener = self.whiteners.get(dwell)
+        if whitener is None:
+            scale = noise_bandwidth_scale(dwell, self.noise_dwell, self.bandwidth)
+            whitener = self.whiteners[dwell] = (scale * self.inverse).astype(np.complex64)
+        # einsum, not BLAS: tiny per-line products are far slower through a multithreaded BLAS
+        return _with_data(acq, np.einsum("ij,jk->ik", whitener, acq.data))
+
+
 def noise_adjust(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
     """NoiseAdjustGadget: drop noise scans and prewhiten every following acquisition with them.
 
     The scale of each acquisition comes from its own dwell time (:func:`noise_bandwidth_scale`).
     Discard samples are dropped first. Without noise scans the acquisitions pass through unchanged.
-    Inputs are never modified.
+    Inputs are never modified (:class:`NoiseAdjuster`).
     """
-    header = parse_header(header)
-    system = header.acquisitionSystemInformation
-    bandwidth = getattr(system, "relativeReceiverNoiseBandwidth", None) if system is not None else None
-    bandwidth = float(bandwidth) if bandwidth else DEFAULT_RECEIVER_NOISE_BANDWIDTH
-    noise: list[Any] = []
-    inverse: np.ndarray | None = None
-    noise_dwell = 0.0
-    whiteners: dict[float, np.ndarray] = {}
+    adjuster = NoiseAdjuster(header)
+    for acq in acquisitions:
+        adjusted = adjuster.push(acq)
+        if adjusted is not None:
+            yield adjusted
+
+
+# ----------------------------------------------------------------------------------- asymmetric echo
+def full_readout(header: Any) -> int:
+    """The encoded readout length (``encodedSpace/matrixSize/x``, oversampled samples included)."""
+    return int(_encoding(parse_header(header)).encodedSpace.matrixSize.x)
+
+
+def adjust_asymmetric_echo(acq: Any, full: int) -> Any:
+    """AsymmetricEchoAdjustROGadget for one acquisition: a partial echo zero-padded to the ``full`` readout.
+
+    A readout shorter than ``full`` samples is placed so that its ``center_sample`` lands on ``full // 2``
+    (the missing early samples of a partial echo become zeros in front) and ``center_sample`` becomes
+    ``full // 2``; noise scans and full readouts pass unchanged. Inputs are never modified.
+    """
+    samples = int(acq.number_of_samples)
+    if samples >= full or _is(acq, FLAG_NOISE):
+        return acq
+    start = min(max(full // 2 - int(acq.center_sample), 0), full - samples)
+    padded = np.zeros((int(acq.active_channels), full), dtype=np.complex64)
+    padded[:, start : start + samples] = np.asarray(acq.data)
+    return _with_data(acq, padded, center_sample=full // 2)
+
+
+def asymmetric_echo_adjust(acquisitions: Iterable[Any], header: Any) -> Iterator[Any]:
+    """AsymmetricEchoAdjustROGadget: zero-pad partial-echo readouts to the encoded readout length.
+
+    Discard samples are dropped first (:func:`adjust_asymmetric_echo` for each acquisition).
+    """
+    full = full_readout(header)
     for acq in drop_discarded_samples(acquisitions):
-        if _is(acq, FLAG_NOISE):
-            if inverse is not None:
-                raise ValueError(f"noise scan after imaging data ({_describe(acq)}); expected noise scans first")
-            noise.append(acq)
-            continue
-        if noise and inverse is None:
-            inverse = _inverse_noise_factor(noise)
-            noise_dwell = noise_dwell_time_us(noise)
-        if inverse is None:
-            yield acq
-            continue
-        if acq.active_channels != inverse.shape[0]:
-            raise ValueError(
-                f"inconsistent channel counts: {_describe(acq)} has {acq.active_channels} channels, "
-                f"the noise scan {inverse.shape[0]}"
-            )
-        dwell = _dwell_time_us(acq)
-        whitener = whiteners.get(dwell)
-        if whitener is None:
-            scale = noise_bandwidth_scale(dwell, noise_dwell, bandwidth)
-            whitener = whiteners[dwell] = (scale * inverse).astype(np.complex64)
-        # einsum, not BLAS: tiny per-line products are far slower through a multithreaded BLAS
-        yield _with_data(acq, np.einsum("ij,jk->ik", whitener, acq.data))
+        yield adjust_asymmetric_echo(acq, full)
 
 
 # ---------------------------------------------------------------------------- readout oversampling
 def readout_oversampling(header: Any) -> float:
-    """Encoded / recon readout FOV ratio (> 1 when the readout is oversampled)."""
+    """Encoded / recon readout FOV ratio (> 1 when the readout is oversampled), as Gadgetron decides it.
+
+    The field of view decides, not the matrix sizes: a recon matrix as large as the encoded one (a scanner's
+    interpolation) does not make an oversampled readout any less oversampled.
+    """
     encoding = _encoding(parse_header(header))
     encoded = float(encoding.encodedSpace.fieldOfView_mm.x)
     recon = float(encoding.reconSpace.fieldOfView_mm.x)
-    if recon <= 0 or encoded <= recon * 1.01 or encoding.encodedSpace.matrixSize.x <= encoding.reconSpace.matrixSize.x:
+    if recon <= 0 or encoded <= recon * 1.01:
         return 1.0
     return encoded / recon
 
@@ -353,16 +434,20 @@ def remove_ro_oversampling(acquisitions: Iterable[Any], header: Any) -> Iterator
     """
     ratio = readout_oversampling(header)
     for acq in drop_discarded_samples(acquisitions):
-        if ratio == 1.0 or _is(acq, FLAG_NOISE):
-            yield acq
-            continue
-        samples = acq.number_of_samples
-        keep = int(round(samples / ratio))
-        yield _with_data(
-            acq,
-            crop_readout(np.asarray(acq.data), keep),
-            center_sample=int(round(acq.center_sample * keep / samples)),
-        )
+        yield remove_oversampling(acq, ratio)
+
+
+def remove_oversampling(acq: Any, ratio: float) -> Any:
+    """RemoveROOversamplingGadget for one acquisition: the central ``1 / ratio`` of its readout FOV."""
+    if ratio == 1.0 or _is(acq, FLAG_NOISE):
+        return acq
+    samples = acq.number_of_samples
+    keep = int(round(samples / ratio))
+    return _with_data(
+        acq,
+        crop_readout(np.asarray(acq.data), keep),
+        center_sample=int(round(acq.center_sample * keep / samples)),
+    )
 
 
 # ----------------------------------------------------------------------------------- accumulation
@@ -374,35 +459,86 @@ class Bucket:
     ref: list[Any] = field(default_factory=list)
 
 
+# ISMRMRD flag numbers of ACQ_LAST_IN_<dimension> and of ACQ_LAST_IN_MEASUREMENT
+_LAST_IN = {"average": 6, "slice": 8, "contrast": 10, "phase": 12, "repetition": 14, "set": 16, "segment": 18}
+FLAG_LAST_IN_MEASUREMENT = 25
+
+
+class TriggerAccumulator:
+    """AcquisitionAccumulateTriggerGadget one acquisition at a time: :meth:`push` returns the finished buckets.
+
+    A bucket ends when the ``trigger`` counter (``repetition``, ``slice``, ...; ``none``: only at the end)
+    changes, as in Gadgetron, and, with ``on_flags``, as soon as its last acquisition is in: an imaging line
+    flagged ``ACQ_LAST_IN_<trigger>`` or ``ACQ_LAST_IN_MEASUREMENT``, or (trigger ``repetition``, one contrast
+    and one average in the header's encoding limits) once every slice of the encoding limits has had its line
+    flagged ``ACQ_LAST_IN_SLICE``. :meth:`flush` returns what is left at the end of the stream.
+    PARALLEL_CALIBRATION lines go to ``ref``; CALIBRATION_AND_IMAGING lines to both; navigator,
+    phase-correction, feedback and dummy lines and noise scans are dropped.
+    """
+
+    def __init__(self, trigger: str = "repetition", *, header: Any = None, on_flags: bool = False) -> None:
+        if trigger != "none" and trigger not in _DIMENSIONS:
+            raise ValueError(f"trigger dimension: expected none or one of {', '.join(_DIMENSIONS)}, found {trigger!r}")
+        self.trigger = trigger
+        self.on_flags = on_flags
+        self.bucket = Bucket()
+        self.current: int | None = None
+        self.slices_done: set[int] = set()
+        self.slices = 0  # slices the volume needs for the all-slices rule; 0: that rule is off
+        if on_flags and trigger == "repetition" and header is not None:
+            limits = _encoding(parse_header(header)).encodingLimits
+            single = all(_limit(limits, name, (0, 0, 0))[2] == 0 for name in ("contrast", "average"))
+            self.slices = _limit(limits, "slice", (0, 0, 0))[2] + 1 if single else 0
+
+    def push(self, acq: Any) -> list[Bucket]:
+        """Add ``acq``; the buckets it finishes (none, one, or two when a counter change meets a last flag)."""
+        done: list[Bucket] = []
+        if _is(acq, FLAG_NOISE) or any(_is(acq, flag) for flag in _SKIPPED_FLAGS):
+            return done
+        if self.trigger != "none":
+            value = getattr(acq.idx, self.trigger)
+            if self.current is not None and value != self.current and (self.bucket.data or self.bucket.ref):
+                done.append(self._take())
+            self.current = value
+        if _is(acq, FLAG_PARALLEL_CALIBRATION):
+            self.bucket.ref.append(acq)
+            return done
+        if _is(acq, FLAG_PARALLEL_CALIBRATION_AND_IMAGING):
+            self.bucket.ref.append(acq)
+        self.bucket.data.append(acq)
+        if self.on_flags and self._last(acq):
+            done.append(self._take())
+        return done
+
+    def flush(self) -> list[Bucket]:
+        """The bucket still open at the end of the stream (if it holds anything)."""
+        return [self._take()] if self.bucket.data or self.bucket.ref else []
+
+    def _last(self, acq: Any) -> bool:
+        if _is(acq, FLAG_LAST_IN_MEASUREMENT) or (self.trigger in _LAST_IN and _is(acq, _LAST_IN[self.trigger])):
+            return True
+        if self.slices and _is(acq, _LAST_IN["slice"]):
+            self.slices_done.add(int(acq.idx.slice))
+            return self.slices_done >= set(range(self.slices))
+        return False
+
+    def _take(self) -> Bucket:
+        bucket, self.bucket = self.bucket, Bucket()
+        self.slices_done = set()
+        return bucket
+
+
 def accumulate_trigger(acquisitions: Iterable[Any], trigger: str = "repetition") -> Iterator[Bucket]:
     """AcquisitionAccumulateTriggerGadget: emit a bucket whenever the ``trigger`` index changes.
 
     ``trigger`` is an encoding counter name (``repetition``, ``slice``, ...) or ``none`` (one bucket at
     the end). PARALLEL_CALIBRATION lines go to ``ref``; CALIBRATION_AND_IMAGING lines to both;
-    navigator, phase-correction, feedback and dummy lines are dropped.
+    navigator, phase-correction, feedback and dummy lines are dropped (:class:`TriggerAccumulator`).
     """
-    if trigger != "none" and trigger not in _DIMENSIONS:
-        raise ValueError(f"trigger dimension: expected none or one of {', '.join(_DIMENSIONS)}, found {trigger!r}")
-    bucket = Bucket()
-    current: int | None = None
+    accumulator = TriggerAccumulator(trigger)
     for acq in acquisitions:
-        if _is(acq, FLAG_NOISE) or any(_is(acq, flag) for flag in _SKIPPED_FLAGS):
-            continue
-        if trigger != "none":
-            value = getattr(acq.idx, trigger)
-            if current is not None and value != current and (bucket.data or bucket.ref):
-                yield bucket
-                bucket = Bucket()
-            current = value
-        if _is(acq, FLAG_PARALLEL_CALIBRATION):
-            bucket.ref.append(acq)
-        elif _is(acq, FLAG_PARALLEL_CALIBRATION_AND_IMAGING):
-            bucket.ref.append(acq)
-            bucket.data.append(acq)
-        else:
-            bucket.data.append(acq)
-    if bucket.data or bucket.ref:
-        yield bucket
+        yield from accumulator.push(acq)
+    yield from accumulator.flush()
 
 
 # ------------------------------------------------------------------------------------- buffering
@@ -587,12 +723,13 @@ def recon_data_from_acquisitions(
     s_dimension: str = "",
     split_slices: bool = True,
 ) -> list[Any]:
-    """The whole chain NoiseAdjust → RemoveROOversampling → AccumulateTrigger → BucketToBuffer.
+    """The whole chain NoiseAdjust → AsymmetricEchoAdjustRO → RemoveROOversampling → AccumulateTrigger → BucketToBuffer.
 
     Discard samples are dropped first. Returns one ``ReconData`` per trigger.
     """
     header = check_header(header)
-    stream = remove_ro_oversampling(noise_adjust(drop_discarded_samples(acquisitions), header), header)
+    adjusted = asymmetric_echo_adjust(noise_adjust(drop_discarded_samples(acquisitions), header), header)
+    stream = remove_ro_oversampling(adjusted, header)
     return [
         bucket_to_buffer(bucket, header, n_dimension=n_dimension, s_dimension=s_dimension, split_slices=split_slices)
         for bucket in accumulate_trigger(stream, trigger)

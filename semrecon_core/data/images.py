@@ -202,12 +202,23 @@ class StagedOutputs:
 
 
 def crop_to_recon(image: torch.Tensor | np.ndarray, kspace: KSpace) -> torch.Tensor | np.ndarray:
-    """Centre-crop ``(..., y, x)`` to the recon matrix of ``kspace`` where the image is larger."""
-    recon_x, recon_y = kspace.geometry.recon_matrix[:2]
-    ny, nx = image.shape[-2:]
-    top = max((ny - recon_y) // 2, 0) if recon_y < ny else 0
-    left = max((nx - recon_x) // 2, 0) if recon_x < nx else 0
-    return image[..., top : top + min(recon_y, ny), left : left + min(recon_x, nx)]
+    """Centre-crop ``(..., y, x)`` to the recon field of view, then to the recon matrix where still larger.
+
+    As Gadgetron, the field of view decides first: the image spans the encoded FOV, so along each axis
+    only the central ``n · recon FOV / encoded FOV`` pixels lie inside the recon FOV (phase oversampling is
+    cropped even when the recon matrix is as large as the encoded one). Of those, at most the recon matrix
+    is kept (a recon matrix smaller at the same FOV). A recon matrix larger than what remains (a scanner's
+    interpolation) is not interpolated: the pixels keep their spacing and still span the recon FOV.
+    """
+    geometry = kspace.geometry
+    keep = []
+    for axis, size in ((1, image.shape[-2]), (0, image.shape[-1])):
+        encoded, recon = float(geometry.encoded_fov_mm[axis]), float(geometry.recon_fov_mm[axis])
+        inside = int(round(size * recon / encoded)) if 0 < recon < encoded * 0.99 else size
+        keep.append(max(1, min(inside, int(geometry.recon_matrix[axis]), size)))
+    (ny, nx), (ky, kx) = image.shape[-2:], keep
+    top, left = (ny - ky) // 2, (nx - kx) // 2
+    return image[..., top : top + ky, left : left + kx]
 
 
 def to_ismrmrd_images(

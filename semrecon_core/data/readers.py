@@ -436,26 +436,93 @@ def _ground_truth(file: Any, group: str, kspace: KSpace, path: Path) -> np.ndarr
     return None
 
 
-def _kspace_from_acquisitions(acquisitions: list[Any], xml: str, source: str, trigger: str) -> KSpace:
-    """Acquisitions → Gadgetron-equivalent buffers → one KSpace (every buffer entry a slice)."""
-    from semrecon_core.data.buffers import (
-        FLAG_NOISE,
-        check_readout_lengths,
-        parse_header,
-        readout_oversampling,
-        recon_data_from_acquisitions,
-    )
+class ScanAssembler:
+    """Raw acquisitions, one at a time, → one ``KSpace`` per volume as soon as the volume's last line is in.
 
-    check_readout_lengths((acq.getHead() for acq in acquisitions), source)
-    try:
-        header = parse_header(xml)
-        recon_data = recon_data_from_acquisitions(acquisitions, header, trigger=trigger)
-        parts = [from_recon_buffer(bit.data, bit.ref, xml, source=source) for item in recon_data for bit in item.bits]
-    except ValueError as exc:
-        raise ValueError(naming(source, exc)) from None
-    noise_scans = sum(1 for a in acquisitions if a.flags & (1 << (FLAG_NOISE - 1)))
-    kspace = concatenate(parts, source=source)
-    return replace(kspace, info={"noise_scans": noise_scans, "readout_oversampling": readout_oversampling(header)})
+    The one path from a raw ISMRMRD stream to ``KSpace``: files (:func:`read_ismrmrd`,
+    :func:`read_ismrmrd_stream`) push all their acquisitions, the MRD server (``semrecon serve --mrd``) pushes
+    them as they arrive. Each acquisition goes through the Gadgetron-equivalent steps of
+    :mod:`semrecon_core.data.buffers`: discard samples dropped, noise scans consumed for prewhitening
+    (dwell-time factor), a partial echo zero-padded to the encoded readout (AsymmetricEchoAdjustRO), the
+    readout oversampling removed by the encoded/recon FOV ratio, lines collected per ``trigger`` volume
+    (separate PARALLEL_CALIBRATION lines to the reference, CALIBRATION_AND_IMAGING lines to both). A volume
+    ends when its trigger counter changes, when a line is flagged ``ACQ_LAST_IN_<trigger>`` or
+    ``ACQ_LAST_IN_MEASUREMENT``, or when every slice has had its ``ACQ_LAST_IN_SLICE`` line
+    (:class:`~semrecon_core.data.buffers.TriggerAccumulator`); then every slice / contrast / average of it
+    becomes one entry of its ``KSpace`` (:func:`from_recon_buffer`, the constructor the gadget uses).
+    :meth:`finish` returns what the end of the stream completes.
+
+    Args:
+        header: the ISMRMRD XML header (text or parsed), checked here
+            (:func:`~semrecon_core.data.buffers.check_header`).
+        source: the name in messages and in the ``KSpace`` (a path, ``scan 3``).
+        trigger: the counter that separates volumes (``repetition``; ``none``: one volume at the end).
+
+    Errors are ``ValueError`` s naming ``source`` and the acquisition.
+    """
+
+    def __init__(self, header: Any, *, source: str = "stream", trigger: str = "repetition") -> None:
+        import ismrmrd
+
+        from semrecon_core.data import buffers
+
+        self.source = source
+        try:
+            self.header = buffers.check_header(header)
+            self.full = buffers.full_readout(self.header)
+            self.ratio = buffers.readout_oversampling(self.header)
+            self.accumulator = buffers.TriggerAccumulator(trigger, header=self.header, on_flags=True)
+        except ValueError as exc:
+            raise ValueError(naming(source, exc)) from None
+        self.xml = header.decode("utf-8") if isinstance(header, bytes) else header
+        if not isinstance(self.xml, str):
+            self.xml = ismrmrd.xsd.ToXML(self.header)
+        self.noise = buffers.NoiseAdjuster(self.header)
+        self.lengths = buffers.ReadoutLengths(source, self.full)
+        self.acquisitions = 0
+        self.volumes = 0
+
+    def push(self, acq: Any) -> list[KSpace]:
+        """Add one acquisition; the volumes it completes (usually none)."""
+        from semrecon_core.data import buffers
+
+        number = self.acquisitions
+        self.acquisitions += 1
+        self.lengths.check(number, acq.getHead())
+        _check_finite(np.asarray(acq.data), f"{self.source}: acquisition #{number}")
+        try:
+            adjusted = self.noise.push(acq)
+            if adjusted is None:
+                return []
+            adjusted = buffers.remove_oversampling(buffers.adjust_asymmetric_echo(adjusted, self.full), self.ratio)
+            return [self._volume(bucket) for bucket in self.accumulator.push(adjusted) if bucket.data]
+        except ValueError as exc:
+            raise ValueError(naming(self.source, exc)) from None
+
+    def finish(self) -> list[KSpace]:
+        """The volume the end of the stream completes (none when every volume has gone out already)."""
+        try:
+            return [self._volume(bucket) for bucket in self.accumulator.flush() if bucket.data]
+        except ValueError as exc:
+            raise ValueError(naming(self.source, exc)) from None
+
+    def _volume(self, bucket: Any) -> KSpace:
+        from semrecon_core.data.buffers import bucket_to_buffer
+
+        recon_data = bucket_to_buffer(bucket, self.header, split_slices=True)
+        parts = [from_recon_buffer(bit.data, bit.ref, self.xml, source=self.source) for bit in recon_data.bits]
+        self.volumes += 1
+        kspace = concatenate(parts, source=self.source)
+        return replace(kspace, info={"noise_scans": self.noise.noise_scans, "readout_oversampling": self.ratio})
+
+
+def _kspace_from_acquisitions(acquisitions: list[Any], xml: str, source: str, trigger: str) -> KSpace:
+    """Acquisitions → :class:`ScanAssembler` → one KSpace (every entry of every volume a slice)."""
+    assembler = ScanAssembler(xml, source=source, trigger=trigger)
+    volumes = [volume for acq in acquisitions for volume in assembler.push(acq)]
+    volumes += assembler.finish()
+    kspace = concatenate(volumes, source=source)
+    return replace(kspace, info=dict(volumes[-1].info))
 
 
 def read_ismrmrd(path: str | Path, *, dataset: str = "dataset", trigger: str = "repetition") -> KSpace:

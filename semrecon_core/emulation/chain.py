@@ -5,8 +5,8 @@
 into a :class:`Chain`. :func:`run_chain` runs it without Gadgetron: every C++ gadget the semrecon chains
 use is replaced by a faithful Python equivalent —
 
-- ``NoiseAdjustGadget``, ``RemoveROOversamplingGadget``, ``AcquisitionAccumulateTriggerGadget``,
-  ``BucketToBufferGadget``: :mod:`semrecon_core.data.buffers`;
+- ``NoiseAdjustGadget``, ``AsymmetricEchoAdjustROGadget``, ``RemoveROOversamplingGadget``,
+  ``AcquisitionAccumulateTriggerGadget``, ``BucketToBufferGadget``: :mod:`semrecon_core.data.buffers`;
 - ``AutoScaleGadget``, ``FloatToUShortGadget``, ``ImageFinishGadget``: this module;
 
 and an ``<external>`` node runs its Python target in this process through :class:`InProcessConnection`,
@@ -81,6 +81,7 @@ class Chain:
 # gadget class -> {property: default}; only these gadgets and properties are accepted.
 GADGETS: dict[str, dict[str, str]] = {
     "NoiseAdjustGadget": {},
+    "AsymmetricEchoAdjustROGadget": {},
     "RemoveROOversamplingGadget": {},
     "AcquisitionAccumulateTriggerGadget": {"trigger_dimension": "", "sorting_dimension": ""},
     "BucketToBufferGadget": {
@@ -548,6 +549,8 @@ def _buffer_stage(node: Node, header: Any, where: str) -> Stage:
     name = node.classname
     if name == "NoiseAdjustGadget":
         return lambda items: buffers.noise_adjust(items, header)
+    if name == "AsymmetricEchoAdjustROGadget":
+        return lambda items: buffers.asymmetric_echo_adjust(items, header)
     if name == "RemoveROOversamplingGadget":
         return lambda items: buffers.remove_ro_oversampling(items, header)
     if name == "AcquisitionAccumulateTriggerGadget":

@@ -29,6 +29,9 @@ class ReconProblem:
         scale: the factor the data were divided by (max of the zero-filled image magnitude).
         device: where the tensors live.
         first_slice: the index of the first slice in the scan (a sub-problem's place in its volume).
+        start: the CG-SENSE preview already computed for this scan (complex ``(slices, y, x)``, divided by
+            ``scale``, on ``device``), which an engine starting there (``start=preview``) uses instead of
+            computing it again; ``None``: not available.
     """
 
     kspace: torch.Tensor
@@ -37,6 +40,7 @@ class ReconProblem:
     scale: float
     device: torch.device
     first_slice: int = 0
+    start: torch.Tensor | None = None
 
     def select(self, part: slice) -> ReconProblem:
         """The sub-problem of the slices in ``part`` (same scale and device)."""
@@ -47,6 +51,7 @@ class ReconProblem:
             scale=self.scale,
             device=self.device,
             first_slice=self.first_slice + (part.start or 0),
+            start=None if self.start is None else self.start[part],
         )
 
 

@@ -92,10 +92,14 @@ def start_offset(
 
     ``start``: the gadget's preview (:func:`~semrecon_core.config.preview_config`, ``start=preview``) or the CS-TV
     image (:func:`~semrecon_core.config.cs_tv_config`, ``start=cs-tv``), here on the scaled data. It is computed
-    inside the fit's time budget.
+    inside the fit's time budget, unless the preview the pipeline has just sent comes with the problem
+    (``problem.start``, :meth:`~semrecon_core.pipeline.Pipeline.stream`): then that image is the start.
     """
-    classical = preview_config(config) if config.start == "preview" else cs_tv_config(config)
     with torch.no_grad():
-        image = sense(problem, classical.resolved(), prior=None, callback=None).image
+        if config.start == "preview" and problem.start is not None:
+            image = problem.start.to(problem.device, torch.complex64)
+        else:
+            classical = preview_config(config) if config.start == "preview" else cs_tv_config(config)
+            image = sense(problem, classical.resolved(), prior=None, callback=None).image
         with autocast(problem.device, config):
             return image - net(zero_filled)

@@ -18,16 +18,17 @@ CG-SENSE image goes out at once in its own series (``preview_series_index``, def
 comment ``semrecon preview ...``), before the fit starts; the fitted images follow in ``series_index`` with the
 iterations run and why the fit stopped in their comment. ``preview=false`` turns it off.
 
-Failure of one buffer never ends the scan and never yields silent zeros: the cause is logged and the
-buffer's preview goes out again in the main series or, without one, the buffer is reconstructed again by a
-CG-SENSE pipeline on the CPU (so that it also survives GPU out-of-memory errors), labelled ``FALLBACK CG-SENSE
-(...)``; if that fails too, or no ``KSpace`` can be built from the buffer, a zero-filled root-sum-of-squares
-image labelled ``FALLBACK zero-filled RSS (...)`` goes out. Fallback images carry
-``GADGETRON_DataRole=Fallback``. Settings this machine cannot satisfy (``device=cuda`` without CUDA:
-:func:`~semrecon_core.settings.check_machine`, checked once when the gadget is made) are logged as an ERROR and
-every buffer of the scan gets the CPU CG-SENSE fallback, labelled ``FALLBACK CG-SENSE (<backbone>+<prior> failed:
-MachineError: <the message>)``; no preview. (Gadgetron ends the whole stream when an external node sends ERROR, so
-per-buffer failures are reported through the log, which lands in Gadgetron's log, and in the image comment.)
+The order of preview, fit and fallback is the core's online recipe,
+:meth:`~semrecon_core.pipeline.Pipeline.stream`; the gadget only numbers and windows its images. Failure of one
+buffer never ends the scan and never yields silent zeros: the cause is logged and the buffer's preview goes
+out again in the main series or, without one, the CPU CG-SENSE image, else the zero-filled root-sum-of-squares
+image, labelled ``FALLBACK ... (<backbone>+<prior> failed: <the error>)`` with ``GADGETRON_DataRole=Fallback``
+(a buffer from which no ``KSpace`` can be built gets the RSS image). Settings this machine cannot satisfy
+(``device=cuda`` without CUDA: :func:`~semrecon_core.settings.check_machine`, checked once when the gadget is made)
+are logged as an ERROR and every buffer of the scan gets the CPU CG-SENSE fallback, labelled ``FALLBACK CG-SENSE
+(<backbone>+<prior> failed: MachineError: <the message>)``; no preview. (Gadgetron ends the whole stream when an
+external node sends ERROR, so per-buffer failures are reported through the log, which lands in Gadgetron's log,
+and in the image comment.)
 
 What ends the scan is reported to Gadgetron as an ERROR naming the cause before the connection closes:
 properties that do not validate (before the first buffer is read) and messages the gadget refuses
@@ -52,12 +53,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from semrecon_core.config import ConfigError, ReconConfig, preview_config
+from semrecon_core.config import ConfigError
 from semrecon_core.data.images import set_window
 from semrecon_core.data.kspace import KSpace
 from semrecon_core.gadgetron import compat
 from semrecon_core.gadgetron.properties import GadgetSettings, settings_from_configuration
-from semrecon_core.pipeline import Pipeline, build_images
+from semrecon_core.pipeline import Pipeline, describe_error, fallback_stream, rss_fallback
 from semrecon_core.settings import MachineError
 
 if TYPE_CHECKING:
@@ -94,17 +95,13 @@ class SemreconGadget:
         self.settings = settings
         self.header = header
         self.device_lock = device_lock
-        self.fallback = Pipeline(preview_config(settings.config))
         self.refused: MachineError | None = None
         self.pipeline: Pipeline | None = None
-        self.preview: Pipeline | None = None
         try:
             self.pipeline = Pipeline(settings.config, prior=prior)
         except MachineError as exc:  # settings this machine cannot satisfy: every buffer gets the fallback
             log.error("semrecon: %s; every buffer of this scan gets the labelled CG-SENSE fallback", exc)
             self.refused = exc
-        else:
-            self.preview = Pipeline(preview_config(settings.config).replace(device=settings.config.device))
         self._indices: defaultdict[int, Iterator[int]] = defaultdict(lambda: itertools.count(1))
         self._buffers = itertools.count(1)
 
@@ -156,69 +153,23 @@ class SemreconGadget:
 
         config = self.settings.config
         failed = f"{config.backbone}+{config.prior} failed"
-        series = self.settings.series_index
         try:
             kspace = from_recon_buffer(bit.data, bit.ref, self.header, source=name)
         except Exception as exc:  # noqa: BLE001 - a buffer the core refuses still gets a labelled image
-            reason = _describe(exc, name)
+            reason = describe_error(exc, name)
             log.error("semrecon: %s cannot be reconstructed: %s", name, reason)
-            yield from self._rss_images(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
+            step = rss_fallback(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
+            yield from step.images(series_index=self.settings.series_index)
             return
-        maps = preview = None
-        pipeline, previewer = self.pipeline, self.preview
-        if pipeline is None or previewer is None:  # refused on this machine (check_machine)
-            reason = _describe(self.refused or MachineError("no pipeline"))
+        if self.pipeline is None:  # refused on this machine (check_machine)
+            reason = describe_error(self.refused or MachineError("no pipeline"))
             log.error("semrecon: %s: %s: %s", name, failed, reason)
-            yield from self._fallback_images(kspace, None, f"{failed}: {reason}", name)
-            return
-        try:
-            maps = pipeline.estimate_maps(kspace)
-            if self.settings.sends_preview:
-                started = time.perf_counter()
-                preview = previewer.run(kspace, maps=maps)
-                log.info("semrecon: %s preview in %.1f s", name, time.perf_counter() - started)
-                yield from preview.images(
-                    series_index=self.settings.preview_series, comment=f"semrecon preview {preview.label}"
-                )
-            yield from pipeline.run(kspace, maps=maps).images(series_index=series)
-            return
-        except Exception as exc:  # any failure of one buffer becomes a labelled fallback
-            reason = _describe(exc, name)  # shortened for the image comment; the log gets all of it
-            whole = f"{type(exc).__name__}: {exc}"
-            log.error("semrecon: %s: %s: %s", name, failed, whole, exc_info=log.isEnabledFor(logging.DEBUG))
-        finally:
-            _release_cuda_memory()
-        if preview is not None:  # the preview is the CG-SENSE image the fallback would compute
-            comment = f"FALLBACK CG-SENSE ({failed}: {reason})"
-            yield from preview.images(series_index=series, comment=comment, role="Fallback")
-            return
-        yield from self._fallback_images(kspace, maps, f"{failed}: {reason}", name)
-
-    def _fallback_images(self, kspace: KSpace, maps: torch.Tensor | None, why: str, name: str) -> Iterator[Any]:
-        """The CPU CG-SENSE images of ``kspace`` labelled ``FALLBACK CG-SENSE (<why>)``; else labelled RSS images."""
-        try:
-            fallback = self.fallback.run(kspace, maps=maps)
-        except Exception as exc:  # noqa: BLE001 - the last resort below is labelled as well
-            second = _describe(exc, name)
-            log.error("semrecon: CG-SENSE fallback for %s failed too: %s", name, second)
-            yield from self._rss_images(kspace, f"FALLBACK zero-filled RSS ({why}; CG-SENSE: {second})")
-            return
-        comment = f"FALLBACK CG-SENSE ({why})"
-        yield from fallback.images(series_index=self.settings.series_index, comment=comment, role="Fallback")
-
-    def _rss_images(self, kspace: KSpace, comment: str) -> list[Any]:
-        """Zero-filled root-sum-of-squares images of ``kspace`` (no coil maps), labelled as a fallback."""
-        from semrecon_core.physics.coils import rss
-        from semrecon_core.physics.fft import ifft2c
-
-        return build_images(
-            rss(ifft2c(kspace.data)),
-            kspace,
-            config=ReconConfig(backbone="zero-filled", device="cpu"),
-            comment=comment,
-            role="Fallback",
-            series_index=self.settings.series_index,
-        )
+            steps = fallback_stream(kspace, config, f"{failed}: {reason}", name=name)
+        else:
+            steps = self.pipeline.stream(kspace, preview=self.settings.preview, name=name)
+        for step in steps:
+            series = self.settings.preview_series if step.kind == "preview" else self.settings.series_index
+            yield from step.images(series_index=series)
 
 
 def _raw_kspace(bit: Any, source: str) -> KSpace:
@@ -306,21 +257,3 @@ def _report(connection: Any, text: str) -> None:
     sock = getattr(getattr(connection, "socket", None), "socket", None)
     if isinstance(sock, socket.socket):
         compat.send_error(sock, text)
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def _release_cuda_memory() -> None:
-    """Return cached GPU memory after a buffer (when CUDA is in use)."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _describe(exc: BaseException, name: str = "") -> str:
-    """``Type: message`` on one line, without a leading ``name: `` the caller states already; shortened."""
-    message = str(exc)
-    if name and message.startswith(f"{name}: "):
-        message = message[len(name) + 2 :]
-    text = f"{type(exc).__name__}: {message}".replace("\n", " ")
-    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
