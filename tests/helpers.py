@@ -234,3 +234,83 @@ def brain_scan(shared_data: Path) -> KSpace:
         calibration=full[:, :, start : start + 24, :].contiguous(),
         geometry=Geometry((230, 180, 1), (230, 180, 1), (230.0, 180.0, 5.0), (230.0, 180.0, 5.0)),
     )
+
+
+READER_METHODS = ("unet/semantic", "unet/tv")
+"""The two methods of the reader-study tests' kits."""
+
+
+def reader_study_inputs(folder: Path, *, cases: int = 3, size: tuple[int, int] = (40, 48)) -> dict[str, list[Path]]:
+    """``.npy`` magnitude images of :data:`READER_METHODS` on ``cases`` cases, with tell-tale file names.
+
+    The semantic method's image is the TV one with finer texture, so each case's two images look alike (the
+    shared window hides no scale difference) while their pixels differ.
+    """
+    import numpy as np
+
+    yy, xx = np.mgrid[-1 : 1 : size[0] * 1j, -1 : 1 : size[1] * 1j]
+    files: dict[str, list[Path]] = {method: [] for method in READER_METHODS}
+    for case in range(cases):
+        rng = np.random.default_rng(case)
+        body = ((xx / 0.8) ** 2 + (yy / 0.7) ** 2 < 1) * (0.5 + 0.1 * case) + 0.4 * (np.hypot(xx - 0.2, yy) < 0.3)
+        for method, texture in zip(READER_METHODS, (0.05, 0.15), strict=True):
+            image = (body + texture * rng.random(size)).astype(np.float32)
+            path = folder / f"patient_doe_{method.replace('/', '_')}_case{case}.npy"
+            np.save(path, image)
+            files[method].append(path)
+    return files
+
+
+def planned_score(reader: str, method: str, case: str, criterion: str) -> int:
+    """The 1–5 score the reader-study tests give: semantic mostly above TV, readers and criteria differing."""
+    base = 4 if method.endswith("semantic") else 2
+    spread = (sum(map(ord, reader + case + criterion)) % 3) - 1  # -1, 0 or 1
+    return min(5, max(1, base + spread))
+
+
+def hand_reader_analysis(rows: list[tuple[str, str, str, str, int]]) -> dict[tuple[str, ...], float]:
+    """The reader-study numbers computed by hand from ``(reader, method, case, criterion, score)`` rows.
+
+    Keys: ``("mean" | "sd", criterion, method)``, ``("p", criterion)`` (scipy's Wilcoxon of semantic vs TV, paired
+    by reader and case) and ``("kappa", criterion, reader_a, reader_b)`` (quadratic-weighted κ from its definition:
+    1 − Σ w·observed / Σ w·expected with w = (i − j)², all criteria pooled under ``"all"``).
+    """
+    import itertools
+    import statistics
+
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    out: dict[tuple[str, ...], float] = {}
+    criteria = sorted({r[3] for r in rows})
+    readers = sorted({r[0] for r in rows})
+    score = {(r, m, c, k): s for r, m, c, k, s in rows}
+    for criterion in criteria:
+        for method in READER_METHODS:
+            values = [s for (_, m, _, k), s in score.items() if m == method and k == criterion]
+            out[("mean", criterion, method)] = statistics.mean(values)
+            out[("sd", criterion, method)] = statistics.stdev(values)
+        units = sorted({(r, c) for (r, m, c, k) in score if k == criterion})
+        semantic = [score[(r, READER_METHODS[0], c, criterion)] for r, c in units]
+        tv = [score[(r, READER_METHODS[1], c, criterion)] for r, c in units]
+        out[("p", criterion)] = float(wilcoxon(semantic, tv).pvalue)
+
+    def kappa(a: list[int], b: list[int]) -> float:
+        observed = np.zeros((5, 5))
+        for x, y in zip(a, b, strict=True):
+            observed[x - 1, y - 1] += 1
+        expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+        weights = np.subtract.outer(np.arange(5), np.arange(5)) ** 2
+        return float(1 - (weights * observed).sum() / (weights * expected).sum())
+
+    for first, second in itertools.combinations(readers, 2):
+        pooled: tuple[list[int], list[int]] = ([], [])
+        for criterion in criteria:
+            keys = sorted((m, c) for (r, m, c, k) in score if r == first and k == criterion)
+            a = [score[(first, m, c, criterion)] for m, c in keys]
+            b = [score[(second, m, c, criterion)] for m, c in keys]
+            out[("kappa", criterion, first, second)] = kappa(a, b)
+            pooled[0].extend(a)
+            pooled[1].extend(b)
+        out[("kappa", "all", first, second)] = kappa(*pooled)
+    return out

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("semrecon_core.commands.replay", "run a Gadgetron chain offline on an ISMRMRD file"),
     "serve": ("semrecon_core.commands.serve", "serve <connect> Gadgetron chains with the model kept loaded"),
     "study": ("semrecon_core.commands.study", "the paper's Table-1 study over a set of cases (resumable, Ray)"),
+    "readers": ("semrecon_core.commands.readers", "blinded reader study in the browser: export, serve, analyze"),
 }
 
 
