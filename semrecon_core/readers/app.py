@@ -179,6 +179,8 @@ def serve(
         server = make_server(host, port, app, threaded=True)
     except OSError as exc:
         raise OSError(f"--host {host} --port {port}: cannot listen: {exc}") from None
+    if not log.isEnabledFor(logging.INFO):  # werkzeug logs every request line, tokens included, at INFO
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
     shown = f"[{host}]" if ":" in host else host
     for name, token in tokens.items():
         position, screens = reader_position(kit, store, name)
