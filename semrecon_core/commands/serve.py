@@ -1,4 +1,9 @@
-"""``semrecon serve``: serve Gadgetron ``<connect>`` chains with the model kept loaded between scans.
+"""``semrecon serve``: serve Gadgetron ``<connect>`` chains, or MRD clients (``--mrd``), with the model kept loaded.
+
+With ``--mrd`` the server is an MRD App (:mod:`semrecon_core.mrd.server`, port 9002 by default): clients stream raw
+acquisitions and name a chain by its stem (CONFIG_FILE: ``semrecon_cgsense``, ``semrecon_tv``,
+``semrecon_semantic``, or one in ``--chains DIR``) and settings as JSON (CONFIG_TEXT); ``--config`` is then the
+chain of scans that name none. Everything below holds for both protocols (errors go to MRD clients as TEXT).
 
 Runs a :class:`~semrecon_core.gadgetron.serve.GadgetServer` on 127.0.0.1 (by default) until SIGINT /
 SIGTERM or ``--max-scans``. Each connection is served in its own thread (at most ``--max-connections``
@@ -30,13 +35,30 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``semrecon serve`` options."""
-    parser.add_argument("--port", type=int, help="TCP port (default: the <connect port> of --config; 0: any free)")
+    parser.add_argument(
+        "--mrd",
+        action="store_true",
+        help="serve the MRD streaming protocol (an MRD App: raw acquisitions in, images out; default port 9002) "
+        "instead of Gadgetron <connect> chains",
+    )
+    parser.add_argument(
+        "--chains",
+        type=Path,
+        metavar="DIR",
+        help="--mrd: further chains a client's CONFIG_FILE may name by file stem (besides the shipped ones)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="TCP port (default: the <connect port> of --config; 9002 with --mrd; 0: any free)",
+    )
     parser.add_argument("--host", default=LOOPBACK, help="address to bind (default 127.0.0.1, loopback only)")
     parser.add_argument(
         "--config",
         type=Path,
         metavar="CHAIN.xml",
-        help="chain whose <external> <configuration> gives the base properties",
+        help="chain whose <external> <configuration> gives the base properties (--mrd: the chain of a scan "
+        "whose client names none; default semrecon_cgsense)",
     )
     parser.add_argument(
         "--set",
@@ -93,7 +115,13 @@ def run(args: argparse.Namespace) -> int:
 
     properties: dict[str, str] = {}
     port = args.port
-    if args.config is not None:
+    if args.mrd:
+        from semrecon_core.mrd.server import DEFAULT_CHAIN, DEFAULT_PORT
+
+        port = DEFAULT_PORT if port is None else port
+    elif args.chains is not None:
+        raise ValueError("--chains: only with --mrd (a Gadgetron chain names its own configuration)")
+    if args.config is not None and not args.mrd:
         properties, chain_port = _chain_properties(args.config)
         port = chain_port if port is None else port
     if port is None:
@@ -108,14 +136,28 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-connections: expected at least 1, found {args.max_connections}")
     if args.host not in (LOOPBACK, "localhost", "::1"):
         log.warning("semrecon serve: listening on %s exposes the reconstruction server beyond this machine", args.host)
-    server = GadgetServer(
-        args.host,
-        port,
-        properties=properties,
-        overrides=parse_assignments(args.set),
-        idle_timeout=args.idle_timeout,
-        max_connections=args.max_connections,
-    )
+    server: GadgetServer
+    if args.mrd:
+        from semrecon_core.mrd.server import MRDServer
+
+        server = MRDServer(
+            args.host,
+            port,
+            chains=args.chains,
+            default_chain=str(args.config) if args.config is not None else DEFAULT_CHAIN,
+            overrides=parse_assignments(args.set),
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+        )
+    else:
+        server = GadgetServer(
+            args.host,
+            port,
+            properties=properties,
+            overrides=parse_assignments(args.set),
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+        )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

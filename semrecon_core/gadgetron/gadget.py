@@ -117,9 +117,19 @@ class SemreconGadget:
 
     def process_bit(self, bit: Any, *, name: str = "buffer") -> Iterator[Any]:
         """Images for one ``ReconBit``, numbered on per series; labelled fallbacks instead of errors."""
-        for image in self._images_of(bit, name):
-            image.image_index = next(self._indices[int(image.image_series_index)])
-            set_window(image, self.settings.display)
+        return self._numbered(self._images_of(bit, name))
+
+    def process_kspace(self, kspace: KSpace, *, name: str = "volume") -> Iterator[Any]:
+        """Images for one ``KSpace`` (a volume the MRD server assembled), numbered on per series as the buffers'."""
+        return self._numbered(self._kspace_images(kspace, name))
+
+    def locked(self, images: Iterator[Any]) -> Iterator[Any]:
+        """``images`` computed under the device lock, which is released while each one is sent."""
+        while True:
+            with self.device_lock or contextlib.nullcontext():
+                image = next(images, None)
+            if image is None:
+                return
             yield image
 
     def handle(self, connection: Any) -> None:
@@ -131,7 +141,7 @@ class SemreconGadget:
         for item in connection:
             if isinstance(item, ReconData):
                 buffers += 1
-                for image in self._locked(self.stream(item)):
+                for image in self.locked(self.stream(item)):
                     connection.send(image)
             else:
                 connection.send(item)
@@ -139,13 +149,10 @@ class SemreconGadget:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _locked(self, images: Iterator[Any]) -> Iterator[Any]:
-        """``images`` computed under the device lock, which is released while each one is sent."""
-        while True:
-            with self.device_lock or contextlib.nullcontext():
-                image = next(images, None)
-            if image is None:
-                return
+    def _numbered(self, images: Iterator[Any]) -> Iterator[Any]:
+        for image in images:
+            image.image_index = next(self._indices[int(image.image_series_index)])
+            set_window(image, self.settings.display)
             yield image
 
     def _images_of(self, bit: Any, name: str) -> Iterator[Any]:
@@ -161,6 +168,11 @@ class SemreconGadget:
             step = rss_fallback(_raw_kspace(bit, name), f"FALLBACK zero-filled RSS ({failed}: {reason})")
             yield from step.images(series_index=self.settings.series_index)
             return
+        yield from self._kspace_images(kspace, name)
+
+    def _kspace_images(self, kspace: KSpace, name: str) -> Iterator[Any]:
+        config = self.settings.config
+        failed = f"{config.backbone}+{config.prior} failed"
         if self.pipeline is None:  # refused on this machine (check_machine)
             reason = describe_error(self.refused or MachineError("no pipeline"))
             log.error("semrecon: %s: %s: %s", name, failed, reason)

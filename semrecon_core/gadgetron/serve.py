@@ -229,12 +229,17 @@ class GadgetServer:
         self._close_later(session.sock, f"semrecon serve: {session.name}: {_STOPPING} before the scan started")
         return False
 
-    def _close_later(self, sock: socket.socket, text: str) -> None:
-        """Send ERROR ``text`` and close ``sock`` in a thread of its own (joined by :meth:`_shut_down`)."""
+    @staticmethod
+    def send_error(sock: socket.socket, text: str, *, linger: float = _CLOSE_LINGER_S) -> bool:
+        """Report ``text`` to the client in this server's protocol (Gadgetron: ERROR, CLOSE), then close ``sock``."""
         from semrecon_core.gadgetron import compat
 
+        return compat.send_error(sock, text, linger=linger)
+
+    def _close_later(self, sock: socket.socket, text: str) -> None:
+        """Send ERROR ``text`` and close ``sock`` in a thread of its own (joined by :meth:`_shut_down`)."""
         closer = threading.Thread(
-            target=compat.send_error, args=(sock, text), kwargs={"linger": _CLOSE_LINGER_S}, daemon=True
+            target=self.send_error, args=(sock, text), kwargs={"linger": _CLOSE_LINGER_S}, daemon=True
         )
         closer.start()
         self._closers.append(closer)
@@ -259,7 +264,7 @@ class GadgetServer:
                 f"semrecon serve: {self.max_connections} scans are in progress, the most this server serves at "
                 "once (--max-connections); try again when one has finished"
             )
-            threading.Thread(target=_refuse, args=(sock, text), daemon=True).start()
+            threading.Thread(target=self.send_error, args=(sock, text), daemon=True).start()
             return
         log.warning("semrecon serve: %s from %s:%d", session.name, *peer[:2])
         session.thread.start()
@@ -303,7 +308,7 @@ class GadgetServer:
 
         from semrecon_core.gadgetron import compat
 
-        _set_kernel_timeouts(sock, self.handshake_timeout)
+        set_kernel_timeouts(sock, self.handshake_timeout)
         start = time.perf_counter()
         try:
             connection = Connection(sock)
@@ -316,7 +321,7 @@ class GadgetServer:
             log.error("semrecon serve: %s: no CONFIG/HEADER from Gadgetron (%s)", name, reason)
             sock.close()
             return
-        _set_kernel_timeouts(sock, self.idle_timeout)
+        set_kernel_timeouts(sock, self.idle_timeout)
         session = session or _Session(name, sock)
         with session.lock:
             if session.stopped:  # the server stopped during the handshake and closes the socket
@@ -403,13 +408,7 @@ def _report(session: _Session, text: str) -> None:
     compat.send_error(session.sock, text)
 
 
-def _refuse(sock: socket.socket, text: str) -> None:
-    from semrecon_core.gadgetron import compat
-
-    compat.send_error(sock, text)
-
-
-def _set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     """Receive/send timeouts in the kernel: they survive gadgetron's ``settimeout(None)``."""
     whole = int(seconds)
     value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
