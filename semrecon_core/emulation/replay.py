@@ -90,7 +90,7 @@ def read_raw(path: str | Path, group: str = "dataset") -> tuple[str, Iterator[An
     import h5py
     import ismrmrd
 
-    from semrecon_core.data.buffers import check_header, check_readout_lengths
+    from semrecon_core.data.buffers import check_header, check_readout_lengths, full_readout
     from semrecon_core.data.readers import check_acquisition_rows, naming
 
     path = Path(path)
@@ -119,8 +119,8 @@ def read_raw(path: str | Path, group: str = "dataset") -> tuple[str, Iterator[An
     text = header.decode("utf-8") if isinstance(header, bytes) else str(header)
     try:
         heads = [ismrmrd.AcquisitionHeader.from_buffer_copy(head) for head in rows.fields("head")[:]]
-        check_header(text, channels=int(heads[0].active_channels))
-        check_readout_lengths(heads, str(path))
+        parsed = check_header(text, channels=int(heads[0].active_channels))
+        check_readout_lengths(heads, str(path), full_readout(parsed))  # partial echoes count as full
     except (ValueError, OSError) as exc:
         file.close()
         raise ValueError(naming(str(path), exc)) from None
