@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,8 +49,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9002
-#: the chains that ship with semrecon (``config/`` next to the package)
-SHIPPED_CHAINS = Path(semrecon_core.__file__).resolve().parent.parent / "config"
+#: the chains that ship with semrecon: ``config/`` next to the package (a checkout), else where the CMake
+#: installation puts them (``<prefix>/share/gadgetron/config``)
+SHIPPED_CHAINS = next(
+    (
+        folder
+        for folder in (
+            Path(semrecon_core.__file__).resolve().parent.parent / "config",
+            Path(sys.prefix) / "share" / "gadgetron" / "config",
+        )
+        if (folder / "semrecon_cgsense.xml").is_file()
+    ),
+    Path(semrecon_core.__file__).resolve().parent.parent / "config",
+)
 DEFAULT_CHAIN = "semrecon_cgsense"
 
 
