@@ -208,8 +208,8 @@ class Curve:
 def online_run(
     kspace: Any, settings: Any, reference: np.ndarray, *, overrides: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Maps, preview, fit as the gadget runs them; times from the clock start (= the last acquisition in)."""
-    from semrecon_core.config import preview_config
+    """Maps, preview, fit as the gadget runs them (``Pipeline.stream``); times from the clock start (= the last
+    acquisition in). The maps are estimated first, separately timed, and handed to the stream."""
     from semrecon_core.pipeline import Pipeline, prepare_problem
 
     config = settings.config if not overrides else settings.config.replace(**overrides)
@@ -220,19 +220,19 @@ def online_run(
     load_seconds = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    preview_pipeline = Pipeline(preview_config(config).replace(device=config.device))
     started = time.perf_counter()
     maps = pipeline.estimate_maps(kspace)
     maps_at = time.perf_counter() - started
-    preview = preview_pipeline.run(kspace, maps=maps)
-    preview.images(series_index=settings.preview_series, comment=f"semrecon preview {preview.label}")
-    preview_at = time.perf_counter() - started
     scale = prepare_problem(kspace, maps, torch.device("cpu")).scale
     support = maps.abs().square().sum(dim=1) > 0
     curve = Curve(reference, scale, support, started)
-    recon = pipeline.run(kspace, maps=maps, callback=curve)
-    recon.images(series_index=settings.series_index)
-    last_at = time.perf_counter() - started
+    done: dict[str, tuple[Any, float]] = {}
+    for step in pipeline.stream(kspace, maps=maps, callback=curve, name="bench_online"):
+        step.images(series_index=settings.preview_series if step.kind == "preview" else settings.series_index)
+        done[step.kind] = (step.reconstruction, time.perf_counter() - started)
+    if "fallback" in done or "preview" not in done:
+        raise RuntimeError(f"bench_online: the online recipe did not fit ({sorted(done)}); see the log")
+    (preview, preview_at), (recon, last_at) = done["preview"], done["final"]
     preview_image = preview.cropped().abs().numpy()
     image = recon.cropped().abs().numpy()
     fits = recon.result.info.get("fits", [])
