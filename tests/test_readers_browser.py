@@ -35,7 +35,7 @@ selenium = pytest.importorskip("selenium", reason="needs selenium (pip install '
 pytest.importorskip("flask")
 
 CRITERIA = ("artifacts", "sharpness", "confidence", "quality")
-LEAKS = (b"unet", b"semantic", b"patient", b"doe", b".npy", b"case 1")
+LEAKS = (b"unet", b"semantic", b"patient", b"doe_", b".npy", b"case 1")
 
 
 class Server:
@@ -160,3 +160,29 @@ def test_two_readers_score_with_the_keyboard_across_a_server_restart(browser, tm
         assert test["p"] == pytest.approx(hand[("p", test["criterion"])])
     for row in document["kappa"]:
         assert row["kappa"] == pytest.approx(hand[("kappa", row["criterion"], *row["readers"])])
+
+
+def test_side_by_side_screens_are_scored_panel_by_panel(browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from semrecon_core.readers.store import ScoreStore
+
+    inputs = reader_study_inputs(tmp_path, cases=1)
+    kit = tmp_path / "kit"
+    methods = [f"--method={m}={','.join(map(str, files))}" for m, files in inputs.items()]
+    assert cli.main(["readers", "export", *methods, "--out", str(kit), "--layout", "side-by-side"]) == 0
+    server = Server(kit)
+    try:
+        browser.get(server.urls["A"])
+        _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".view canvas[data-image]")) == 2)
+        assert browser.find_element(By.ID, "progress").text == "1 of 1"
+        images = [c.get_attribute("data-image") for c in browser.find_elements(By.CSS_SELECTOR, ".view canvas")]
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys("1234" + "5432" + Keys.ENTER)  # left panel's four criteria, then the right one's
+        _wait(browser, lambda d: d.find_elements(By.ID, "done"))
+    finally:
+        server.kill()
+    stored = {(s.image, s.criterion): s.score for s in ScoreStore(kit / "scores.sqlite").scores()}
+    assert [stored[(images[0], c)] for c in CRITERIA] == [1, 2, 3, 4]
+    assert [stored[(images[1], c)] for c in CRITERIA] == [5, 4, 3, 2]
