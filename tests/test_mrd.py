@@ -288,3 +288,21 @@ def _psnr(image: np.ndarray, truth: np.ndarray) -> float:
     scale = float((image * truth).sum() / (image * image).sum())
     error = float(np.mean((scale * image - truth) ** 2))
     return 10 * np.log10(float(truth.max()) ** 2 / error)
+
+
+def test_dicom_output_of_each_finished_scan(raw: Path, tmp_path: Path) -> None:
+    """``--dicom DIR``: the images a scan was sent are also written as one DICOM series per image series."""
+    pydicom = pytest.importorskip("pydicom")
+    mrd = MRDServer(port=0, idle_timeout=5.0, handshake_timeout=5.0, dicom=tmp_path / "dicom")
+    stop = threading.Event()
+    thread = threading.Thread(target=mrd.serve_forever, args=(stop,), kwargs={"max_scans": 1}, daemon=True)
+    thread.start()
+    header, acqs = acquisitions(raw)
+    replies = stream(mrd.address[1], [ConfigText(json.dumps(FAST)), header, *acqs])
+    thread.join(30)
+    mrd.close()
+    assert len(images(replies)) == 3
+    (folder,) = (tmp_path / "dicom").iterdir()
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) == 3
+    assert [int(pydicom.dcmread(f).InstanceNumber) for f in files] == [1, 2, 3]

@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--mrd: further chains a client's CONFIG_FILE may name by file stem (besides the shipped ones)",
     )
     parser.add_argument(
+        "--dicom",
+        type=Path,
+        metavar="DIR",
+        help="--mrd: also write each finished scan's images as DICOM series into DIR/<date>-<time>-scan<N>/",
+    )
+    parser.add_argument(
         "--port",
         type=int,
         help="TCP port (default: the <connect port> of --config; 9002 with --mrd; 0: any free)",
@@ -119,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
         from semrecon_core.mrd.server import DEFAULT_CHAIN, DEFAULT_PORT
 
         port = DEFAULT_PORT if port is None else port
-    elif args.chains is not None:
-        raise ValueError("--chains: only with --mrd (a Gadgetron chain names its own configuration)")
+    elif args.chains is not None or args.dicom is not None:
+        option = "--chains" if args.chains is not None else "--dicom"
+        raise ValueError(f"{option}: only with --mrd (Gadgetron writes its own outputs)")
     if args.config is not None and not args.mrd:
         properties, chain_port = _chain_properties(args.config)
         port = chain_port if port is None else port
@@ -148,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             overrides=parse_assignments(args.set),
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
+            dicom=args.dicom,
         )
     else:
         server = GadgetServer(

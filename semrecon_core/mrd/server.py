@@ -128,6 +128,8 @@ class MRDServer(GadgetServer):
         default_chain: the chain of a scan that names none: a known name, or a chain file (``.xml``).
         overrides: properties that win over every scan's configuration (``--set``).
         idle_timeout, handshake_timeout, max_connections: as :class:`GadgetServer`.
+        dicom: a directory where each finished scan's images also go as DICOM series
+            (``DIR/<date>-<time>-scan<N>/``, :func:`~semrecon_core.data.dicom.write_dicom_series`); ``None``: none.
 
     The default chain's settings (with the overrides) are validated and checked against this machine here, so
     a bad ``--set`` fails before listening.
@@ -144,7 +146,14 @@ class MRDServer(GadgetServer):
         idle_timeout: float = 3600.0,
         handshake_timeout: float = 30.0,
         max_connections: int = 8,
+        dicom: Path | None = None,
     ) -> None:
+        self.dicom = dicom
+        if dicom is not None:
+            try:
+                dicom.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--dicom: cannot create {dicom}: {exc.strerror or exc}") from None
         self.chains = find_chains(SHIPPED_CHAINS if SHIPPED_CHAINS.is_dir() else None, chains)
         if default_chain.endswith(".xml"):  # a chain file: known by its stem from now on
             path = Path(default_chain)
@@ -228,6 +237,8 @@ class MRDServer(GadgetServer):
             self._report(session, f"semrecon: {name} failed: {type(exc).__name__}: {exc}")
             return
         self._close(session, protocol.close_message())
+        if self.dicom is not None and scan.sent:
+            self._write_dicom(scan)
         log.warning(
             "semrecon mrd: %s done: %d volume(s), %d image(s) in %.1f s",
             name,
@@ -235,6 +246,21 @@ class MRDServer(GadgetServer):
             scan.images,
             time.perf_counter() - start,
         )
+
+    def _write_dicom(self, scan: _Scan) -> None:
+        """The scan's images as DICOM series under :attr:`dicom` (a failure is logged; the images went out)."""
+        from semrecon_core.data.dicom import write_dicom_series
+
+        assert self.dicom is not None
+        folder = self.dicom / f"{time.strftime('%Y%m%d-%H%M%S')}-{scan.name.replace(' ', '')}"
+        try:
+            series = write_dicom_series(folder, scan.sent, xml_header=scan.xml)
+        except Exception as exc:  # noqa: BLE001 - the images have gone to the client already
+            log.error(
+                "semrecon mrd: %s: writing DICOM into %s failed: %s: %s", scan.name, folder, type(exc).__name__, exc
+            )
+            return
+        log.warning("semrecon mrd: %s: %d DICOM series in %s", scan.name, len(series), folder)
 
     def _report(self, session: _Session, text: str) -> None:
         with session.lock:
@@ -268,6 +294,8 @@ class _Scan:
         self.timeout = server.handshake_timeout
         self.volumes = 0
         self.images = 0
+        self.xml: str | None = None
+        self.sent: list[Any] = []  # the images sent, kept for DICOM output only
 
     def run(self) -> None:
         """Read messages until CLOSE, reconstructing and sending each volume once it is complete."""
@@ -290,7 +318,7 @@ class _Scan:
             elif message == protocol.CONFIG_TEXT:
                 text.update(json_properties(reader.text("CONFIG_TEXT")))
             elif message == protocol.METADATA_XML:
-                xml = reader.text("METADATA_XML", protocol.MAX_HEADER_BYTES)
+                xml = self.xml = reader.text("METADATA_XML", protocol.MAX_HEADER_BYTES)
                 settings = self.server.settings_for(chain, text, self.name)
                 try:
                     assembler = ScanAssembler(xml, source=self.name)
@@ -348,3 +376,5 @@ class _Scan:
                     raise ConnectionAbortedError(f"{self.name} was closed by the server shutdown")
                 self.session.sock.sendall(message)
             self.images += 1
+            if self.server.dicom is not None:
+                self.sent.append(image)
