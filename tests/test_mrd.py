@@ -306,3 +306,43 @@ def test_dicom_output_of_each_finished_scan(raw: Path, tmp_path: Path) -> None:
     files = sorted(folder.glob("*.dcm"))
     assert len(files) == 3
     assert [int(pydicom.dcmread(f).InstanceNumber) for f in files] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_fifty_scans_through_one_mrd_server_with_memory_growth_under_5_percent(raw: Path) -> None:
+    """``semrecon serve --mrd`` as a process: 50 scans, RSS after scan 50 ≤ 1.05 × after scan 10; SIGTERM stops it."""
+    import re
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "semrecon_core.commands.main", "serve", "--mrd", "--port", "0"]
+    for name, value in {**FAST, "iterations": 3}.items():
+        command += ["--set", f"{name}={value}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()  # type: ignore[union-attr]
+        match = re.match(r"semrecon serve: listening on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        port = int(match.group(1))
+        header, acqs = acquisitions(raw)
+        rss: dict[int, float] = {}
+        for number in range(1, 51):
+            replies = stream(port, [header, *acqs])
+            assert len(images(replies)) == 3 and not texts(replies), number
+            if number in (10, 50):
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                rss[number] = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+        stopping = time.monotonic()
+        process.send_signal(15)
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - stopping < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        process.stdout.close()  # type: ignore[union-attr]
+    growth = rss[50] / rss[10] - 1
+    logging.getLogger(__name__).warning(
+        "mrd soak: RSS %.1f MiB after scan 10, %.1f MiB after scan 50 (%+.1f %%)", rss[10], rss[50], 100 * growth
+    )
+    assert growth <= 0.05, rss
