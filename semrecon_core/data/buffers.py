@@ -173,18 +173,19 @@ def _without_discarded(acq: Any) -> Any:
 class ReadoutLengths:
     """Refuses acquisitions whose readouts keep different numbers of samples, counted as the file stores them.
 
-    Noise scans and the lines Gadgetron skips (navigators, phase correction, ...) may differ; every other line
-    must keep the same number of samples once its ``discard_pre``/``discard_post`` are dropped, where a
-    readout shorter than the encoded one (``full``, a partial echo that :func:`adjust_asymmetric_echo`
-    zero-pads) counts as full: full-echo calibration lines go with partial-echo imaging lines. Checked before
-    readout oversampling is removed, so the message quotes the file's own numbers. Call :meth:`check` with
-    each header in stream order.
+    Noise scans and the lines Gadgetron skips (navigators, phase correction, ...) may differ. Every imaging
+    line must keep the same number of samples once its ``discard_pre``/``discard_post`` are dropped, and so must
+    every separate calibration line (PARALLEL_CALIBRATION); the two groups may differ where neither is longer
+    than the encoded readout ``full`` (a partial echo, which :func:`adjust_asymmetric_echo` zero-pads): full-echo
+    calibration lines go with partial-echo imaging lines. Checked before readout oversampling is removed, so the
+    message quotes the file's own numbers. Call :meth:`check` with each header in stream order.
     """
 
     def __init__(self, source: str, full: int = 0) -> None:
         self.source = source
         self.full = full
-        self.first: tuple[int, int, int] | None = None  # (acquisition number, kept samples, stored samples)
+        # per group (imaging, calibration): (acquisition number, kept samples, stored samples) of its first line
+        self.first: dict[bool, tuple[int, int, int]] = {}
 
     def check(self, number: int, head: Any) -> None:
         """Check acquisition ``number``'s header ``head``; raises ``ValueError`` naming both acquisitions."""
@@ -193,16 +194,21 @@ class ReadoutLengths:
             return
         stored = int(head.number_of_samples)
         kept = stored - int(head.discard_pre) - int(head.discard_post)
-        if self.first is None:
-            self.first = (number, kept, stored)
-        elif max(kept, self.full) != max(self.first[1], self.full):
-            idx = head.idx
-            first = self.first
-            raise ValueError(
-                f"{self.source}: inconsistent readout lengths: acquisition #{number} (line "
-                f"{idx.kspace_encode_step_1}, slice {idx.slice}, repetition {idx.repetition}) "
-                f"{_samples(kept, stored)}, acquisition #{first[0]} {_samples(first[1], first[2])}"
-            )
+        calibration = bool(flags & (1 << (FLAG_PARALLEL_CALIBRATION - 1)))
+        first = self.first.setdefault(calibration, (number, kept, stored))
+        other = self.first.get(not calibration)
+        if kept != first[1]:
+            self._refuse(number, head, kept, stored, first)
+        if other is not None and kept != other[1] and max(kept, other[1]) > self.full:
+            self._refuse(number, head, kept, stored, other)
+
+    def _refuse(self, number: int, head: Any, kept: int, stored: int, first: tuple[int, int, int]) -> None:
+        idx = head.idx
+        raise ValueError(
+            f"{self.source}: inconsistent readout lengths: acquisition #{number} (line "
+            f"{idx.kspace_encode_step_1}, slice {idx.slice}, repetition {idx.repetition}) "
+            f"{_samples(kept, stored)}, acquisition #{first[0]} {_samples(first[1], first[2])}"
+        )
 
 
 def check_readout_lengths(heads: Iterable[Any], source: str, full: int = 0) -> None:
