@@ -344,3 +344,24 @@ def test_the_trajectory_of_an_image_language_bank_carries_the_models_answers(tin
     assert recorder.points, "no flush reached the recorder"
     for point in recorder.points:
         assert len(point["answer"]) == 1 and set(point["answer"][0]) >= {"answer", "choice", "p_high", "p_low"}
+
+
+def test_a_bank_calibrated_to_lam_0_runs_its_semantic_rows_with_the_prior_off(
+    study_args: list[str], tiny_janus_bank: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A bank whose calibration switched the prior off: the semantic rows say so, the trajectory case has none."""
+    from semrecon_core.priors.calibrate import write_calibrated_bank
+
+    _, bank = tiny_janus_bank
+    record = {"key": "paper/unet", "lam": 0.0, "images": 2, "summary": [], "cases": []}
+    calibrated = write_calibrated_bank(bank, tmp_path / "calibrated.safetensors", record)
+    argv = [str(calibrated) if word == str(bank) else word for word in study_args]
+    argv = [*argv[: argv.index("--backbones")], "--backbones", "unet", "--priors", "semantic", "--accelerations", "2"]
+    argv += ["--acs", "12", "--iterations", "2", "--width", "4", "--depth", "2", "--no-progress"]
+    out = tmp_path / "out"
+    assert cli.main([*argv, "--out", str(out), "--no-figures", "--trajectory-case", "case_a"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 2 and all(r["prior"] == "semantic" for r in rows)
+    records = [json.loads(p.read_text()) for p in sorted((out / "items" / "test").glob("*/*.json"))]
+    assert all("semantic prior off (calibrated λ 0 on 2 held-out images" in r["label"] for r in records), records
+    assert all(r["trajectory"] is None for r in records)

@@ -155,8 +155,8 @@ def run_task(task: Task) -> Iterator[dict[str, Any]]:
         for number, item in enumerate(task.items):
             pipeline = Pipeline(item.config)
             recorder = None
-            if task.trajectory and item.config.prior == "semantic":
-                recorder = TrajectoryRecorder(pipeline.prior)
+            if task.trajectory and pipeline.prior is not None and item.config.prior == "semantic":
+                recorder = TrajectoryRecorder(pipeline.prior)  # none when a calibrated λ 0 switched the prior off
             with recorder or contextlib.nullcontext():
                 recon = pipeline.run(scan, maps=maps, callback=recorder)
             image = recon.cropped().abs().numpy().astype(np.float32)
