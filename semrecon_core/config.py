@@ -188,6 +188,9 @@ class ReconConfig:
             CS-TV image of :func:`cs_tv_config`, computed inside the fit's time budget; online chains). The fitted
             network moves its image almost only in smooth directions, which the fully sampled k-space centre pins,
             so a fit started at the preview stays there (``benchmarks/results/online_chain_tv.md``).
+        combine: how the zero-filled backbone combines the coil images: ``maps`` (the coil maps' adjoint, as every
+            other backbone) or ``rss`` (root-sum-of-squares, as ``ismrmrd_recon_cartesian_2d`` and Gadgetron's
+            simple reconstruction chains; magnitude only).
         slice_batch: slices optimised together (0: as many as the device holds: all on the CPU; on CUDA sized from
             the memory of one measured fit step, U-Net and unrolled; the INR fits all).
         time_budget_s: wall-clock seconds the fit of one scan may take, shared evenly by its slice batches
@@ -226,6 +229,7 @@ class ReconConfig:
     stages: int | None = None
     dc_init: float | None = None
     start: Literal["network", "preview", "cs-tv"] = "network"
+    combine: Literal["maps", "rss"] = "maps"
     slice_batch: int = 0
     time_budget_s: float = 0.0
     calib_width: int = 24
@@ -244,6 +248,9 @@ class ReconConfig:
         _check_choice("espirit", self.espirit, ("sigpy", "torch"))
         _check_choice("start", self.start, ("network", "preview", "cs-tv"))
         _check_choice("hinge", self.hinge, ("none", "bank"))
+        _check_choice("combine", self.combine, ("maps", "rss"))
+        if self.combine == "rss" and self.backbone != "zero-filled":
+            raise ConfigError(f"property 'combine': 'rss' needs backbone zero-filled, found backbone '{self.backbone}'")
         if self.views < 1:
             raise ConfigError(f"property 'views': expected a positive integer, found {self.views!r}")
         if self.start != "network" and self.backbone != "unet":

@@ -137,6 +137,8 @@ def unused(name: str, config: ResolvedConfig) -> bool:
         return True
     if name in ("lam", "iterations") and config.backbone == "zero-filled":
         return True
+    if name == "combine" and config.backbone != "zero-filled":
+        return True
     return name in _NETWORK_ONLY and config.is_classical
 
 

