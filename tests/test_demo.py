@@ -99,6 +99,7 @@ def test_thresholds_reject_an_empty_or_flat_image() -> None:
             assert psnr(truth, baseline) < low_psnr or ssim(truth, baseline) < low_ssim
 
 
+@pytest.mark.slow  # 26 s: the λ calibration's fits at 150 iterations; the DINOv2 run below is the fast check
 def test_demo_fast_without_weights(tmp_path: Path, no_hub: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--fast", "--iterations", "150", "--device", "cpu"]) == 0
