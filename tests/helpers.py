@@ -268,6 +268,22 @@ def planned_score(reader: str, method: str, case: str, criterion: str) -> int:
     return min(5, max(1, base + spread))
 
 
+def check_reader_analysis(document: dict, rows: list[tuple[str, str, str, str, int]]) -> None:
+    """``readers analyze``'s ``readers.json`` equals :func:`hand_reader_analysis` of the same score ``rows``."""
+    import pytest
+
+    hand = hand_reader_analysis(rows)
+    for row in document["summary"]:
+        assert row["mean"] == pytest.approx(hand[("mean", row["criterion"], row["method"])])
+        assert row["sd"] == pytest.approx(hand[("sd", row["criterion"], row["method"])])
+    for test in document["wilcoxon"]:
+        assert (test["first"], test["second"]) == READER_METHODS
+        assert test["p"] == pytest.approx(hand[("p", test["criterion"])])
+    for row in document["kappa"]:
+        assert row["kappa"] == pytest.approx(hand[("kappa", row["criterion"], *row["readers"])])
+    assert len(document["kappa"]) == 5 and len(document["wilcoxon"]) == 4
+
+
 def hand_reader_analysis(rows: list[tuple[str, str, str, str, int]]) -> dict[tuple[str, ...], float]:
     """The reader-study numbers computed by hand from ``(reader, method, case, criterion, score)`` rows.
 

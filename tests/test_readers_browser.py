@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from semrecon_core.commands import main as cli
-from tests.helpers import READER_METHODS, hand_reader_analysis, planned_score, reader_study_inputs
+from tests.helpers import check_reader_analysis, planned_score, reader_study_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -151,15 +151,7 @@ def test_two_readers_score_with_the_keyboard_across_a_server_restart(browser, tm
     with (kit / "analysis" / "scores.csv").open() as handle:
         stored = sorted(tuple(line.split(",")[i] for i in (0, 2, 4, 6, 7)) for line in list(handle)[1:])
     assert stored == sorted((r, m, c, k, str(s)) for r, m, c, k, s in typed)
-    hand = hand_reader_analysis(typed)
-    for row in document["summary"]:
-        assert row["mean"] == pytest.approx(hand[("mean", row["criterion"], row["method"])])
-        assert row["sd"] == pytest.approx(hand[("sd", row["criterion"], row["method"])])
-    for test in document["wilcoxon"]:
-        assert (test["first"], test["second"]) == READER_METHODS
-        assert test["p"] == pytest.approx(hand[("p", test["criterion"])])
-    for row in document["kappa"]:
-        assert row["kappa"] == pytest.approx(hand[("kappa", row["criterion"], *row["readers"])])
+    check_reader_analysis(document, typed)
 
 
 def test_side_by_side_screens_are_scored_panel_by_panel(browser, tmp_path: Path) -> None:

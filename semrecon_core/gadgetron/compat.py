@@ -265,6 +265,15 @@ def send_error(sock: socket.socket, text: str, *, linger: float = _LINGER_SECOND
     """
     body = text.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
     message = (8).to_bytes(2, "little") + len(body).to_bytes(8, "little") + body + (4).to_bytes(2, "little")
+    return send_last(sock, message, linger=linger, what="the ERROR to Gadgetron")
+
+
+def send_last(sock: socket.socket, message: bytes, *, linger: float, what: str) -> bool:
+    """Send the last ``message`` of a connection, shut the sending side, drain the peer for ``linger`` s, close.
+
+    Closing with unread data would reset the connection before the peer has read ``message``. Returns whether
+    it was sent; never raises for a vanished peer (logged, naming ``what``); the socket is closed afterwards.
+    """
     sent = False
     try:
         if sock.fileno() == -1:
@@ -280,7 +289,7 @@ def send_error(sock: socket.socket, text: str, *, linger: float = _LINGER_SECOND
                 break
     except OSError as exc:  # gone, reset or still sending after ``linger`` s: nothing more to do
         if not sent:
-            logger.warning("could not send the ERROR to Gadgetron (%s); it has already gone", exc)
+            logger.warning("could not send %s (%s); the peer has already gone", what, exc)
     finally:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)

@@ -12,16 +12,16 @@ convention: a TEXT ``ERROR <message>``, then CLOSE (:func:`send_error`).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import io
 import logging
 import socket
 import struct
-import time
 from typing import Any
 
 import numpy as np
+
+from semrecon_core.gadgetron.compat import send_last
 
 log = logging.getLogger(__name__)
 
@@ -173,23 +173,4 @@ def send_error(sock: socket.socket, text: str, *, linger: float = _LINGER_S) -> 
     error. Returns whether the error went out.
     """
     body = ("ERROR " + text).encode("utf-8", "replace")[:MAX_ERROR_BYTES].decode("utf-8", "ignore")
-    sent = False
-    try:
-        if sock.fileno() == -1:
-            return False
-        sock.settimeout(linger)
-        sock.sendall(text_message(body) + close_message())
-        sent = True
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + linger
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            if not sock.recv(1 << 16):
-                break
-    except OSError as exc:  # gone, reset, or still sending after ``linger`` s
-        if not sent:
-            log.warning("semrecon mrd: could not send the error to the client (%s); it has gone", exc)
-    finally:
-        with contextlib.suppress(OSError):
-            sock.close()
-    return sent
+    return send_last(sock, text_message(body) + close_message(), linger=linger, what="the error to the MRD client")
