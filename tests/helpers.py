@@ -268,6 +268,23 @@ def planned_score(reader: str, method: str, case: str, criterion: str) -> int:
     return min(5, max(1, base + spread))
 
 
+def save_tiny_siglip(directory: Path, *, width: int, layers: int, image_size: int) -> Path:
+    """A random SigLIP vision tower (8 × 8 patches, seed 0) saved as a HuggingFace checkpoint in ``directory``."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=width,
+        image_size=image_size,
+        patch_size=8,
+    )
+    SiglipVisionModel(config).save_pretrained(directory)
+    return directory
+
+
 def check_reader_analysis(document: dict, rows: list[tuple[str, str, str, str, int]]) -> None:
     """``readers analyze``'s ``readers.json`` equals :func:`hand_reader_analysis` of the same score ``rows``."""
     import pytest

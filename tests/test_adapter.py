@@ -15,6 +15,7 @@ import torch
 
 from semrecon_core.commands.main import main
 from semrecon_core.data.simulate import builtin_anatomy
+from tests.helpers import save_tiny_siglip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,14 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny SigLIP and five fully sampled phantom slices as separate files."""
     pytest.importorskip("transformers")
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
     work = tmp_path_factory.mktemp("adapt")
-    torch.manual_seed(0)
-    config = SiglipVisionConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=64, patch_size=8
-    )
-    SiglipVisionModel(config).save_pretrained(work / "vit")
+    save_tiny_siglip(work / "vit", width=32, layers=2, image_size=64)
     images = work / "positives"
     images.mkdir()
     for k, plane in enumerate(builtin_anatomy((64, 64), 5)):

@@ -28,6 +28,7 @@ import torch
 from semrecon_core.config import ReconConfig
 from semrecon_core.data.simulate import builtin_anatomy, place_in_fov, simulate_kspace
 from semrecon_core.priors.calibrate import CalibrationSettings, run_calibration, write_calibrated_bank
+from tests.helpers import save_tiny_siglip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,18 +46,12 @@ SIMULATION = CalibrationSettings(lams=LAMS, coils=4, acs_width=12)
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny encoder, two held-out images and the informative and swapped banks (module docstring)."""
     pytest.importorskip("transformers")
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
     from semrecon_core.encoders.hf_vision import HFVisionEncoder
     from semrecon_core.priors.bank import bank_from_features, embed_images
     from semrecon_core.priors.bank_sources import Source, undersampled_versions
 
     work = tmp_path_factory.mktemp("calibrate")
-    torch.manual_seed(0)
-    config = SiglipVisionConfig(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=GRID, patch_size=8
-    )
-    SiglipVisionModel(config).save_pretrained(work / "vit")
+    save_tiny_siglip(work / "vit", width=64, layers=1, image_size=GRID)
     encoder = HFVisionEncoder.from_pretrained(str(work / "vit"), layers=(0,))
     images = builtin_anatomy((SIZE, SIZE), 2).astype(np.float32)
     np.save(work / "held_out.npy", images)
