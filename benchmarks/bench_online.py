@@ -526,7 +526,9 @@ def _sent_vs_preview(q: dict[str, Any]) -> list[str]:
     calibration = q.get("calibration")
     lines = ["", "### Every image the chain sends vs its preview (HaarPSI)", ""]
     if calibration is not None:
-        grid = ", ".join(f"{row['lam']:g}: {row['haarpsi']['mean']:.4f}" for row in calibration["summary"])
+        from semrecon_core.priors.calibrate import haarpsi_by_lam
+
+        grid = haarpsi_by_lam(calibration)
         state = "**the prior is off for this site**" if calibration["lam"] == 0 else "the prior is on"
         lines += [
             (

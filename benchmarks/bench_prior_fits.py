@@ -34,6 +34,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def eq3(prior: Any, image: Any) -> float:
+    """Eq. (3) of an image (already at the engines' scale) under ``prior``'s bank, without hinge or views."""
+    import torch
+
+    with torch.no_grad():
+        features = prior.encoder.encode(torch.as_tensor(image).to(torch.complex64))
+        return float(prior.contrastive.per_slice(features).mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, required=True, help="a `semrecon demo` output folder (bank, checkpoint)")
@@ -68,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         **{f"U-Net + {name}": semantic.replace(**options) for name, options in VARIANTS.items()},
     }
     truth = kspace.ground_truth
+    scale = float(Pipeline(classical.replace(backbone="zero-filled")).run(kspace, maps=maps).image.abs().max())
     rows = []
     for name, config in tqdm(runs.items(), desc="fits", unit="fit"):
         started = time.perf_counter()
@@ -85,17 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         prior = pipeline.prior if config.prior == "semantic" else None
         if prior is not None:
-            scale = float(Pipeline(classical.replace(backbone="zero-filled")).run(kspace, maps=maps).image.abs().max())
-            import torch
-
-            def eq3(image: Any, prior: Any = prior, scale: float = scale) -> float:
-                """Eq. (3) of an image at the engines' scale, without hinge or views."""
-                with torch.no_grad():
-                    features = prior.encoder.encode(torch.as_tensor(image / scale).to(torch.complex64))
-                    return float(prior.contrastive.per_slice(features).mean())
-
-            row["semantic_loss"], row["semantic_loss_truth"] = eq3(done.image), eq3(truth)
-            row["margin"] = getattr(prior, "margin", None)
+            row["semantic_loss"] = eq3(prior, done.image / scale)
+            row["semantic_loss_truth"] = eq3(prior, truth / scale)
+            row["margin"] = prior.margin
         rows.append(row)
     script = shlex.join(["python", "benchmarks/bench_prior_fits.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [

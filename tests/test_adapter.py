@@ -54,6 +54,8 @@ def test_adapt_writes_a_head_that_loads_with_its_base_and_builds_a_bank(
     assert record["embeddings"] == 5 * (1 + 4) * 2  # positives and their 4 negatives, 2 views each
     assert 0.0 <= record["validation_auc"] <= 1.0 and 0.0 <= record["validation_auc_frozen"] <= 1.0
     assert record["train_auc"] > 0.9  # the head fits its own training images
+    assert record["command"].startswith(f"semrecon encoder adapt {out} --encoder {site['vit']} --layers 1,2")
+    assert "--dim 8 --views 2" in record["command"] and "--steps 40" in record["command"]
     encoder = load_hf_vision(str(out), layers=(1, 2))
     assert isinstance(encoder, AdaptedEncoder) and "MR-quality head" in encoder.label
     base = HFVisionEncoder.from_pretrained(str(site["vit"]), layers=(1, 2))

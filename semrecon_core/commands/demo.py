@@ -565,7 +565,9 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 def _calibration_line(calibration: dict[str, Any]) -> str:
     """What the calibration chose and how the grid scored (mean held-out HaarPSI per λ)."""
-    scores = ", ".join(f"{row['lam']:g}: {row['haarpsi']['mean']:.4f}" for row in calibration["summary"])
+    from semrecon_core.priors.calibrate import haarpsi_by_lam
+
+    scores = haarpsi_by_lam(calibration)
     chosen = "0, the prior is off" if calibration["lam"] == 0 else f"{calibration['lam']:g}"
     return (
         f"{chosen}, calibrated on {calibration['images']} held-out b0 slices (mean HaarPSI per λ: {scores}; "

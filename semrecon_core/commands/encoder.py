@@ -102,10 +102,19 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapt(args: argparse.Namespace) -> int:
+def adapt_command_line(args: argparse.Namespace) -> str:
+    """The ``semrecon encoder adapt`` command ``args`` stand for (recorded in the adapter)."""
     import shlex
-    import sys
 
+    words = ["semrecon", "encoder", "adapt", str(args.out), "--encoder", str(args.encoder), "--layers", args.layers]
+    words += ["--positives", *map(str, args.positives)]
+    words += ["--size", str(args.size)] if args.size is not None else []
+    for option in ("dim", "views", "negatives", "held_out", "steps", "weights", "seed", "device"):
+        words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return shlex.join(words)
+
+
+def _adapt(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
@@ -148,7 +157,7 @@ def _adapt(args: argparse.Namespace) -> int:
         "settings": dict(vars(settings)),
         "positives": [name for name, _ in images],
         "base_label": encoder.label,
-        "command": shlex.join(["semrecon", *sys.argv[1:]]) if sys.argv[1:2] == ["encoder"] else None,
+        "command": adapt_command_line(args),
     }
     save_adapter(args.out, base=args.encoder, layers=layers, head=head, record=record)
     print(

@@ -290,6 +290,11 @@ def write_calibrated_bank(bank: str | Path, out: str | Path, record: dict[str, A
     return copy.save(out)
 
 
+def haarpsi_by_lam(record: dict[str, Any]) -> str:
+    """The grid's mean held-out HaarPSI, ``λ: value`` pairs in grid order (for one-line summaries)."""
+    return ", ".join(f"{row['lam']:g}: {row['haarpsi']['mean']:.4f}" for row in record["summary"])
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The calibration as Markdown: command, settings, the grid's means ± sd, per-image HaarPSI, the chosen λ."""
     simulation = record["settings"]["simulation"]
