@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,8 @@ def _markdown(runs: dict) -> str:
                 f"when the run started: {run['load_average_1min_at_start']:.1f}"
             ),
             "",
+            f"Made by `{run['command']}`." if "command" in run else "The command of this run was not recorded.",
+            "",
         ]
         lines += [
             "| case | seconds / call (fwd+bwd) | calls | peak RSS MiB | peak GPU MiB |",
@@ -311,6 +314,7 @@ def main() -> int:
         "cpu_threads": args.threads or torch.get_num_threads(),
         "cases": cases,
         "ratios": ratios,
+        "command": shlex.join(["python", "benchmarks/bench_encoder.py", *sys.argv[1:]]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "encoder.json"

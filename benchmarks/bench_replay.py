@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -167,11 +168,14 @@ def main() -> int:
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "repeats": args.repeats,
         "overrides": OVERRIDES,
+        "command": shlex.join(["python", "benchmarks/bench_replay.py", *sys.argv[1:]]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     _write(RESULTS / "replay.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Replay overhead",
+        "",
+        f"Made by `{meta['command']}`.",
         "",
         (
             f"{meta['machine']}; CG-SENSE 30 iterations on the CPU; fastest of {args.repeats} alternating runs "
