@@ -133,18 +133,14 @@ class SemanticPrior:
         batch = random_views(image, self.views, self.generator) if self.views > 1 else image
         features = self.encoder.encode(batch)
         self.last_embedding = self._summary([f[:slices] for f in features])
-        if self.margin is None and self.views == 1:
-            return self._contrastive(features)
         with precision_context(features[0].device, torch.float32):
-            per_slice = self.contrastive.per_slice([f.float() for f in features])
-        per_slice = per_slice.view(self.views, slices).mean(0)
-        if self.margin is not None:
-            per_slice = torch.relu(per_slice - self.margin)
-        return per_slice.mean()
-
-    def _contrastive(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        with precision_context(features[0].device, torch.float32):
-            return self.contrastive([f.float() for f in features])
+            features = [f.float() for f in features]
+            if self.margin is None and self.views == 1:
+                return self.contrastive(features)  # Eq. (3) as the paper writes it
+            per_slice = self.contrastive.per_slice(features).view(self.views, slices).mean(0)
+            if self.margin is not None:
+                per_slice = torch.relu(per_slice - self.margin)
+            return per_slice.mean()
 
     def terms(self, image: torch.Tensor) -> dict[str, float]:
         """Unweighted loss per level, for logging (no gradient)."""
